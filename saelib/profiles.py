@@ -1,0 +1,274 @@
+"""Experiment profiles: one YAML per profile in ``params/``, validated once, before heavy work.
+
+A parameter travels in a straight line: profile YAML → job grid (``saelib.grid``) → a notebook's
+``parameters`` cell → one ``saelib`` function. Every section is a frozen dataclass; unknown keys,
+wrong types and out-of-range values raise :class:`ProfileError` naming the valid choices, so a typo
+fails in a second rather than after an hour of capture.
+
+Sections owned by other modules (training, AutoInterp, steering, selection, judge) are plain
+mappings here and are validated by their own config dataclasses when those stages build them
+(``section_config``), so each concept keeps its parameters in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
+
+#: The five architectures of the paper (protocol §2), in its order.
+PAPER_ARCHITECTURES = ("standard", "gated", "jumprelu", "topk", "batchtopk")
+
+
+class ProfileError(ValueError):
+    """A profile is missing, malformed or holds a value out of range."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of the profile and the layer whose residual stream the SAEs read (protocol §2)."""
+
+    name: str
+    layer: int
+    label: str = ""
+
+    def validate(self) -> None:
+        from .models import PACKAGED, is_known_model
+
+        if not is_known_model(self.name):
+            raise ProfileError(
+                f"unknown model {self.name!r}: use a packaged model ({', '.join(sorted(PACKAGED))}), "
+                f"a local folder or a Hugging Face hub id")
+        n_layers = PACKAGED[self.name].n_layers if self.name in PACKAGED else None
+        if self.layer < 0 or (n_layers is not None and self.layer >= n_layers):
+            upper = f"0..{n_layers - 1}" if n_layers else ">= 0"
+            raise ProfileError(f"model {self.name!r}: layer {self.layer} out of range ({upper})")
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Text for SAE training and evaluation (protocol §2–3).
+
+    ``source``: ``packaged`` (news + Wikipedia leads shipped on PyPI), ``hf:<dataset id>`` (hub,
+    when online) or a path to a ``.txt`` / ``.jsonl`` file or a folder of them.
+    """
+
+    source: str = "packaged"
+    text_field: str = "text"
+    context: int = 128
+    train_tokens: int = 200_000
+    eval_tokens: int = 50_000
+    max_documents: int = 0
+
+    def validate(self) -> None:
+        if self.context < 8:
+            raise ProfileError(f"corpus.context must be >= 8 tokens, got {self.context}")
+        if self.train_tokens < self.context or self.eval_tokens < self.context:
+            raise ProfileError("corpus.train_tokens and corpus.eval_tokens must each hold at least "
+                               f"one context of {self.context} tokens")
+        if self.max_documents < 0:
+            raise ProfileError("corpus.max_documents must be >= 0 (0 = all)")
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Activation capture: batch size (contexts per forward) and shard size (tokens per file)."""
+
+    batch_size: int = 8
+    shard_tokens: int = 65_536
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.shard_tokens < 1:
+            raise ProfileError("capture.batch_size and capture.shard_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """The SAE grid: architectures × sparsity levels (protocol §2).
+
+    ``targets`` are the target L0s (TopK/BatchTopK: k; JumpReLU: its L0 target; ReLU/Gated: the
+    target their L1 coefficient is calibrated to). ``l1`` gives, per L1 architecture, the starting
+    coefficients (the paper's grids on its profiles), one per level.
+    """
+
+    width: int = 2048
+    architectures: tuple[str, ...] = PAPER_ARCHITECTURES
+    targets: tuple[int, ...] = (8, 13, 26, 51, 83, 131)
+    l1: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    calibrate: bool = True
+
+    def validate(self) -> None:
+        if self.width < 1:
+            raise ProfileError(f"grid.width must be positive, got {self.width}")
+        if not self.architectures:
+            raise ProfileError("grid.architectures is empty")
+        for arch in self.architectures:
+            if arch not in PAPER_ARCHITECTURES:
+                raise ProfileError(f"unknown architecture {arch!r}; valid: {', '.join(PAPER_ARCHITECTURES)}")
+        if len(set(self.architectures)) != len(self.architectures):
+            raise ProfileError("grid.architectures lists an architecture twice")
+        if not self.targets:
+            raise ProfileError("grid.targets is empty")
+        for t in self.targets:
+            if not 1 <= t <= self.width:
+                raise ProfileError(f"grid.targets: target L0 {t} out of range 1..width ({self.width})")
+        for arch, coeffs in self.l1.items():
+            if arch not in ("standard", "gated"):
+                raise ProfileError(f"grid.l1 is for 'standard' and 'gated' only, not {arch!r}")
+            if len(coeffs) != len(self.targets):
+                raise ProfileError(f"grid.l1.{arch} needs one coefficient per target "
+                                   f"({len(self.targets)}), got {len(coeffs)}")
+            if any(c <= 0 for c in coeffs):
+                raise ProfileError(f"grid.l1.{arch}: coefficients must be positive")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A whole experiment: models, corpus, grid and the parameters of every stage."""
+
+    name: str
+    description: str = ""
+    seed: int = 0
+    models: tuple[ModelEntry, ...] = ()
+    corpus: CorpusConfig = CorpusConfig()
+    capture: CaptureConfig = CaptureConfig()
+    grid: GridConfig = GridConfig()
+    training: dict[str, Any] = field(default_factory=dict)
+    core: dict[str, Any] = field(default_factory=dict)
+    interp: dict[str, Any] = field(default_factory=dict)
+    steering: dict[str, Any] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)
+    judge: dict[str, Any] = field(default_factory=dict)
+    runs_dir: str = "runs"
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if not self.models:
+            raise ProfileError(f"profile {self.name!r} names no models")
+        for m in self.models:
+            m.validate()
+        labels = [m.display for m in self.models]
+        if len(set(labels)) != len(labels):
+            raise ProfileError("two models share a name/label; give each a distinct 'label'")
+        self.corpus.validate()
+        self.capture.validate()
+        self.grid.validate()
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ProfileError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+    def run_root(self) -> Path:
+        root = Path(self.runs_dir)
+        if not root.is_absolute():
+            root = PARAMS_DIR.parent / root
+        return root / self.name
+
+    def model(self, name_or_label: str) -> ModelEntry:
+        for m in self.models:
+            if name_or_label in (m.name, m.display):
+                return m
+        raise ProfileError(f"profile {self.name!r} has no model {name_or_label!r}; "
+                           f"valid: {', '.join(m.display for m in self.models)}")
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (the small subset profiles use)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ProfileError(f"{where}: expected a list, got {type(value).__name__} ({value!r})")
+        (item_tp, *_rest) = typing.get_args(tp) or (Any,)
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProfileError(f"{where}: expected a mapping, got {type(value).__name__}")
+        key_tp, val_tp = typing.get_args(tp) or (str, Any)
+        return {k: _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ProfileError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ProfileError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _build(cls: type, data: Any, where: str):
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ProfileError(f"{where}: expected a mapping of {cls.__name__} keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ProfileError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                           f"valid keys: {', '.join(names)}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise ProfileError(f"{where}: missing required key(s) {', '.join(missing)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def profile_from_dict(data: dict[str, Any], name: str = "custom") -> Profile:
+    data = dict(data)
+    data.setdefault("name", name)
+    profile = _build(Profile, data, f"profile {name!r}")
+    profile.validate()
+    return profile
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Load and validate ``params/<name>.yaml`` (or a path to a YAML file)."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PARAMS_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise ProfileError(f"unknown profile {str(name_or_path)!r}; available: {', '.join(available_profiles())}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: a profile is a mapping of sections, got {type(data).__name__}")
+    return profile_from_dict(data, name=path.stem)
+
+
+def section_config(cls: type, profile: Profile, section: str, **overrides: Any):
+    """Build a stage's own config dataclass from a profile section, rejecting unknown keys."""
+    data = {**getattr(profile, section), **overrides}
+    cfg = _build(cls, data, f"profile {profile.name!r} section {section!r}")
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as e:
+            raise ProfileError(f"profile {profile.name!r} section {section!r}: {e}") from e
+    return cfg

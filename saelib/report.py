@@ -1,0 +1,61 @@
+"""Tables the book shows, built only from the SAEs' ``result.json`` files (design: "the analysis
+reads only these"). Figures live in :mod:`saelib.plots`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .pipeline import as_profile, load_results
+from .profiles import PAPER_ARCHITECTURES
+
+#: Column order of the per-SAE table (also the downloadable CSV).
+COLUMNS = ["model", "arch", "level", "target_l0", "sparsity_value", "l0", "explained_variance", "mse",
+           "dead_fraction", "ce_loss_recovered", "kl_score", "train_tokens", "train_seconds",
+           "peak_rss_mb", "disk_mb"]
+
+
+def sae_table(profile) -> pd.DataFrame:
+    """One row per trained SAE of the profile."""
+    profile = as_profile(profile)
+    rows = []
+    for r in load_results(profile):
+        if "core" not in r:
+            continue
+        core, train = r["core"], r["train"]
+        rows.append({"model": r["model_label"], "arch": r["arch"], "level": r["level"],
+                     "target_l0": r["target_l0"], "sparsity_value": r["sparsity_value"],
+                     "l0": core["l0"], "explained_variance": core["explained_variance"],
+                     "mse": core["mse"], "dead_fraction": core["dead_fraction"],
+                     "ce_loss_recovered": core.get("ce_loss_recovered"),
+                     "kl_score": core.get("kl_score"), "train_tokens": train["tokens_seen"],
+                     "train_seconds": train["seconds"], "peak_rss_mb": train["peak_rss_mb"],
+                     "disk_mb": train["disk_bytes"] / 1e6})
+    if not rows:
+        raise FileNotFoundError(f"profile {profile.name!r}: no result.json under {profile.run_root()}; "
+                                f"run `python -m saelib.grid --profile {profile.name}` first")
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    order = {a: i for i, a in enumerate(PAPER_ARCHITECTURES)}
+    return df.sort_values(["model", "level", "arch"], key=lambda s: s.map(order) if s.name == "arch" else s,
+                          ignore_index=True)
+
+
+def write_csv(table: pd.DataFrame, path: str | Path) -> Path:
+    path = Path(path)
+    table.to_csv(path, index=False)
+    return path
+
+
+def display_table(table: pd.DataFrame):
+    """The per-SAE table, rounded for reading."""
+    return table.style.format(precision=4).hide(axis="index")
+
+
+def l0_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Target vs realised L0 per (model, level, architecture), with the ±25 % band check (issue: the
+    grid must land every SAE within ±25 % of its target)."""
+    out = table[["model", "arch", "level", "target_l0", "sparsity_value", "l0"]].copy()
+    out["ratio"] = out["l0"] / out["target_l0"]
+    out["within ±25 %"] = out["ratio"].between(0.75, 1.25)
+    return out

@@ -1,0 +1,117 @@
+"""L0 calibration: the search brackets the target, real training lands in the ±25 % band, and
+the JSON cache makes reruns free."""
+
+import math
+
+import pytest
+import torch
+
+from saelib.results import read_json
+from saelib.sae.calibrate import (CalibrationConfig, Probe, bracket_search,
+                                  calibrate_sparsity)
+from saelib.sae.train import TrainConfig
+
+D_IN, D_SAE = 16, 32
+CFG = TrainConfig(batch_size=256, lr=3e-3, progress=False)
+
+
+def stream(seed=0):
+    dirs = torch.randn(48, D_IN, generator=torch.Generator().manual_seed(1234))
+    dirs /= dirs.norm(dim=-1, keepdim=True)
+    offset_D = torch.zeros(D_IN)
+    offset_D[:3] = torch.tensor([300.0, -180.0, 240.0])
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        on = (torch.rand(512, 48, generator=g) < 0.08).float()
+        yield (on * (torch.rand(512, 48, generator=g) * 2 + 0.5)) @ dirs + offset_D
+
+
+@pytest.mark.parametrize("exponent,increasing", [(-1.7, False), (-0.4, False), (0.6, True)])
+def test_search_converges_on_monotone_power_laws(exponent, increasing):
+    """L0 = 40 * knob^exponent: the band [37.5, 62.5] around 50 is reached in a few probes."""
+    def measure(knob):
+        return Probe(knob=knob, realised_l0=40 * knob ** exponent, explained_variance=0.9,
+                     seconds=0.0)
+
+    start = 1e-3 if exponent < 0 else 1e3  # far off, so the bracket must be found first
+    trace = bracket_search(measure, start, 50.0, increasing, CalibrationConfig(max_probes=12))
+    assert 37.5 <= trace[-1].realised_l0 <= 62.5
+    assert len(trace) <= 12
+
+
+def test_relu_calibration_hits_target_band_and_is_cached(tmp_path):
+    cache = tmp_path / "calib.json"
+    calls = []
+
+    def batches():
+        calls.append(1)
+        return stream()
+
+    res = calibrate_sparsity("relu", 3, model="synthetic", layer=0, d_in=D_IN, d_sae=D_SAE,
+                             make_batches=batches, probe_tokens=256 * 300, cache_path=cache,
+                             train_cfg=CFG)
+    assert res.within_band and 2.25 <= res.realised_l0 <= 3.75
+    assert res.knob_name == "l1" and len(res.trace) == len(calls) >= 1
+    assert res.trace[-1].knob == res.knob_value and not res.from_cache
+    # higher λ than the default start: the realised L0 at λ=1 was above the target
+    assert res.knob_value > 1.0
+    stored = read_json(cache)
+    assert len(stored) == 1 and "synthetic|L0|relu|target=3|width=32" in next(iter(stored))
+
+    n = len(calls)
+    again = calibrate_sparsity("relu", 3, model="synthetic", layer=0, d_in=D_IN, d_sae=D_SAE,
+                               make_batches=batches, probe_tokens=256 * 300, cache_path=cache,
+                               train_cfg=CFG)
+    assert again.from_cache and len(calls) == n
+    assert again.knob_value == res.knob_value and again.trace == res.trace
+
+    # different training settings are a cache miss, not a stale hit
+    other = calibrate_sparsity("relu", 3, model="synthetic", layer=0, d_in=D_IN, d_sae=D_SAE,
+                               make_batches=batches, probe_tokens=256 * 300, cache_path=cache,
+                               train_cfg=TrainConfig(batch_size=256, lr=2e-3, progress=False),
+                               calib_cfg=CalibrationConfig(max_probes=1))
+    assert not other.from_cache and len(calls) == n + 1
+
+
+def test_gated_calibration_with_heldout_set(tmp_path):
+    heldout = next(stream(seed=5))
+    res = calibrate_sparsity("gated", 4, model="synthetic", layer=0, d_in=D_IN, d_sae=D_SAE,
+                             make_batches=stream, probe_tokens=256 * 300, train_cfg=CFG,
+                             heldout_acts_ND=heldout)
+    assert res.within_band and 3 <= res.realised_l0 <= 5
+    assert all(math.isfinite(p.explained_variance) for p in res.trace)
+
+
+def test_neighbouring_target_seeds_the_next_search(tmp_path):
+    cache = tmp_path / "calib.json"
+    kw = dict(model="synthetic", layer=0, d_in=D_IN, d_sae=D_SAE, make_batches=stream,
+              probe_tokens=256 * 300, cache_path=cache, train_cfg=CFG)
+    first = calibrate_sparsity("relu", 3, **kw)
+    second = calibrate_sparsity("relu", 6, **kw)
+    # starts from λ(3) * L0(3) / 6 rather than the default λ = 1
+    assert second.trace[0].knob == pytest.approx(first.knob_value * first.realised_l0 / 6)
+    assert second.within_band
+
+
+def test_topk_needs_no_search_and_jumprelu_starts_at_target():
+    called = []
+    res = calibrate_sparsity("topk", 7, model="m", layer=1, d_in=D_IN, d_sae=D_SAE,
+                             make_batches=lambda: called.append(1), probe_tokens=256, train_cfg=CFG)
+    assert (res.knob_name, res.knob_value, res.trace, called) == ("k", 7.0, [], [])
+    jump = calibrate_sparsity("jumprelu", 4, model="m", layer=1, d_in=D_IN, d_sae=D_SAE,
+                              make_batches=stream, probe_tokens=256 * 300, train_cfg=CFG)
+    assert jump.knob_name == "l0_target" and jump.trace[0].knob == 4.0
+    assert jump.within_band
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"target_l0": 0}, "target_l0"), ({"target_l0": 64}, "target_l0"),
+    ({"probe_tokens": 10}, "probe_tokens"), ({"calib_cfg": CalibrationConfig(tolerance=1.5)},
+                                             "tolerance"),
+])
+def test_calibration_input_errors(kwargs, match):
+    args = dict(target_l0=4, model="m", layer=0, d_in=D_IN, d_sae=D_SAE, make_batches=stream,
+                probe_tokens=256 * 10, train_cfg=CFG)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        calibrate_sparsity("relu", **args)
