@@ -190,7 +190,7 @@ def run_train(profile: Profile | str, model: str, arch: str, level: int,
     CE-loss recovered, KL score, tokens, seconds, peak memory, disk size, provenance)."""
     from .activations import ActivationStore
     from .data.corpus import load_token_splits
-    from .evals.core import lm_metrics
+    from .evals.core import CoreConfig, lm_metrics
     from .models import load_model
     from .profiles import section_config
     from .sae.io import save_sae
@@ -211,8 +211,8 @@ def run_train(profile: Profile | str, model: str, arch: str, level: int,
     train_store = ActivationStore.open(activations_dir(profile, entry, "train"))
     eval_store = ActivationStore.open(activations_dir(profile, entry, "eval"))
     cfg = section_config(TrainConfig, profile, "training", progress=progress, device=profile.device)
-    core_cfg = {"eval_tokens": 4096, "lm_contexts": 16, **profile.core}
-    heldout_ND = eval_store.sample(int(core_cfg["eval_tokens"]), seed=profile.seed)
+    core_cfg = section_config(CoreConfig, profile, "core")
+    heldout_ND = eval_store.sample(core_cfg.eval_tokens, seed=profile.seed)
     total = train_store.n_tokens(drop_bos=True) // cfg.batch_size * cfg.batch_size
     mean_D = train_store.mean()
     make_batches = lambda: train_store.iter_batches(cfg.batch_size, seed=profile.seed,  # noqa: E731
@@ -231,7 +231,7 @@ def run_train(profile: Profile | str, model: str, arch: str, level: int,
     with timer("lm_metrics"):
         lm = load_model(entry.name, device=profile.device)
         tokens = load_token_splits(tokens_dir(profile, entry)).eval_NL
-        n_ctx = min(int(core_cfg["lm_contexts"]), len(tokens))
+        n_ctx = min(core_cfg.lm_contexts, len(tokens))
         acts = np.concatenate([a for _, a in eval_store.iter_contexts(n_ctx)][:1])[:n_ctx]
         lmm = lm_metrics(lm.tl, lambda x: reconstruct(res.sae, x), acts, tokens[:n_ctx], entry.layer)
     disk = sum(p.stat().st_size for p in (out / "sae").rglob("*") if p.is_file())

@@ -13,6 +13,7 @@ mappings here and are validated by their own config dataclasses when those stage
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,16 @@ PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
 
 #: The five architectures of the paper (protocol §2), in its order.
 PAPER_ARCHITECTURES = ("standard", "gated", "jumprelu", "topk", "batchtopk")
+
+
+#: Profile sections validated by the config dataclass of the stage that owns them ("module:Class").
+SECTION_CONFIGS = {
+    "training": "saelib.sae.train:TrainConfig",
+    "core": "saelib.evals.core:CoreConfig",
+    "interp": "saelib.evals.autointerp:AutoInterpConfig",
+    "judge": "saelib.judges.factory:JudgeConfig",
+    "stats": "saelib.stats:AgreementConfig",
+}
 
 
 class ProfileError(ValueError):
@@ -150,6 +161,7 @@ class Profile:
     steering: dict[str, Any] = field(default_factory=dict)
     selection: dict[str, Any] = field(default_factory=dict)
     judge: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
     runs_dir: str = "runs"
     device: str = "cpu"
 
@@ -166,6 +178,9 @@ class Profile:
         self.grid.validate()
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ProfileError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        for section, target in SECTION_CONFIGS.items():
+            module, cls_name = target.split(":")
+            section_config(getattr(importlib.import_module(module), cls_name), self, section)
 
     def run_root(self) -> Path:
         root = Path(self.runs_dir)

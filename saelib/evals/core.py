@@ -20,6 +20,25 @@ import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
+class CoreConfig:
+    """Sizes of the held-out evaluation (profile section ``core``).
+
+    ``eval_tokens``: held-out activations for L0 / MSE / explained variance / dead fraction;
+    ``lm_contexts``: eval contexts run through the model for CE-loss recovered and KL score.
+    """
+
+    eval_tokens: int = 4096
+    lm_contexts: int = 16
+
+    def validate(self) -> "CoreConfig":
+        if self.eval_tokens < 2:
+            raise ValueError(f"eval_tokens must be >= 2, got {self.eval_tokens}")
+        if self.lm_contexts < 1:
+            raise ValueError(f"lm_contexts must be >= 1, got {self.lm_contexts}")
+        return self
+
+
+@dataclass(frozen=True)
 class CoreLMMetrics:
     ce_clean: float
     ce_sae: float

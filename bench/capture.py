@@ -1,0 +1,68 @@
+"""Activation capture throughput: stop-at-layer (what saelib does) vs a full Hugging Face forward.
+
+Both paths process the same batches of the same corpus contexts, interleaved, several repeats; the
+ratio of medians is printed. Last line: ``RESULT capture ratio=<x>``.
+
+    python bench/capture.py [--model smollm2-135m-instruct] [--layer 14] [--contexts 32] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from saelib.activations import residual_at
+from saelib.data.corpus import build_token_splits
+from saelib.models import cache_dir, load_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--layer", type=int, default=8)
+    ap.add_argument("--contexts", type=int, default=16)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    lm = load_model(args.model, keep_hf=True)
+    print(f"model load (cached safetensors): {time.perf_counter() - t0:.1f} s")
+    n_tok = args.contexts * args.context
+    splits = build_token_splits(cache_dir() / "bench" / f"tokens-{args.model}", lm.tokenizer,
+                                context=args.context, train_tokens=n_tok, eval_tokens=args.context,
+                                tokenizer_name=args.model)
+    toks = torch.as_tensor(splits.train_NL[: args.contexts], dtype=torch.long)
+    batches = list(torch.split(toks, args.batch))
+
+    def stop_at_layer() -> None:
+        for b in batches:
+            residual_at(lm.tl, b, args.layer)
+
+    def full_hf() -> None:
+        with torch.no_grad():
+            for b in batches:
+                lm.hf(b)
+
+    stop_at_layer(), full_hf()  # warm-up
+    times: dict[str, list[float]] = {"stop_at_layer": [], "full_hf": []}
+    for _ in range(args.repeats):
+        for name, fn in (("stop_at_layer", stop_at_layer), ("full_hf", full_hf)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in med.items():
+        print(f"{k:14s} median {v:.3f} s  ({n_tok / v:,.0f} tokens/s)  runs: "
+              + ", ".join(f"{x:.2f}" for x in times[k]))
+    print(f"model {args.model}, layer {args.layer} of {lm.n_layers}, {n_tok} tokens per run, "
+          f"{torch.get_num_threads()} threads")
+    print(f"RESULT capture ratio={med['full_hf'] / med['stop_at_layer']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

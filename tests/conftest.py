@@ -1,0 +1,72 @@
+"""Shared test fixtures: a tiny random HookedTransformer, a tiny real tokenizer, a private cache.
+
+Nothing heavy happens at import: TransformerLens and tokenizers are imported inside the fixtures,
+so collecting the fast tests stays quick.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+#: Words of the tiny tokenizer's vocabulary: document ``i`` of ``doc_texts`` uses only ``t{i}``,
+#: so every token id names the document it came from (the split-disjointness test relies on it).
+N_WORDS = 300
+BOS, EOS, UNK = "<bos>", "<eos>", "<unk>"
+
+
+def make_tokenizer():
+    """A real ``PreTrainedTokenizerFast`` over a WordLevel model: ``t0 … t299`` plus specials."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {UNK: 0, BOS: 1, EOS: 2, **{f"t{i}": 3 + i for i in range(N_WORDS)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
+                                   unk_token=UNK)
+
+
+def doc_texts(n_docs: int, seed: int = 0) -> list[str]:
+    """``n_docs`` documents of 5–40 words; document ``i`` repeats the word ``t{i}``."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join([f"t{i}"] * rng.randint(5, 40)) for i in range(n_docs)]
+
+
+def tiny_config(**overrides):
+    from transformer_lens import HookedTransformerConfig
+
+    kwargs = dict(n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_vocab=97, act_fn="gelu",
+                  normalization_type="LN", device="cpu")
+    kwargs.update(overrides)
+    return HookedTransformerConfig(**kwargs)
+
+
+@pytest.fixture
+def tiny_tl():
+    """A 3-layer randomly initialised HookedTransformer (d_model 32, vocabulary 97), in eval mode."""
+    from transformer_lens import HookedTransformer
+
+    torch.manual_seed(0)
+    model = HookedTransformer(tiny_config())
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    """Point ``SAELIB_CACHE`` at a fresh folder so a test never touches the user's cache."""
+    from saelib.models import CACHE_ENV
+
+    root = tmp_path / "saelib-cache"
+    monkeypatch.setenv(CACHE_ENV, str(root))
+    return root
