@@ -7,26 +7,34 @@ d_sae 2048 by default: Gemma-3-270M's width and the CPU profile's SAE width), th
   ``SAETrainer.step``, tail metrics, final fold), seconds as it reports them (training loop only);
 * sae-lens: ``SAETrainer(...).fit()`` fed by an iterator of the same batches, wall time.
 
-Both report tokens/s. The roofline fraction compares saelib's achieved FLOP/s with this machine's
+For TopK and BatchTopK saelib trains with :mod:`saelib.sae.sparse`'s embedding-bag decode; the
+same ``train_sae`` with ``TrainConfig(sparse_decode=False)`` (sae-lens's dense decode) is timed
+beside it, so the table shows what the sparse decode alone buys. Both report tokens/s. The roofline fraction compares saelib's achieved FLOP/s with this machine's
 measured float32 matmul FLOP/s (best of a few ``[B, d_in] @ [d_in, d_sae]`` products, counted as
 2·M·K·N FLOPs). Training FLOPs per token are taken as 12·d_in·d_sae for every architecture: the
 encoder and decoder matmuls are 2·d_in·d_sae FLOPs each forward and twice that backward
 (6 multiply-adds per weight, the "6N" rule with N = 2·d_in·d_sae parameters); Gated's extra gate
-pass, TopK's top-k and the auxiliary losses are not counted, so their fraction is an underestimate.
+pass, TopK's top-k and the auxiliary losses are not counted, so their fraction is an underestimate;
+with the sparse decode TopK/BatchTopK do fewer FLOPs than counted, so theirs is the *effective*
+fraction (dense-equivalent work per second) and can exceed what the matmuls alone reach.
 
 Last line: ``RESULT train ratio=<geometric mean of saelib/sae-lens tokens/s> roofline=<mean
-fraction>``. Each side is the best of ``--repeats`` alternating runs (the
-machine may be shared). Runs in about 2 minutes on 2 CPU cores with the defaults.
+fraction>`` (saelib with its default, sparse, decode). Each number is the median of ``--repeats``
+interleaved runs, the order rotated each repeat (the machine may be shared). Runs in about 4
+minutes on 2 CPU cores with the defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import os
+import statistics
 import time
 import warnings
+from typing import Callable
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # sae-lens's fit() draws its own progress bar
 
@@ -81,13 +89,19 @@ def run_saelib(arch: str, pool: list[torch.Tensor], steps: int, cfg: TrainConfig
     return res.tokens_seen / res.seconds
 
 
+def run_saelib_dense(arch: str, pool: list[torch.Tensor], steps: int, cfg: TrainConfig,
+                     d_sae: int) -> float:
+    """saelib's path with sae-lens's dense decode (``sparse_decode=False``)."""
+    return run_saelib(arch, pool, steps, dataclasses.replace(cfg, sparse_decode=False), d_sae)
+
+
 def run_sae_lens(arch: str, pool: list[torch.Tensor], steps: int, cfg: TrainConfig,
                  d_sae: int) -> float:
     spec = get_arch(arch)
     d_in = pool[0].shape[1]
     sched = cfg.schedule(steps)
     torch.manual_seed(0)
-    sae = spec.training_sae_cls(spec.make_config(d_in, d_sae, KNOB[arch],
+    sae = spec.training_class(sparse_decode=False)(spec.make_config(d_in, d_sae, KNOB[arch],
                                                  sched.sparsity_warm_up_steps, cfg))
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
@@ -109,8 +123,8 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="best of this many alternating runs per side (shared machines)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="median of this many interleaved runs per path (shared machines)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -123,25 +137,31 @@ def main() -> None:
           f"d_sae={args.d_sae} batch={args.batch} steps={args.steps}")
     print(f"measured float32 matmul: {peak / 1e9:.1f} GFLOP/s; "
           f"training FLOPs/token counted: {flops_per_token:.3g}")
-    print(f"{'arch':10s} {'saelib tok/s':>13s} {'sae-lens tok/s':>15s} {'ratio':>6s} "
-          f"{'roofline':>9s}")
+    print(f"{'arch':10s} {'saelib tok/s':>13s} {'dense-dec tok/s':>16s} {'sae-lens tok/s':>15s} "
+          f"{'ratio':>6s} {'sparse/dense':>13s} {'roofline':>9s}")
     # one untimed warm-up step so allocator and thread-pool start-up hit neither side
     run_saelib("relu", pool, 1, cfg, args.d_sae)
     ratios, fractions = [], []
     for arch in ARCHITECTURES:
-        ours = theirs = 0.0
+        paths: list[Callable[..., float]] = [run_saelib, run_sae_lens]
+        if get_arch(arch).sae_lens_training_sae_cls is not None:
+            paths.append(run_saelib_dense)
+        tps: dict[Callable[..., float], list[float]] = {fn: [] for fn in paths}
         for rep in range(args.repeats):
-            order = (run_saelib, run_sae_lens) if rep % 2 == 0 else (run_sae_lens, run_saelib)
-            for fn in order:
-                tps = fn(arch, pool, args.steps, cfg, args.d_sae)
-                if fn is run_saelib:
-                    ours = max(ours, tps)
-                else:
-                    theirs = max(theirs, tps)
+            for i in range(len(paths)):
+                fn = paths[(rep + i) % len(paths)]
+                tps[fn].append(fn(arch, pool, args.steps, cfg, args.d_sae))
+        ours, theirs = statistics.median(tps[run_saelib]), statistics.median(tps[run_sae_lens])
         frac = ours * flops_per_token / peak
         ratios.append(ours / theirs)
         fractions.append(frac)
-        print(f"{arch:10s} {ours:13.0f} {theirs:15.0f} {ours / theirs:6.2f} {frac:9.3f}")
+        if run_saelib_dense in tps:
+            dense = statistics.median(tps[run_saelib_dense])
+            dense_s, speedup_s = f"{dense:16.0f}", f"{ours / dense:13.2f}"
+        else:
+            dense_s, speedup_s = f"{'-':>16s}", f"{'-':>13s}"
+        print(f"{arch:10s} {ours:13.0f} {dense_s} {theirs:15.0f} {ours / theirs:6.2f} "
+              f"{speedup_s} {frac:9.3f}")
     ratio = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
     print(f"RESULT train ratio={ratio:.3f} roofline={sum(fractions) / len(fractions):.3f}")
 

@@ -49,7 +49,7 @@ def capture(tl, tokens_NL: np.ndarray, layer: int, out_dir: str | Path, *, batch
     n_ctx, ctx_len = tokens_NL.shape
     per_shard = max(1, shard_tokens // ctx_len)
     n_shards = math.ceil(n_ctx / per_shard)
-    tokens_sha = _array_sha(tokens_NL)
+    tokens_sha = array_sha(tokens_NL)
     manifest_path = out_dir / MANIFEST
     manifest = read_json(manifest_path) if manifest_path.exists() else None
     header = {"layer": layer, "hook": f"blocks.{layer}.hook_resid_post", "n_contexts": n_ctx,
@@ -94,7 +94,7 @@ def capture(tl, tokens_NL: np.ndarray, layer: int, out_dir: str | Path, *, batch
     return manifest
 
 
-def _array_sha(arr: np.ndarray) -> str:
+def array_sha(arr: np.ndarray) -> str:
     import hashlib
 
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()

@@ -1,9 +1,10 @@
 """``python -m saelib.grid --profile NAME``: run every notebook of a profile through papermill.
 
-The grid is a DAG of jobs (design.md): prepare → capture ×models → train ×SAEs → analysis. Each job
-is one papermill execution of a parameterised notebook into ``runs/<profile>/executed/<stage>/``,
-which the book renders. Resumable: a job whose outputs are complete (its stage's ``done`` check) and
-whose executed notebook exists is skipped; one failed job does not stop the others (its dependants
+The grid is a DAG of jobs (design.md): prepare → capture ×models → train ×SAEs → interp ×SAEs
+(AutoInterp μ, each after its SAE's training) → analysis. Each job is one papermill execution of a
+parameterised notebook into ``runs/<profile>/executed/<stage>/``, which the book renders.
+Resumable: a job whose outputs are complete (its stage's ``done`` check) and whose executed
+notebook exists is skipped; one failed job does not stop the others (its dependants
 are skipped and reported); a summary of failures closes the run.
 """
 
@@ -22,6 +23,8 @@ from . import pipeline
 from .profiles import Profile, ProfileError, load_profile
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+#: Stages whose notebook is not named ``<stage>.ipynb``.
+STAGE_NOTEBOOKS = {"interp": "interpretability"}
 
 
 @dataclass
@@ -55,8 +58,11 @@ def build_jobs(profile: Profile) -> list[Job]:
         jobs.append(Job(f"{slug}-{job.name}", "train",
                         {"profile": profile.name, "model": job.model, "arch": job.arch, "level": job.level},
                         lambda j=job: pipeline.train_done(profile, j), deps=[f"capture-{slug}"]))
-    train_names = [j.name for j in jobs if j.stage == "train"]
-    jobs.append(Job("analysis", "analysis", {"profile": profile.name}, lambda: False, deps=train_names))
+        jobs.append(Job(f"interp-{slug}-{job.name}", "interp",
+                        {"profile": profile.name, "model": job.model, "arch": job.arch, "level": job.level},
+                        lambda j=job: pipeline.interp_done(profile, j), deps=[f"{slug}-{job.name}"]))
+    sae_names = [j.name for j in jobs if j.stage in ("train", "interp")]
+    jobs.append(Job("analysis", "analysis", {"profile": profile.name}, lambda: False, deps=sae_names))
     return jobs
 
 
@@ -66,10 +72,28 @@ def run_notebook(profile: Profile, job: Job, log_output: bool = False) -> None:
     out = job.output(profile)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
-    pm.execute_notebook(str(NOTEBOOKS / f"{job.stage}.ipynb"), str(tmp), parameters=job.parameters,
+    notebook = NOTEBOOKS / f"{STAGE_NOTEBOOKS.get(job.stage, job.stage)}.ipynb"
+    pm.execute_notebook(str(notebook), str(tmp), parameters=job.parameters,
                         kernel_name="python3", progress_bar=False, log_output=log_output,
                         cwd=str(out.parent))
+    _retitle(tmp, job)
     tmp.replace(out)
+
+
+def _retitle(path: Path, job: Job) -> None:
+    """Append the job's parameters to the notebook's title, so the book's table of contents tells
+    the thirty 'Train one SAE' pages apart."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    detail = " · ".join(f"level {v}" if k == "level" else str(v)
+                        for k, v in job.parameters.items() if k != "profile")
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and cell.source.startswith("# ") and detail:
+            first, _, rest = cell.source.partition("\n")
+            cell.source = f"{first} ({detail})\n{rest}"
+            break
+    nbformat.write(nb, str(path))
 
 
 @dataclass
@@ -163,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m saelib.grid", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="default")
     ap.add_argument("--workers", type=int, default=1, help="notebooks executed at once")
-    ap.add_argument("--only", help="run one stage (capture, train, analysis) or one job by name")
+    ap.add_argument("--only", help="run one stage (capture, train, interp, analysis) or one job by name")
     ap.add_argument("--list", action="store_true", help="list the jobs and whether each is done")
     args = ap.parse_args(argv)
     try:

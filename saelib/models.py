@@ -112,7 +112,19 @@ class ModelNotAvailableError(RuntimeError):
 
 def is_known_model(name: str) -> bool:
     """True for a packaged key, an existing local folder or something shaped like a hub id."""
-    return name in PACKAGED or Path(name).expanduser().is_dir() or _looks_like_hub_id(name)
+    return name in PACKAGED or _local_dir(name) is not None or _looks_like_hub_id(name)
+
+
+def _local_dir(name: str) -> Path | None:
+    """``name`` as an existing folder, or None (also for names no file system accepts: empty,
+    over-long, holding a NUL byte, or ``~user`` for an unknown user)."""
+    if not name:
+        return None
+    try:
+        path = Path(name).expanduser()
+        return path if path.is_dir() else None
+    except (OSError, ValueError, RuntimeError):
+        return None
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -168,8 +180,8 @@ def resolve_hf_source(name: str) -> str:
     """Where transformers loads ``name`` from: the packaged cache, a local folder or a hub id."""
     if name in PACKAGED:
         return str(prepare_packaged(name))
-    path = Path(name).expanduser()
-    if path.is_dir():
+    path = _local_dir(name)
+    if path is not None:
         return str(path)
     if _looks_like_hub_id(name):
         return name

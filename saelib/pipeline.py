@@ -103,9 +103,21 @@ def prepare(profile: Profile | str, progress: bool = True) -> dict[str, Any]:
 
 
 def capture_done(profile: Profile, entry: ModelEntry) -> bool:
-    for split in ("train", "eval"):
+    """Complete shards for both splits, captured from the current token arrays (a re-tokenised
+    corpus, e.g. after the profile's sizes changed, makes the capture stale)."""
+    from .activations import array_sha
+    from .data.corpus import load_token_splits
+
+    try:
+        splits = load_token_splits(tokens_dir(profile, entry))
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return False
+    for split, arr in (("train", splits.train_NL), ("eval", splits.eval_NL)):
         m = activations_dir(profile, entry, split) / "manifest.json"
-        if not m.exists() or not read_json(m).get("complete"):
+        if not m.exists():
+            return False
+        manifest = read_json(m)
+        if not manifest.get("complete") or manifest.get("tokens_sha256") != array_sha(arr):
             return False
     return True
 
@@ -263,3 +275,138 @@ def load_results(profile: Profile | str) -> list[dict[str, Any]]:
         if path.exists():
             rows.append(read_json(path))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: interpretability μ(θ) of one SAE
+
+INTERP_ROWS = "autointerp.jsonl"
+
+
+def _sae_weights_sha(profile: Profile, job: SAEJob) -> str:
+    """Checksum of the saved SAE's weights: ties an AutoInterp record to the SAE it scored, so a
+    retrained SAE is never reported with the previous one's μ(θ)."""
+    from sae_lens.constants import SAE_WEIGHTS_FILENAME
+
+    from .results import sha256_file
+
+    return sha256_file(sae_dir(profile, job) / "sae" / SAE_WEIGHTS_FILENAME)
+
+
+def interp_settings(profile: Profile) -> tuple[Any, Any]:
+    """The profile's validated ``(AutoInterpConfig, JudgeConfig)`` (protocol §3)."""
+    from .evals.autointerp import AutoInterpConfig
+    from .judges.factory import JudgeConfig
+    from .profiles import section_config
+
+    return (section_config(AutoInterpConfig, profile, "interp"),
+            section_config(JudgeConfig, profile, "judge"))
+
+
+def _settings_record(config: Any, judge_cfg: Any) -> dict[str, Any]:
+    """The settings as they read back from JSON (tuples become lists), so they compare equal."""
+    return json.loads(json.dumps({"interp": asdict(config), "judge": asdict(judge_cfg)}))
+
+
+def interp_done(profile: Profile, job: SAEJob) -> bool:
+    """AutoInterp has run for this SAE as it is saved now, with the profile's current
+    ``interp``/``judge`` settings: ``result.json`` holds a matching ``interp`` block and
+    ``autointerp.jsonl`` exists."""
+    out = sae_dir(profile, job)
+    if not (out / RESULT).exists() or not (out / INTERP_ROWS).exists() or not train_done(profile, job):
+        return False
+    interp = read_json(out / RESULT).get("interp")
+    return (bool(interp) and interp.get("sae_sha256") == _sae_weights_sha(profile, job)
+            and interp.get("settings") == _settings_record(*interp_settings(profile)))
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """BOS/EOS/PAD ids of a tokenizer: never window centres (protocol §3)."""
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def token_frequencies(tokens_NL: np.ndarray, decode_ids, special_ids, bos_at_start: bool = True
+                      ) -> dict[str, float]:
+    """Relative frequency of each decoded token over the corpus ``tokens_NL``, special tokens and
+    the opening position excluded: the offline judge's background p(t) (its module doc,
+    "AutoInterp explanation"). ``decode_ids(list[int]) -> list[str]`` renders each id alone;
+    ids that decode alike are summed."""
+    body_NL = np.asarray(tokens_NL)[:, int(bos_at_start):]
+    keep = ~np.isin(body_NL, np.asarray(list(special_ids), dtype=body_NL.dtype))
+    ids, counts = np.unique(body_NL[keep], return_counts=True)
+    if len(ids) == 0:
+        raise ValueError("the eval split holds no ordinary token to count frequencies over")
+    freq: dict[str, float] = {}
+    for text, c in zip(decode_ids([int(i) for i in ids]), counts.tolist()):
+        freq[text] = freq.get(text, 0.0) + c
+    total = float(counts.sum())
+    return {t: c / total for t, c in freq.items()}
+
+
+def run_interp(profile: Profile | str, model: str, arch: str, level: int,
+               progress: bool = True) -> dict[str, Any]:
+    """(Or, when done, return the recorded result of) AutoInterp μ(θ) for one SAE (protocol §3).
+
+    The saved SAE encodes the EVAL split's cached activations chunk by chunk (the windows the
+    judge sees are held-out text), the profile's judge explains and detects, and the stage writes
+    ``autointerp.jsonl`` beside the SAE (one row per scored latent; steering reads each latent's
+    explanation and max activation from it, protocol §4) and merges an ``interp`` block (μ, live
+    latents, partial/reason, judge and its usage, timings, settings, provenance) into the SAE's
+    ``result.json``, keeping every other key. Only the tokenizer is loaded, never the model.
+    Reruns when the SAE's weights or the profile's interp/judge settings changed.
+    ``progress`` is accepted for symmetry with the other stages (this stage prints nothing).
+    """
+    from transformers import AutoTokenizer
+
+    from .activations import ActivationStore
+    from .data.corpus import load_token_splits
+    from .evals.autointerp import run_autointerp
+    from .evals.windows import EncodedCodes
+    from .judges.factory import make_judge
+    from .models import resolve_hf_source
+    from .profiles import ProfileError
+    from .results import write_jsonl
+    from .sae.io import load_sae
+
+    profile = as_profile(profile)
+    entry = profile.model(model)
+    if not 0 <= level < len(profile.grid.targets):
+        raise ProfileError(f"level {level} out of range 0..{len(profile.grid.targets) - 1}")
+    job = SAEJob(entry.name, arch, level)
+    out = sae_dir(profile, job)
+    if interp_done(profile, job):
+        return read_json(out / RESULT)["interp"]
+    if not train_done(profile, job):
+        raise FileNotFoundError(f"{out}: no trained SAE here; run the train stage for "
+                                f"{entry.name} {arch} level {level} first")
+    config, judge_cfg = interp_settings(profile)
+    timer = Timer()
+    with timer("load"):
+        sae = load_sae(out / "sae", device=profile.device)
+        store = ActivationStore.open(activations_dir(profile, entry, "eval"))
+        tokens_NL = load_token_splits(tokens_dir(profile, entry)).eval_NL
+        tok = AutoTokenizer.from_pretrained(resolve_hf_source(entry.name))
+    if (store.n_contexts, store.context) != tokens_NL.shape:
+        raise ValueError(f"eval activations hold {store.n_contexts} contexts of {store.context} "
+                         f"tokens but the eval tokens are {tokens_NL.shape}: rerun capture")
+    special = special_token_ids(tok)
+    with timer("token_freq"):
+        token_freq = token_frequencies(
+            tokens_NL, lambda ids: tok.batch_decode([[i] for i in ids]), special)
+    judge = make_judge(judge_cfg, token_freq=token_freq)
+    codes = EncodedCodes(sae.encode, lambda: (np.array(a) for _, a in store.iter_contexts()),
+                         context_len=store.context, width=int(sae.cfg.d_sae), device=profile.device)
+    with timer("autointerp"):
+        res = run_autointerp(codes, tokens_NL, lambda t: tok.decode([t]), judge, config,
+                             special_ids=special, bos_at_start=True)
+    write_jsonl(out / INTERP_ROWS, res.to_jsonl_rows())
+    record = {**res.summary(), "sae_sha256": _sae_weights_sha(profile, job),
+              "settings": _settings_record(config, judge_cfg),
+              "eval_tokens": int(tokens_NL.size), "rows_file": INTERP_ROWS,
+              "seconds": sum(timer.timings.values()),
+              "provenance": provenance(None, config.seed, timer.timings, profile=profile.name,
+                                       peak_rss_mb=peak_rss_mb())}
+    previous = read_json(out / RESULT)
+    write_json(out / RESULT, {**previous, "interp": record})
+    return record

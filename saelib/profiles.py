@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from typing import Any
 import yaml
 
 PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
+#: Environment variable that moves every profile's run folder (see ``Profile.run_root``).
+RUNS_ENV = "SAELIB_RUNS"
 
 #: The five architectures of the paper (protocol §2), in its order.
 PAPER_ARCHITECTURES = ("standard", "gated", "jumprelu", "topk", "batchtopk")
@@ -183,7 +186,10 @@ class Profile:
             section_config(getattr(importlib.import_module(module), cls_name), self, section)
 
     def run_root(self) -> Path:
-        root = Path(self.runs_dir)
+        """``<runs_dir>/<name>``; ``$SAELIB_RUNS`` replaces ``runs_dir`` when set. The variable
+        exists because notebooks reload a profile by name: the environment is what reaches them
+        (tests run the grid in a temporary folder this way)."""
+        root = Path(os.environ.get(RUNS_ENV) or self.runs_dir).expanduser()
         if not root.is_absolute():
             root = PARAMS_DIR.parent / root
         return root / self.name
@@ -220,6 +226,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         key_tp, val_tp = typing.get_args(tp) or (str, Any)
         return {k: _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
+        # ``int | None``: the value must fit one arm, else stage validators compare a str with an int
+        arms = typing.get_args(tp)
+        if value is None and type(None) in arms:
+            return None
+        for arm in arms:
+            if arm is not type(None):
+                try:
+                    return _coerce(value, arm, where)
+                except ProfileError:
+                    pass
+        raise ProfileError(f"{where}: expected {' or '.join(_type_name(a) for a in arms)}, "
+                           f"got {type(value).__name__} ({value!r})")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ProfileError(f"{where}: expected one of {', '.join(map(repr, typing.get_args(tp)))}, "
+                               f"got {value!r}")
         return value
     if tp is Any:
         return value
@@ -239,7 +261,7 @@ def _build(cls: type, data: Any, where: str):
         raise ProfileError(f"{where}: expected a mapping of {cls.__name__} keys, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(data) - set(names), key=str)
     if unknown:
         raise ProfileError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
                            f"valid keys: {', '.join(names)}")

@@ -15,9 +15,13 @@ COLUMNS = ["model", "arch", "level", "target_l0", "sparsity_value", "l0", "expla
            "dead_fraction", "ce_loss_recovered", "kl_score", "train_tokens", "train_seconds",
            "peak_rss_mb", "disk_mb"]
 
+#: Columns from the AutoInterp stage (protocol §3), added when at least one SAE has them.
+INTERP_COLUMNS = ["mu", "n_live"]
+
 
 def sae_table(profile) -> pd.DataFrame:
-    """One row per trained SAE of the profile."""
+    """One row per trained SAE of the profile; ``mu`` (μ(θ)) and ``n_live`` (latents live on the
+    eval corpus) when the interp stage has run for some SAE (empty for the others)."""
     profile = as_profile(profile)
     rows = []
     for r in load_results(profile):
@@ -31,11 +35,15 @@ def sae_table(profile) -> pd.DataFrame:
                      "ce_loss_recovered": core.get("ce_loss_recovered"),
                      "kl_score": core.get("kl_score"), "train_tokens": train["tokens_seen"],
                      "train_seconds": train["seconds"], "peak_rss_mb": train["peak_rss_mb"],
-                     "disk_mb": train["disk_bytes"] / 1e6})
+                     "disk_mb": train["disk_bytes"] / 1e6,
+                     **{k: r["interp"].get(k) for k in INTERP_COLUMNS if "interp" in r}})
     if not rows:
         raise FileNotFoundError(f"profile {profile.name!r}: no result.json under {profile.run_root()}; "
                                 f"run `python -m saelib.grid --profile {profile.name}` first")
-    df = pd.DataFrame(rows, columns=COLUMNS)
+    has_interp = any(k in row for row in rows for k in INTERP_COLUMNS)
+    df = pd.DataFrame(rows, columns=COLUMNS + (INTERP_COLUMNS if has_interp else []))
+    if has_interp:
+        df["n_live"] = df["n_live"].astype("Int64")
     order = {a: i for i, a in enumerate(PAPER_ARCHITECTURES)}
     return df.sort_values(["model", "level", "arch"], key=lambda s: s.map(order) if s.name == "arch" else s,
                           ignore_index=True)

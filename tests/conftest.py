@@ -6,6 +6,8 @@ so collecting the fast tests stays quick.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -52,7 +54,9 @@ def tiny_tl():
     from transformer_lens import HookedTransformer
 
     torch.manual_seed(0)
-    model = HookedTransformer(tiny_config())
+    with warnings.catch_warnings():  # TL 3.x flags HookedTransformer as legacy; saelib uses it on purpose
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(tiny_config())
     model.eval()
     return model
 

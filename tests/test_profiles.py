@@ -14,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from saelib.models import PACKAGED
+from saelib.models import PACKAGED, is_known_model
 from saelib.profiles import (PAPER_ARCHITECTURES, PARAMS_DIR, Profile, ProfileError,
                              available_profiles, load_profile, profile_from_dict, section_config)
 from saelib.sae.train import TrainConfig
@@ -30,7 +30,7 @@ def with_change(path: str, value) -> dict:
     node = data
     *parents, last = path.split(".")
     for key in parents:
-        node = node[int(key)] if isinstance(node, list) else node[key]
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
     if isinstance(node, list):
         node[int(last)] = value
     else:
@@ -42,7 +42,8 @@ def with_change(path: str, value) -> dict:
 def test_shipped_profiles_load_and_validate(name):
     profile = load_profile(name)
     assert profile.name == name
-    assert profile.models and all(m.name in PACKAGED for m in profile.models)
+    assert profile.models
+    assert all(m.name in PACKAGED or is_known_model(m.name) for m in profile.models)
     assert set(profile.grid.architectures) <= set(PAPER_ARCHITECTURES)
     cfg = section_config(TrainConfig, profile, "training")
     assert cfg.batch_size == profile.training.get("batch_size", TrainConfig().batch_size)
@@ -167,26 +168,53 @@ def test_model_lookup_by_name_or_label():
         profile.model("gpt2")
 
 
-def test_section_config_rejects_unknown_keys_naming_the_valid_ones():
-    profile = profile_from_dict(with_change("training", {"btach_size": 64}), name="typo")
+def test_stage_sections_are_validated_with_the_profile():
+    """A typo in a stage section (``training``) fails when the profile loads, not hours later."""
+    with pytest.raises(ProfileError, match=r"profile 'typo' section 'training': unknown key\(s\) "
+                                           r"'btach_size'; valid keys: batch_size, lr"):
+        profile_from_dict(with_change("training", {"btach_size": 64}), name="typo")
+    with pytest.raises(ProfileError, match=r"profile 'hot' section 'training': .*lr must be in \(0, 1\)"):
+        profile_from_dict(with_change("training", {"lr": 5.0}), name="hot")
+
+
+def test_section_config_rejects_unknown_overrides_naming_the_valid_keys():
+    smoke = load_profile("smoke")
     with pytest.raises(ProfileError, match=r"section 'training': unknown key\(s\) 'btach_size'; "
                                            r"valid keys: batch_size, lr"):
-        section_config(TrainConfig, profile, "training")
-
-
-def test_section_config_wraps_the_stage_validation():
-    profile = profile_from_dict(with_change("training", {"lr": 5.0}), name="hot")
-    with pytest.raises(ProfileError, match=r"profile 'hot' section 'training': .*lr must be in \(0, 1\)"):
-        section_config(TrainConfig, profile, "training")
-    with pytest.raises(ProfileError, match=r"training\.batch_size: expected int"):
-        section_config(TrainConfig, load_profile("smoke"), "training", batch_size="big")
+        section_config(TrainConfig, smoke, "training", btach_size=64)
+    with pytest.raises(ProfileError, match=r"section 'training'\.batch_size: expected int"):
+        section_config(TrainConfig, smoke, "training", batch_size="big")
+    with pytest.raises(ProfileError, match=r"section 'training': TrainConfig: batch_size must be >= 1"):
+        section_config(TrainConfig, smoke, "training", batch_size=0)
 
 
 def test_section_config_applies_overrides_and_coerces_ints_to_floats():
-    profile = profile_from_dict(with_change("training", {"lr": 1, "batch_size": 64}))
-    cfg = section_config(TrainConfig, profile, "training", progress=False)
-    assert (cfg.lr, cfg.batch_size, cfg.progress) == (1.0, 64, False)
-    assert isinstance(cfg.lr, float)
+    profile = profile_from_dict(with_change("training", {"lr": 0.5, "batch_size": 64}))
+    cfg = section_config(TrainConfig, profile, "training", progress=False, adam_beta1=0)
+    assert (cfg.lr, cfg.batch_size, cfg.progress, cfg.adam_beta1) == (0.5, 64, False, 0.0)
+    assert isinstance(cfg.adam_beta1, float)
+
+
+def test_optional_and_literal_fields_are_type_checked():
+    """``int | None`` and ``Literal`` fields of stage configs are checked like plain ones."""
+    with pytest.raises(ProfileError, match=r"'training'\.lr_warm_up_steps: expected int or NoneType, got str"):
+        profile_from_dict(with_change("training.lr_warm_up_steps", "ten"))
+    with pytest.raises(ProfileError, match=r"'training'\.dtype: expected one of 'float32', 'bfloat16', "
+                                           r"got 'float16'"):
+        profile_from_dict(with_change("training.dtype", "float16"))
+    ok = profile_from_dict(with_change("training.lr_warm_up_steps", None))
+    assert ok.training["lr_warm_up_steps"] is None
+
+
+def test_runs_env_moves_the_run_root(tmp_path, monkeypatch):
+    from saelib.profiles import RUNS_ENV
+
+    monkeypatch.delenv(RUNS_ENV, raising=False)
+    smoke = load_profile("smoke")
+    assert smoke.run_root() == PARAMS_DIR.parent / "runs" / "smoke"
+    assert profile_from_dict({**smoke_dict(), "runs_dir": str(tmp_path)}, "s").run_root() == tmp_path / "s"
+    monkeypatch.setenv(RUNS_ENV, str(tmp_path / "elsewhere"))
+    assert smoke.run_root() == tmp_path / "elsewhere" / "smoke"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +253,28 @@ def test_junk_mappings_only_ever_raise_profile_errors(data):
 @given(st.sampled_from(SECTION_PATHS), JUNK)
 def test_junk_in_any_section_only_ever_raises_profile_errors(path, value):
     _check_junk(with_change(path, value))
+
+
+def _stage_field_names() -> list[tuple[str, str]]:
+    import importlib
+
+    from saelib.profiles import SECTION_CONFIGS
+
+    out = []
+    for section, target in SECTION_CONFIGS.items():
+        module, cls_name = target.split(":")
+        cls = getattr(importlib.import_module(module), cls_name)
+        out += [(section, f.name) for f in dataclasses.fields(cls)]
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(_stage_field_names()), JUNK)
+def test_junk_values_for_real_stage_keys_only_ever_raise_profile_errors(section_key, value):
+    """Stage sections are checked by their own dataclasses; a wrong type there (``lr: "fast"``,
+    ``lr_warm_up_steps: [1]``) must still surface as a ProfileError, not a TypeError."""
+    section, key = section_key
+    _check_junk(with_change(f"{section}.{key}", value))
 
 
 @st.composite

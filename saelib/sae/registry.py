@@ -7,6 +7,9 @@ class per architecture; this module says, once, which paper name goes with which
 which knob the sparsity value feeds, and which inference class the trained SAE is saved as
 (sae-lens saves BatchTopK as JumpReLU with a threshold, as its ``BatchTopKTrainingSAEConfig`` does).
 Everything else in ``saelib.sae`` looks architectures up here instead of branching on names.
+TopK and BatchTopK train with :mod:`saelib.sae.sparse`'s subclasses, which decode the k-sparse code
+by embedding bag (same numbers, ~F/k less decoder work); ``sae_lens_training_sae_cls`` keeps
+sae-lens's own dense-decoding class (``TrainConfig.sparse_decode=False``, benchmarks).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from sae_lens.saes import (
     TrainingSAE,
     TrainingSAEConfig,
 )
+
+from saelib.sae.sparse import SparseBatchTopKTrainingSAE, SparseTopKTrainingSAE
 
 if TYPE_CHECKING:
     from saelib.sae.train import TrainConfig
@@ -57,6 +62,15 @@ class ArchSpec:
     inference_architecture: str
     sparsity_knob: SparsityKnob
     build_config: Callable[[int, int, float, int, "TrainConfig"], TrainingSAEConfig]
+    #: sae-lens's own training class when ``training_sae_cls`` is saelib's sparse-decode subclass.
+    sae_lens_training_sae_cls: type[TrainingSAE[Any]] | None = None
+
+    def training_class(self, sparse_decode: bool = True) -> type[TrainingSAE[Any]]:
+        """The class that trains this architecture: saelib's sparse-decode subclass (TopK,
+        BatchTopK) unless ``sparse_decode`` is False, then sae-lens's own class."""
+        if sparse_decode or self.sae_lens_training_sae_cls is None:
+            return self.training_sae_cls
+        return self.sae_lens_training_sae_cls
 
     def validate_sparsity(self, sparsity_value: float, d_sae: int) -> None:
         """Raise ``ValueError`` when ``sparsity_value`` is meaningless for this architecture."""
@@ -137,10 +151,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                       "GatedSAE", "gated", "l1", _gated),
     "jumprelu": ArchSpec("jumprelu", "JumpReLU", "jumprelu", JumpReLUTrainingSAEConfig,
                          JumpReLUTrainingSAE, "JumpReLUSAE", "jumprelu", "l0_target", _jumprelu),
-    "topk": ArchSpec("topk", "TopK", "topk", TopKTrainingSAEConfig, TopKTrainingSAE,
-                     "TopKSAE", "topk", "k", _topk),
+    "topk": ArchSpec("topk", "TopK", "topk", TopKTrainingSAEConfig, SparseTopKTrainingSAE,
+                     "TopKSAE", "topk", "k", _topk, TopKTrainingSAE),
     "batchtopk": ArchSpec("batchtopk", "BatchTopK", "batchtopk", BatchTopKTrainingSAEConfig,
-                          BatchTopKTrainingSAE, "JumpReLUSAE", "jumprelu", "k", _batchtopk),
+                          SparseBatchTopKTrainingSAE, "JumpReLUSAE", "jumprelu", "k", _batchtopk,
+                          BatchTopKTrainingSAE),
 }
 
 #: Other spellings accepted by :func:`get_arch` (sae-lens calls ReLU SAEs "standard").

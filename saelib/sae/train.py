@@ -108,6 +108,9 @@ class TrainConfig:
     jumprelu_ste_to_input: bool = True
     topk_aux_loss_coefficient: float = 1.0
     batchtopk_threshold_lr: float = 0.01
+    #: decode TopK/BatchTopK codes by embedding bag (saelib.sae.sparse: same numbers, ~F/k less
+    #: decoder work); False trains with sae-lens's dense ``feature_acts @ W_dec`` decode.
+    sparse_decode: bool = True
     #: batches used to estimate the centring mean and the scale (clipped to the run).
     norm_estimate_batches: int = 8
     #: checkpoint every this many steps (0: only the final checkpoint) when a folder is given.
@@ -142,6 +145,8 @@ class TrainConfig:
         need(self.jumprelu_init_threshold >= 0, "jumprelu_init_threshold must be >= 0")
         need(self.topk_aux_loss_coefficient >= 0, "topk_aux_loss_coefficient must be >= 0")
         need(0 < self.batchtopk_threshold_lr <= 1, "batchtopk_threshold_lr must be in (0, 1]")
+        need(isinstance(self.sparse_decode, bool),
+             f"sparse_decode must be True or False, got {self.sparse_decode!r}")
         need(self.norm_estimate_batches >= 1, "norm_estimate_batches must be >= 1")
         need(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
         need(self.metrics_tail_batches >= 1, "metrics_tail_batches must be >= 1")
@@ -309,7 +314,8 @@ class _TailStats:
 def _identity(arch: str, d_in: int, d_sae: int, sparsity_value: float, total_tokens: int,
               seed: int, cfg: TrainConfig) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed (knobs that change the trajectory)."""
-    irrelevant = {"progress", "checkpoint_every"}
+    # sparse_decode changes float rounding only, so either setting may resume the other's run.
+    irrelevant = {"progress", "checkpoint_every", "sparse_decode"}
     return {"format": CHECKPOINT_FORMAT, "arch": arch, "d_in": d_in, "d_sae": d_sae,
             "sparsity_value": float(sparsity_value), "total_tokens": int(total_tokens),
             "seed": int(seed),
@@ -533,7 +539,7 @@ def train_sae(arch: str, d_in: int, d_sae: int, sparsity_value: float,
     if metadata:
         for key, value in metadata.items():
             sae_cfg.metadata[key] = value
-    sae = spec.training_sae_cls(sae_cfg)
+    sae = spec.training_class(cfg.sparse_decode)(sae_cfg)
     trainer = _make_trainer(sae, cfg, sched)
     tail = _TailStats(d_in)
     stream = BatchStream(batches, cfg.batch_size, d_in)

@@ -1,0 +1,147 @@
+"""TopK / BatchTopK training SAEs that decode their sparse codes sparsely (issue "Kernels", item 3).
+
+Why: a TopK SAE's code has at most k non-zero latents per token and a BatchTopK code k on average
+(protocol §2: k = target L0, 50..820 of width 16,384 in the paper). sae-lens 6.54 decodes it
+densely (``feature_acts @ W_dec``), so the decoder's forward matmul and its two backward matmuls
+(gradients of the code and of ``W_dec``) each spend B·F·D multiply-adds, almost all on zeros: about
+F/k times the B·k·D the k active rows need. Of a training step's five large matmuls (encoder
+forward and ``W_enc`` gradient, decoder forward and two gradients) three are the decoder's, so
+decoding with :func:`saelib.kernels.sparse_decode` (an "embedding bag": the decoder is the table,
+each token a bag of k latent ids weighted by their activations) removes most of the decoder's cost.
+This is what EleutherAI's sparsify does (its ``TritonDecoder`` decodes straight from the top-k ids
+and values, with the scatter-then-matmul ``eager_decode`` only as a fallback), and what sae-lens's
+own TopK ``use_sparse_activations`` option attempts with ``torch.sparse.mm`` (documented there as
+worthwhile only in float32 without autocast; ``sparse_decode`` works under both).
+
+What changes is only *how* the training forward computes the same numbers: the subclasses keep
+sae-lens's configs, parameters, losses, hooks, threshold updates and inference conversion, so the
+saved SAE is sae-lens's own ``TopKSAE`` / ``JumpReLUSAE`` and loads with
+``sae_lens.SAE.load_from_disk`` as before. ``decode`` takes sae-lens's dense code, compacts it into
+the ids and values of its non-zeros (:func:`active_latents`), applies
+``rescale_acts_by_decoder_norm`` to those values and gathers the picked decoder rows. The values
+are read out of the dense code by indexing, so the gradient flows back into it and on through the
+activation to the encoder exactly as in the dense path (entries that are zero in the code get no
+gradient through the activation in sae-lens either). TopK's auxiliary (dead-latent) loss decodes
+its top ``d_in // 2`` dead latents the same way instead of scattering them into a dense (B, F) code
+first.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from sae_lens.saes import BatchTopKTrainingSAE, TopKTrainingSAE
+from typing_extensions import override
+
+from saelib.kernels import sparse_decode
+
+
+def active_latents(acts_BF: torch.Tensor, k: int | None = None,
+                   method: Literal["auto", "nonzero", "topk"] = "auto",
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-zeros of a sparse code ``(..., F)``, padded per token: ``(idx_BM, vals_BM)``.
+
+    M is the largest number of non-zeros any token has; shorter rows are padded with latent 0 and
+    value 0, which add nothing to a decode. Found with ``nonzero`` (on CPU ~1.2x faster than a
+    ``topk`` over the width for TopK, ~2.5x for BatchTopK, whose M is not known in advance). When
+    every token is known to hold at most ``k`` non-zeros (TopK) and the code is on a GPU,
+    ``topk(k)`` is used instead: it needs no device-to-host copy of M. ``method`` forces one of
+    the two ('topk' needs ``k``). ``vals_BM`` is differentiable into ``acts_BF`` either way.
+    """
+    if method not in ("auto", "nonzero", "topk"):
+        raise ValueError(f"method must be 'auto', 'nonzero' or 'topk', got {method!r}")
+    if method == "topk" and (k is None or k < 0):
+        raise ValueError(f"method='topk' needs k >= 0 (the most non-zeros a token has), got {k!r}")
+    if method == "auto":
+        method = "topk" if k is not None and acts_BF.is_cuda else "nonzero"
+    lead = acts_BF.shape[:-1]
+    flat_NF = acts_BF.reshape(-1, acts_BF.shape[-1])
+    n_rows = flat_NF.shape[0]
+    if method == "topk" and k is not None:
+        vals_NM, idx_NM = flat_NF.topk(min(k, flat_NF.shape[-1]), dim=-1, sorted=False)
+    else:
+        rows_Z, cols_Z = flat_NF.nonzero(as_tuple=True)
+        counts_N = torch.bincount(rows_Z, minlength=n_rows)
+        n_pick = int(counts_N.max()) if n_rows else 0
+        pos_Z = torch.arange(rows_Z.numel(), device=rows_Z.device) \
+            - (counts_N.cumsum(0) - counts_N)[rows_Z]
+        idx_NM = rows_Z.new_zeros(n_rows, n_pick).index_put((rows_Z, pos_Z), cols_Z)
+        vals_NM = flat_NF.new_zeros(n_rows, n_pick).index_put((rows_Z, pos_Z),
+                                                               flat_NF[rows_Z, cols_Z])
+    n_pick = idx_NM.shape[-1]
+    return idx_NM.reshape(*lead, n_pick), vals_NM.reshape(*lead, n_pick)
+
+
+def _decode_picked(sae: TopKTrainingSAE, vals_BM: torch.Tensor, idx_BM: torch.Tensor,
+                   with_bias: bool) -> torch.Tensor:
+    """``Σ_m vals[m] · W_dec[idx[m]]`` (+ b_dec), dividing by decoder norms as sae-lens does.
+
+    sae-lens's ``act_times_W_dec`` multiplies the dense code by ``1 / ||W_dec[f]||`` when
+    ``rescale_acts_by_decoder_norm`` is on; doing it on the picked values only is the same product.
+    """
+    if sae.cfg.rescale_acts_by_decoder_norm:
+        vals_BM = vals_BM * (1 / sae.W_dec.norm(dim=-1))[idx_BM]
+    return sparse_decode(idx_BM, vals_BM, sae.W_dec, sae.b_dec if with_bias else None)
+
+
+class SparseTopKTrainingSAE(TopKTrainingSAE):
+    """sae-lens's ``TopKTrainingSAE`` with the decode and aux-loss decode done by embedding bag."""
+
+    def max_active_per_token(self) -> int | None:
+        """A bound on any token's non-zeros known before the forward: TopK keeps at most k."""
+        return int(self.cfg.k)
+
+    @override
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """Same output and gradients as ``TopKTrainingSAE.decode``, in B·M·D not B·F·D work."""
+        if feature_acts.is_sparse or feature_acts.numel() == 0:
+            return super().decode(feature_acts)
+        idx_BM, vals_BM = active_latents(feature_acts, self.max_active_per_token())
+        sae_out_pre = _decode_picked(self, vals_BM, idx_BM, with_bias=True)
+        sae_out_pre = self.hook_sae_recons(sae_out_pre)
+        sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
+        return self.reshape_fn_out(sae_out_pre, self.d_head)
+
+    @override
+    def calculate_topk_aux_loss(self, sae_in: torch.Tensor, sae_out: torch.Tensor,
+                                hidden_pre: torch.Tensor,
+                                dead_neuron_mask: torch.Tensor | None) -> torch.Tensor:
+        """sae-lens 6.54's TopK auxiliary loss, decoding the k_aux dead latents by embedding bag.
+
+        Same steps as ``TopKTrainingSAE.calculate_topk_aux_loss`` (Gao et al. 2024, App. A.2/B.1:
+        the top ``d_in // 2`` dead latents reconstruct the detached residual, no bias, the loss
+        scaled down when fewer latents are dead), without the dense (B, F) scatter and matmul.
+        """
+        if dead_neuron_mask is None or (num_dead := int(dead_neuron_mask.sum())) == 0:
+            return sae_out.new_tensor(0.0)
+        if self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+            raise ValueError(
+                "TopK auxiliary loss does not support activation normalization "
+                f"(normalize_activations={self.cfg.normalize_activations!r}): the aux "
+                "reconstruction would be in normalized space while the residual is not")
+        residual = (sae_in - sae_out).detach()
+        k_aux = sae_in.shape[-1] // 2
+        scale = min(num_dead / k_aux, 1.0)
+        k_aux = min(k_aux, num_dead)
+        auxk_latents = torch.where(dead_neuron_mask[None], hidden_pre, -torch.inf)
+        vals_BK, idx_BK = auxk_latents.topk(k_aux, sorted=False)
+        recons = _decode_picked(self, vals_BK, idx_BK, with_bias=False)
+        recons = self.reshape_fn_out(recons, self.d_head)
+        auxk_loss = (recons - residual).pow(2).sum(dim=-1).mean()
+        return self.cfg.aux_loss_coefficient * scale * auxk_loss
+
+
+class SparseBatchTopKTrainingSAE(SparseTopKTrainingSAE, BatchTopKTrainingSAE):
+    """sae-lens's ``BatchTopKTrainingSAE`` (saved as JumpReLU) with the sparse decode above.
+
+    BatchTopK keeps k·B non-zeros over the whole batch, so a token may hold more or fewer than k;
+    ``decode`` gathers as many per token as the busiest token has (padding the rest). The MRO
+    puts the sparse ``decode`` / aux loss before sae-lens's BatchTopK, which inherits the dense
+    ones from ``TopKTrainingSAE``.
+    """
+
+    @override
+    def max_active_per_token(self) -> int | None:
+        """None: BatchTopK fixes only the batch's mean count per token (k), not each token's."""
+        return None

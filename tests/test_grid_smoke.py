@@ -1,0 +1,81 @@
+"""End to end on the smoke profile: papermill grid, resume, and the Jupyter Book build.
+
+The real packaged SmolLM2-135M-Instruct and corpus, the five architectures once each (protocol §2),
+in a temporary run folder: ``$SAELIB_RUNS`` moves ``runs_dir``, and since the papermill kernels
+inherit the environment, the notebooks (which reload the profile by name) write there too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import nbformat
+import pytest
+
+from saelib import book, pipeline
+from saelib.grid import build_jobs, executed_dir, run_grid
+from saelib.profiles import PAPER_ARCHITECTURES, PARAMS_DIR, RUNS_ENV, load_profile
+
+pytestmark = pytest.mark.slow
+
+
+def error_outputs(path) -> list[str]:
+    nb = nbformat.read(path, as_version=4)
+    return [f"{o.get('ename')}: {o.get('evalue')}" for cell in nb.cells if cell.cell_type == "code"
+            for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+
+
+def repo_grid_record_state():
+    """(exists, mtime) of the smoke grid record in the repository's own ``runs/``."""
+    path = PARAMS_DIR.parent / load_profile("smoke").runs_dir / "smoke" / "grid.json"
+    return (path.exists(), path.stat().st_mtime_ns if path.exists() else None)
+
+
+def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
+    untouched = repo_grid_record_state()
+    monkeypatch.setenv(RUNS_ENV, str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    profile = load_profile("smoke")
+    root = profile.run_root()
+    assert root == tmp_path / "smoke"
+    jobs = build_jobs(profile)
+    assert [j.stage for j in jobs] == ["capture"] + ["train"] * 5 + ["analysis"]
+
+    report = run_grid(profile, progress=False)
+    assert report.failed == {} and report.blocked == [] and report.ok
+    assert sorted(report.ran) == sorted(j.name for j in jobs)
+    print("smoke grid seconds:", {k: round(v, 1) for k, v in report.seconds.items()})
+
+    results = pipeline.load_results(profile)
+    assert sorted(r["arch"] for r in results) == sorted(PAPER_ARCHITECTURES)
+    for r in results:
+        core = r["core"]
+        assert core["l0"] > 0, r["arch"]
+        assert math.isfinite(core["explained_variance"]) and math.isfinite(core["mse"]), r["arch"]
+        assert r["provenance"]["seed"] == profile.seed and r["provenance"]["profile"] == "smoke"
+        print(f"{r['arch']:10s} L0 {core['l0']:7.2f}  EV {core['explained_variance']:.3f}  "
+              f"CE rec {core['ce_loss_recovered']:.3f}")
+    for job in jobs:
+        out = job.output(profile)
+        assert out.exists(), out
+        assert error_outputs(out) == [], out
+    assert not list(executed_dir(profile).rglob("*.error.txt"))
+    assert repo_grid_record_state() == untouched  # nothing was written to the repository's runs/
+    grid_record = json.loads((root / "grid.json").read_text())
+    assert grid_record["failed"] == {}
+
+    again = run_grid(profile, progress=False)
+    assert again.ok
+    assert sorted(again.skipped) == sorted(j.name for j in jobs if j.stage in ("capture", "train"))
+    assert again.ran == ["analysis"]  # the summary is always re-rendered
+    assert [r["train"] for r in pipeline.load_results(profile)] == [r["train"] for r in results]
+
+    index = book.build(profile)
+    assert index.exists() and index.name == "index.html"
+    summary = index.parent / "book" / "executed" / "analysis" / "analysis.html"
+    html = summary.read_text()
+    for arch in PAPER_ARCHITECTURES:
+        assert arch in html, f"{arch} missing from the summary page"
+    train_pages = sorted((index.parent / "book" / "executed" / "train").glob("*.html"))
+    assert len(train_pages) == 5

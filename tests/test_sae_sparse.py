@@ -1,0 +1,164 @@
+"""saelib.sae.sparse: the embedding-bag decode trains exactly what sae-lens's dense decode trains.
+
+Equality is checked against sae-lens 6.54's own classes on the same weights and inputs: losses,
+outputs and every parameter gradient to 1e-5 (float32 summation order is the only difference,
+measured ~1e-8), and whole short training runs to 1e-4.
+"""
+
+import pytest
+import torch
+from sae_lens.saes import (SAE, BatchTopKTrainingSAE, JumpReLUSAE, StandardTrainingSAE, TopKSAE,
+                           TopKTrainingSAE)
+from sae_lens.saes.sae import TrainStepInput
+
+from saelib.sae.registry import get_arch
+from saelib.sae.sparse import SparseBatchTopKTrainingSAE, SparseTopKTrainingSAE, active_latents
+from saelib.sae.train import TrainConfig, train_sae
+
+D_IN, D_SAE, K = 24, 96, 6
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def pair(arch: str, rescale: bool, k: float = K):
+    """(saelib sparse-decode SAE, sae-lens dense SAE) with identical random weights."""
+    spec = get_arch(arch)
+    cfg = spec.make_config(D_IN, D_SAE, k, 0, TrainConfig())
+    cfg.rescale_acts_by_decoder_norm = rescale
+    torch.manual_seed(3)
+    sparse = spec.training_class(sparse_decode=True)(cfg)
+    dense = spec.training_class(sparse_decode=False)(cfg)
+    with torch.no_grad():
+        for p in sparse.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        # unequal decoder norms, so rescale_acts_by_decoder_norm matters
+        sparse.W_dec.mul_(torch.rand(D_SAE, 1) + 0.5)
+    dense.load_state_dict(sparse.state_dict())
+    return sparse, dense
+
+
+def step(sae, x, dead_mask):
+    sae.zero_grad()
+    out = sae.training_forward_pass(TrainStepInput(
+        sae_in=x, coefficients={}, dead_neuron_mask=dead_mask, n_training_steps=0,
+        is_logging_step=False))
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in sae.named_parameters()}
+    return out, grads
+
+
+def test_registry_trains_topk_and_batchtopk_with_the_sparse_subclasses():
+    assert get_arch("topk").training_class() is SparseTopKTrainingSAE
+    assert get_arch("batchtopk").training_class() is SparseBatchTopKTrainingSAE
+    assert get_arch("topk").training_class(sparse_decode=False) is TopKTrainingSAE
+    assert get_arch("batchtopk").training_class(sparse_decode=False) is BatchTopKTrainingSAE
+    assert get_arch("relu").training_class(False) is get_arch("relu").training_class(True) \
+        is StandardTrainingSAE
+    # the subclasses are sae-lens's classes as far as fold/save code is concerned
+    assert issubclass(SparseBatchTopKTrainingSAE, BatchTopKTrainingSAE)
+    assert issubclass(SparseTopKTrainingSAE, TopKTrainingSAE)
+
+
+def test_train_config_rejects_non_bool_sparse_decode():
+    with pytest.raises(ValueError, match="sparse_decode"):
+        TrainConfig(sparse_decode="yes").validate()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("n_dead", [0, 40])
+def test_training_forward_and_gradients_match_sae_lens(arch, rescale, n_dead):
+    sparse, dense = pair(arch, rescale)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(128, D_IN, generator=g) * 2
+    dead_mask = torch.zeros(D_SAE, dtype=torch.bool)
+    dead_mask[torch.randperm(D_SAE, generator=g)[:n_dead]] = True
+    out_s, grads_s = step(sparse, x, dead_mask)
+    out_d, grads_d = step(dense, x, dead_mask)
+    assert set(out_s.losses) == set(out_d.losses)
+    for name in out_d.losses:
+        torch.testing.assert_close(out_s.losses[name], out_d.losses[name], **TOL)
+    if n_dead:
+        assert float(out_d.losses["auxiliary_reconstruction_loss"].detach()) > 0
+    torch.testing.assert_close(out_s.loss, out_d.loss, **TOL)
+    torch.testing.assert_close(out_s.sae_out, out_d.sae_out, **TOL)
+    torch.testing.assert_close(out_s.feature_acts, out_d.feature_acts, rtol=0, atol=0)
+    assert set(grads_s) == set(grads_d) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for name in grads_d:
+        assert grads_d[name].abs().max() > 1e-3, name  # the comparison is not vacuous
+        torch.testing.assert_close(grads_s[name], grads_d[name], **TOL, msg=name)
+    if arch == "batchtopk":
+        assert float(sparse.topk_threshold) == float(dense.topk_threshold) > 0
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_decode_handles_extra_leading_dims(arch):
+    sparse, dense = pair(arch, rescale=True)
+    x = torch.randn(4, 8, D_IN, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(sparse(x), dense(x), **TOL)
+
+
+def test_batchtopk_decode_of_an_all_zero_code_is_the_bias():
+    sparse, _ = pair("batchtopk", rescale=True)
+    out_BD = sparse.decode(torch.zeros(5, D_SAE))
+    torch.testing.assert_close(out_BD, sparse.b_dec.detach().expand(5, D_IN), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["nonzero", "topk"])
+def test_active_latents_lists_each_tokens_nonzeros_and_passes_gradients(method):
+    g = torch.Generator().manual_seed(2)
+    pre_BF = torch.randn(3, 7, 40, generator=g, requires_grad=True)
+    top = pre_BF.topk(5, dim=-1)
+    acts_BF = torch.zeros_like(pre_BF).scatter(-1, top.indices, top.values.relu())
+    idx_BM, vals_BM = active_latents(acts_BF, k=5, method=method)
+    assert idx_BM.shape == vals_BM.shape and idx_BM.shape[:-1] == (3, 7)
+    rebuilt_BF = torch.zeros_like(acts_BF).scatter_add(-1, idx_BM, vals_BM)
+    torch.testing.assert_close(rebuilt_BF, acts_BF, rtol=0, atol=0)
+    weights_BF = torch.randn(3, 7, 40, generator=g)
+    (grad_sparse,) = torch.autograd.grad((rebuilt_BF * weights_BF).sum(), pre_BF, retain_graph=True)
+    (grad_dense,) = torch.autograd.grad((acts_BF * weights_BF).sum(), pre_BF)
+    torch.testing.assert_close(grad_sparse, grad_dense, rtol=0, atol=0)
+
+
+def test_active_latents_pads_uneven_rows_and_empty_codes():
+    acts_BF = torch.tensor([[0.0, 2.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    idx_BM, vals_BM = active_latents(acts_BF)
+    assert idx_BM.tolist() == [[1, 3], [0, 0], [0, 0]]
+    assert vals_BM.tolist() == [[2.0, 3.0], [0.0, 0.0], [1.0, 0.0]]
+    idx_BM, vals_BM = active_latents(torch.zeros(4, 2, 9))
+    assert idx_BM.shape == vals_BM.shape == (4, 2, 0)
+    with pytest.raises(ValueError, match="needs k"):
+        active_latents(acts_BF, method="topk")
+    with pytest.raises(ValueError, match="method"):
+        active_latents(acts_BF, method="dense")  # type: ignore[arg-type]
+
+
+def batches(seed: int = 0, n: int = 64):
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(3 * D_IN, D_IN, generator=g)
+    while True:
+        on = (torch.rand(n, 3 * D_IN, generator=g) < 0.1).float()
+        yield (on * torch.rand(n, 3 * D_IN, generator=g)) @ dirs + 5.0
+
+
+@pytest.mark.parametrize("arch,inference_cls", [("topk", TopKSAE), ("batchtopk", JumpReLUSAE)])
+def test_short_training_run_matches_dense_decode(arch, inference_cls, tmp_path):
+    """30 Adam steps (with dead-latent aux loss) give the same weights either way, and the saved
+    SAE is sae-lens's own inference class, loadable from disk."""
+    results = {}
+    for sparse_decode in (True, False):
+        cfg = TrainConfig(batch_size=64, lr=3e-3, progress=False, dead_feature_window_frac=0.1,
+                          norm_estimate_batches=2, sparse_decode=sparse_decode)
+        results[sparse_decode] = train_sae(arch, D_IN, D_SAE, K, batches(), 30 * 64, cfg)
+    sparse_sae, dense_sae = results[True].sae, results[False].sae
+    assert type(sparse_sae) is type(dense_sae) is inference_cls
+    assert results[True].dead_fraction > 0  # the aux-loss decode ran too
+    assert results[True].l0 == pytest.approx(results[False].l0, abs=1e-3)
+    state_d = dense_sae.state_dict()
+    for name, value in sparse_sae.state_dict().items():
+        torch.testing.assert_close(value, state_d[name], rtol=1e-4, atol=1e-4, msg=name)
+    sparse_sae.save_model(tmp_path)
+    loaded = SAE.load_from_disk(tmp_path)
+    assert type(loaded) is inference_cls
+    x = next(batches(seed=5))
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)),
+                               dense_sae.decode(dense_sae.encode(x)), rtol=1e-4, atol=1e-3)
