@@ -6,7 +6,14 @@ so collecting the fast tests stays quick.
 
 from __future__ import annotations
 
+import os
 import warnings
+
+# Triton reads TRITON_INTERPRET when a kernel module is first imported, and several test modules
+# import saelib.kernels; set it before any of them so the Triton kernels run (interpreted) on CPU
+# tensors in tests/test_kernels.py whatever the collection order. Export TRITON_INTERPRET=0 on a
+# GPU machine to test the compiled kernels instead.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
