@@ -246,6 +246,29 @@ def format_prompt(tokenizer, instruction: str) -> str:
     return PLAIN_FORMAT.format(instruction=instruction)
 
 
+def _tl_config_dict(source: str) -> dict:
+    """TransformerLens's config for ``source``, derived from its ``config.json`` by architecture.
+
+    TransformerLens guesses the architecture from the *name* when it contains 'llama' or 'gemma'
+    and then reads no config at all (a crash, or a built-in config of another size, for a folder
+    such as ``/data/llama-models/x``), so a local folder's ``config.json`` is read from a neutrally
+    named temporary copy.
+    """
+    import tempfile
+
+    from transformer_lens import loading_from_pretrained as loading
+
+    if not Path(source).is_dir():
+        return loading.convert_hf_model_config(source)
+    with tempfile.TemporaryDirectory(prefix="saelib-config-") as tmp:
+        neutral = Path(tmp) / "model"
+        neutral.mkdir()
+        shutil.copy(Path(source) / "config.json", neutral / "config.json")
+        cfg_dict = loading.convert_hf_model_config(str(neutral))
+    cfg_dict["tokenizer_name"] = source
+    return cfg_dict
+
+
 def _tl_from_hf_config(source: str, hf, tokenizer, dtype: torch.dtype, device: str):
     """Build a HookedTransformer for a model TransformerLens has no built-in config for.
 
@@ -256,7 +279,7 @@ def _tl_from_hf_config(source: str, hf, tokenizer, dtype: torch.dtype, device: s
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens import loading_from_pretrained as loading
 
-    cfg_dict = loading.convert_hf_model_config(source)
+    cfg_dict = _tl_config_dict(source)
     cfg_dict.update(dtype=dtype, device=device)
     cfg_dict["n_ctx"] = min(int(cfg_dict.get("n_ctx", 2048)), 8192)
     cfg = HookedTransformerConfig(**cfg_dict)

@@ -43,11 +43,7 @@ def compare(lm, ids_BL: torch.Tensor, layers: list[int]) -> tuple[float, dict[in
 
 @pytest.fixture(scope="module")
 def local_folder(tmp_path_factory):
-    """A random 2-layer Llama and a WordLevel tokenizer saved with ``save_pretrained``.
-
-    The folder name must not contain 'llama' or 'gemma': TransformerLens picks the architecture of
-    a path containing those words from the name alone (see the report on ``_tl_from_hf_config``).
-    """
+    """A random 3-layer Llama and a WordLevel tokenizer saved with ``save_pretrained``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer()
@@ -77,6 +73,20 @@ def test_local_folder_resolves_and_loads_with_matching_logits(local_folder):
     assert scale > 0.1  # the comparison is not between two near-zero tensors
     assert logit_diff < 1e-4 and all(v < 1e-5 for v in resid.values())
     assert lm.load_seconds > 0
+
+
+def test_folder_named_like_a_known_family_still_uses_its_own_config(local_folder, tmp_path_factory):
+    """TransformerLens sniffs 'llama'/'gemma' in a path and then ignores its config.json;
+    ``_tl_config_dict`` reads the config from a neutral name, so the folder's name cannot matter."""
+    import shutil
+
+    named = tmp_path_factory.mktemp("copies") / "my-llama-3-gemma-finetune"
+    shutil.copytree(local_folder, named)
+    lm = load_model(str(named), keep_hf=True)
+    assert (lm.n_layers, lm.d_model) == (3, 32)
+    assert lm.tl.cfg.tokenizer_name == str(named)
+    logit_diff, _ = compare(lm, torch.tensor([[1, 40, 41, 42, 5]]), layers=[])
+    assert logit_diff < 1e-4
 
 
 def test_load_model_without_keep_hf_drops_the_hf_copy(local_folder):
