@@ -291,6 +291,28 @@ def _tl_from_hf_config(source: str, hf, tokenizer, dtype: torch.dtype, device: s
     return model.to(device)
 
 
+#: TransformerLens weights that its forward passes as ``F.linear(x, W.T.contiguous())``.
+_LINEAR_WEIGHTS = ("W_in", "W_gate", "W_out", "W_U")
+
+
+def store_transposed(tl) -> int:
+    """Store each ``_LINEAR_WEIGHTS`` matrix as the transposed view of a contiguous tensor.
+
+    Why: TransformerLens 3.x's gated MLP and unembedding call ``W.T.contiguous()`` on every forward
+    (to match ``nn.Linear``'s numerics), which copies the weight each time: for generation, one
+    token per forward, those copies took more than half the time on this CPU, and Gemma's
+    640 × 262,144 unembedding is 671 MB per copy. With ``W`` a view of a contiguous ``Wᵀ``, the
+    ``.contiguous()`` is free and every value, hence every output, stays bit-identical
+    (tests/test_models.py). Returns how many matrices were re-laid.
+    """
+    n = 0
+    for name, param in tl.named_parameters():
+        if param.dim() == 2 and name.rsplit(".", 1)[-1] in _LINEAR_WEIGHTS and not param.T.is_contiguous():
+            param.data = param.data.T.contiguous().T
+            n += 1
+    return n
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                keep_hf: bool = False) -> LoadedModel:
     """Load ``name`` (packaged key, local folder or hub id) as a HookedTransformer, unprocessed."""
@@ -308,6 +330,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu
         except ValueError:
             tl = _tl_from_hf_config(resolve_hf_source(name), hf, tok, dtype, device)
     tl.eval()
+    store_transposed(tl)
     family = PACKAGED[name].family if name in PACKAGED else getattr(hf.config, "model_type", "unknown")
     loaded = LoadedModel(name=name, tl=tl, tokenizer=tok, family=family,
                          n_layers=tl.cfg.n_layers, d_model=tl.cfg.d_model,

@@ -21,7 +21,7 @@ from saelib.models import (PACKAGED, PLAIN_FORMAT, ModelNotAvailableError, forma
                            resolve_hf_source)
 
 SENTENCE = "The committee met on Tuesday to discuss the new bridge, which opened in 1998."
-#: |TL − HF| on the logits; measured (CPU, float32): gemma-3-270m 5.8e-5, smollm2-135m 8.0e-5.
+#: Max |TL − HF| logit tolerance; measured on SENTENCE (CPU, fp32): gemma 2.3e-5, smollm2 4.3e-5.
 LOGIT_TOL = 1e-3
 
 
@@ -92,6 +92,23 @@ def test_folder_named_like_a_known_family_still_uses_its_own_config(local_folder
 def test_load_model_without_keep_hf_drops_the_hf_copy(local_folder):
     lm = load_model(str(local_folder))
     assert lm.hf is None and not lm.tl.training
+
+
+def test_store_transposed_keeps_outputs_bit_identical_and_skips_the_copies(local_folder):
+    from saelib.models import store_transposed
+
+    lm = load_model(str(local_folder))
+    ids = torch.tensor([[1, 5, 9, 22, 7]])
+    # load_model already re-laid the weights: their transposes are contiguous, and again is a no-op.
+    assert all(p.T.is_contiguous() for n, p in lm.tl.named_parameters()
+               if n.rsplit(".", 1)[-1] in ("W_in", "W_gate", "W_out", "W_U"))
+    assert store_transposed(lm.tl) == 0
+    with torch.no_grad():
+        relaid = lm.tl(ids)
+        for _, p in lm.tl.named_parameters():  # back to TransformerLens's own layout
+            p.data = p.data.contiguous()
+        assert store_transposed(lm.tl) == 3 * 3 + 1  # gate/in/out per block, and W_U
+        assert torch.equal(lm.tl(ids), relaid)
 
 
 def test_format_prompt_without_chat_template_uses_the_plain_format():
