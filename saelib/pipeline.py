@@ -410,3 +410,173 @@ def run_interp(profile: Profile | str, model: str, arch: str, level: int,
     previous = read_json(out / RESULT)
     write_json(out / RESULT, {**previous, "interp": record})
     return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 4: steering utility g(θ) of one SAE
+
+STEER_ROWS = "steering.jsonl"
+
+
+def steer_settings(profile: Profile) -> tuple[Any, Any]:
+    """The profile's validated ``(SteeringConfig, JudgeConfig)`` (protocol §4)."""
+    from .judges.factory import JudgeConfig
+    from .profiles import section_config
+    from .steering.axbench import SteeringConfig
+
+    return (section_config(SteeringConfig, profile, "steering"),
+            section_config(JudgeConfig, profile, "judge"))
+
+
+def _steer_settings_record(config: Any, judge_cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps({"steering": asdict(config), "judge": asdict(judge_cfg)}))
+
+
+def steer_done(profile: Profile, job: SAEJob) -> bool:
+    """Steering has run for this SAE as saved now, on its current AutoInterp concepts, with the
+    profile's current steering/judge settings."""
+    out = sae_dir(profile, job)
+    if not interp_done(profile, job) or not (out / STEER_ROWS).exists():
+        return False
+    steer = read_json(out / RESULT).get("steering")
+    return (bool(steer) and steer.get("sae_sha256") == _sae_weights_sha(profile, job)
+            and steer.get("settings") == _steer_settings_record(*steer_settings(profile)))
+
+
+def steering_concepts(rows: list[dict[str, Any]], concept100: list[int], n: int) -> list[dict[str, Any]]:
+    """The first ``n`` CONCEPT100 latents (in CONCEPT100's seeded order) that have an explanation:
+    each one's AutoInterp row (``latent``, ``explanation``, ``max_act``) is a concept (protocol §4)."""
+    by_latent = {int(r["latent"]): r for r in rows}
+    usable = [by_latent[f] for f in concept100
+              if f in by_latent and by_latent[f].get("explanation") and by_latent[f]["max_act"] > 0]
+    return usable[:n]
+
+
+def prompt_ids(tokenizer, instruction: str) -> list[int]:
+    """The instruction in the model's prompt format (chat template or ``PLAIN_FORMAT``), as token
+    ids starting with the tokenizer's BOS where it has one (as every captured context does)."""
+    from .models import format_prompt
+
+    ids = tokenizer(format_prompt(tokenizer, instruction), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + list(ids)
+
+
+def run_steer(profile: Profile | str, model: str, arch: str, level: int,
+              progress: bool = True) -> dict[str, Any]:
+    """(Or, when done, return the recorded result of) the AxBench steering score g(θ) of one SAE
+    (protocol §4).
+
+    Concepts are the SAE's CONCEPT100 latents with their AutoInterp explanations; each gets
+    ``n_instructions`` seeded instructions (first ``n_select`` select α, the rest are held out) and
+    is steered at every factor in one batched, cached generation pass; the unsteered model answers
+    the same instructions once (the offline judge calibrates on those answers). The profile's judge
+    rates every generation; ``steering.jsonl`` holds each generation with its ratings, and the
+    ``steering`` block of ``result.json`` holds g(θ), α* and the score per concept, costs and
+    provenance.
+    """
+    from .data.instructions import load_instructions, sample_instructions
+    from .judges.base import RatingItem
+    from .judges.factory import make_judge
+    from .models import load_model
+    from .profiles import ProfileError
+    from .results import read_jsonl, write_jsonl
+    from .sae.io import load_sae
+    from .steering.axbench import concept_scores, harmonic_mean, split_of, steering_score
+    from .steering.generate import GenerationConfig, generate, mean_logprob
+    from .steering.intervene import make_hook
+
+    profile = as_profile(profile)
+    entry = profile.model(model)
+    if not 0 <= level < len(profile.grid.targets):
+        raise ProfileError(f"level {level} out of range 0..{len(profile.grid.targets) - 1}")
+    job = SAEJob(entry.name, arch, level)
+    out = sae_dir(profile, job)
+    if steer_done(profile, job):
+        return read_json(out / RESULT)["steering"]
+    if not interp_done(profile, job):
+        raise FileNotFoundError(f"{out}: no AutoInterp result for this SAE; run the interp stage "
+                                f"for {entry.name} {arch} level {level} first")
+    config, judge_cfg = steer_settings(profile)
+    timer = Timer()
+    interp = read_json(out / RESULT)["interp"]
+    concepts = steering_concepts(read_jsonl(out / INTERP_ROWS), list(interp["concept100"]),
+                                 config.n_concepts)
+    partial, reason = False, None
+    if len(concepts) < config.n_concepts:
+        partial = True
+        reason = (f"{len(concepts)} of the {config.n_concepts} requested concepts have an "
+                  f"explanation (CONCEPT100 holds {len(interp['concept100'])})")
+    with timer("load"):
+        lm = load_model(entry.name, device=profile.device)
+        sae = load_sae(out / "sae", device=profile.device)
+        pool = load_instructions(config.instruction_source, config.instruction_field)
+    tok = lm.tokenizer
+    W_dec_FD = sae.W_dec.detach()
+    hook_name = lm.hook_name(entry.layer)
+    stop_ids = sorted({int(i) for i in (tok.eos_token_id, tok.pad_token_id) if i is not None})
+    pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0] if stop_ids else 0)
+    gen_cfg = GenerationConfig(config.max_new_tokens, config.temperature, config.seed,
+                               config.batch_size)
+
+    instructions = {c["latent"]: sample_instructions(pool, config.n_instructions,
+                                                     config.seed, c["latent"]) for c in concepts}
+    distinct = sorted({i for v in instructions.values() for i in v})
+    prompt_of = {i: prompt_ids(tok, i) for i in distinct}
+    with timer("generate_unsteered"):
+        base_ids = generate(lm.tl, [prompt_of[i] for i in distinct], gen_cfg, stop_ids=stop_ids,
+                            pad_id=pad_id, progress=progress, desc="unsteered")
+    unsteered = {i: tok.decode(ids, skip_special_tokens=True) for i, ids in zip(distinct, base_ids)}
+
+    plan = [(c, k, inst, alpha) for c in concepts
+            for k, inst in enumerate(instructions[c["latent"]]) for alpha in config.factors]
+
+    def hooks_for(rows: list[int]):
+        return [(hook_name, make_hook(config.mode, W_dec_FD=W_dec_FD,
+                                      latents_B=[plan[r][0]["latent"] for r in rows],
+                                      max_acts_B=[plan[r][0]["max_act"] for r in rows],
+                                      alphas_B=[plan[r][3] for r in rows], encode=sae.encode))]
+
+    with timer("generate_steered"):
+        steered_ids = generate(lm.tl, [prompt_of[p[2]] for p in plan], gen_cfg, hooks_for=hooks_for,
+                               stop_ids=stop_ids, pad_id=pad_id, progress=progress, desc="steered")
+    outputs = [tok.decode(ids, skip_special_tokens=True) for ids in steered_ids]
+
+    bos = tok.bos_token_id
+    loglik_fn = lambda texts: mean_logprob(  # noqa: E731
+        lm.tl, [tok(t, add_special_tokens=False)["input_ids"] for t in texts], bos,
+        batch_size=config.batch_size, pad_id=pad_id)
+    judge = make_judge(judge_cfg, loglik_fn=loglik_fn)
+    with timer("judge"):
+        judge.calibrate([RatingItem(c["explanation"], i, unsteered[i])
+                         for c in concepts for i in instructions[c["latent"]]])
+        ratings = judge.rate([RatingItem(p[0]["explanation"], p[2], o) for p, o in zip(plan, outputs)])
+    rows = []
+    for (c, k, inst, alpha), ids, text, r in zip(plan, steered_ids, outputs, ratings):
+        rows.append({"latent": c["latent"], "concept": c["explanation"], "max_act": c["max_act"],
+                     "instruction_index": k, "split": split_of(k, config.n_select),
+                     "instruction": inst, "alpha": alpha, "output": text, "new_tokens": len(ids),
+                     "unsteered_output": unsteered[inst], "concept_rating": r.concept,
+                     "instruction_rating": r.instruction, "fluency_rating": r.fluency,
+                     "hm": harmonic_mean(r)})
+    scores = concept_scores(rows) if rows else []
+    g = steering_score(scores)
+    if not concepts:
+        partial, reason = True, "no CONCEPT100 latent has an explanation: nothing to steer"
+    write_jsonl(out / STEER_ROWS, rows)
+    n_new = sum(len(i) for i in steered_ids) + sum(len(i) for i in base_ids)
+    record = {"g": g, "n_concepts": len(scores), "partial": partial, "reason": reason,
+              "concepts": [s.to_json() for s in scores],
+              "alpha_star_counts": {str(a): sum(s.alpha_star == a for s in scores) for a in config.factors},
+              "mean_hm_by_alpha": {str(a): float(np.mean([r["hm"] for r in rows if r["alpha"] == a]))
+                                   for a in config.factors} if rows else {},
+              "generations": len(rows) + len(distinct), "new_tokens": n_new,
+              "judge": judge.name, "judge_usage": asdict(judge.usage),
+              "sae_sha256": _sae_weights_sha(profile, job),
+              "settings": _steer_settings_record(config, judge_cfg), "rows_file": STEER_ROWS,
+              "seconds": sum(timer.timings.values()),
+              "provenance": provenance(None, config.seed, timer.timings, profile=profile.name,
+                                       peak_rss_mb=peak_rss_mb())}
+    previous = read_json(out / RESULT)
+    write_json(out / RESULT, {**previous, "steering": record})
+    return record

@@ -23,3 +23,15 @@ def frontier_plot(table: pd.DataFrame, metric: str = "explained_variance"):
         ax.legend(title="architecture", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def scatter_plot(table: pd.DataFrame, x: str, y: str, xlabel: str | None = None,
+                 ylabel: str | None = None):
+    """One point per SAE, ``y`` against ``x``, coloured by architecture and marked by model (the
+    picture behind a τ_b)."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    sns.scatterplot(data=table, x=x, y=y, hue="arch", style="model", palette=ARCH_PALETTE, s=60, ax=ax)
+    ax.set(xlabel=xlabel or x, ylabel=ylabel or y)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -36,6 +36,7 @@ SECTION_CONFIGS = {
     "training": "saelib.sae.train:TrainConfig",
     "core": "saelib.evals.core:CoreConfig",
     "interp": "saelib.evals.autointerp:AutoInterpConfig",
+    "steering": "saelib.steering.axbench:SteeringConfig",
     "judge": "saelib.judges.factory:JudgeConfig",
     "stats": "saelib.stats:AgreementConfig",
 }

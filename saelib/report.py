@@ -15,13 +15,14 @@ COLUMNS = ["model", "arch", "level", "target_l0", "sparsity_value", "l0", "expla
            "dead_fraction", "ce_loss_recovered", "kl_score", "train_tokens", "train_seconds",
            "peak_rss_mb", "disk_mb"]
 
-#: Columns from the AutoInterp stage (protocol §3), added when at least one SAE has them.
-INTERP_COLUMNS = ["mu", "n_live"]
+#: Columns from the later stages, by ``result.json`` block, added when at least one SAE has them:
+#: AutoInterp μ(θ) and live latents (protocol §3), steering g(θ) (protocol §4).
+STAGE_COLUMNS = {"interp": ["mu", "n_live"], "steering": ["g"]}
 
 
 def sae_table(profile) -> pd.DataFrame:
-    """One row per trained SAE of the profile; ``mu`` (μ(θ)) and ``n_live`` (latents live on the
-    eval corpus) when the interp stage has run for some SAE (empty for the others)."""
+    """One row per trained SAE of the profile, plus ``STAGE_COLUMNS`` (μ(θ), live latents, g(θ))
+    for the stages that have run for some SAE (empty for the others)."""
     profile = as_profile(profile)
     rows = []
     for r in load_results(profile):
@@ -36,13 +37,14 @@ def sae_table(profile) -> pd.DataFrame:
                      "kl_score": core.get("kl_score"), "train_tokens": train["tokens_seen"],
                      "train_seconds": train["seconds"], "peak_rss_mb": train["peak_rss_mb"],
                      "disk_mb": train["disk_bytes"] / 1e6,
-                     **{k: r["interp"].get(k) for k in INTERP_COLUMNS if "interp" in r}})
+                     **{k: r[block].get(k) for block, cols in STAGE_COLUMNS.items()
+                        if block in r for k in cols}})
     if not rows:
         raise FileNotFoundError(f"profile {profile.name!r}: no result.json under {profile.run_root()}; "
                                 f"run `python -m saelib.grid --profile {profile.name}` first")
-    has_interp = any(k in row for row in rows for k in INTERP_COLUMNS)
-    df = pd.DataFrame(rows, columns=COLUMNS + (INTERP_COLUMNS if has_interp else []))
-    if has_interp:
+    extra = [k for cols in STAGE_COLUMNS.values() for k in cols if any(k in row for row in rows)]
+    df = pd.DataFrame(rows, columns=COLUMNS + extra)
+    if "n_live" in df:
         df["n_live"] = df["n_live"].astype("Int64")
     order = {a: i for i, a in enumerate(PAPER_ARCHITECTURES)}
     return df.sort_values(["model", "level", "arch"], key=lambda s: s.map(order) if s.name == "arch" else s,
@@ -67,3 +69,41 @@ def l0_table(table: pd.DataFrame) -> pd.DataFrame:
     out["ratio"] = out["l0"] / out["target_l0"]
     out["within ±25 %"] = out["ratio"].between(0.75, 1.25)
     return out
+
+
+def example_generations(rows: pd.DataFrame, steering: dict, n_concepts: int = 3) -> pd.DataFrame:
+    """The book's example page (protocol §4): for the ``n_concepts`` best-scoring concepts, their
+    first held-out instruction answered unsteered and at the smallest factor, at α* and at the
+    largest factor, with the ratings ``concept/instruction/fluency`` and HM. ``rows`` is the SAE's
+    ``steering.jsonl``, ``steering`` its ``result.json`` block."""
+    best = sorted(steering["concepts"], key=lambda c: (-c["score"], c["latent"]))[:n_concepts]
+    out = []
+    for c in best:
+        mine = rows[(rows["latent"] == c["latent"]) & (rows["split"] == "heldout")]
+        if mine.empty:
+            continue
+        first = mine[mine["instruction_index"] == mine["instruction_index"].min()]
+        alphas = sorted(first["alpha"].unique())
+        base = first.iloc[0]
+        out.append({"concept": base["concept"], "α": "unsteered", "instruction": base["instruction"],
+                    "output": base["unsteered_output"], "ratings C/I/F": "–", "HM": None})
+        for label, alpha in (("smallest", alphas[0]), ("α*", c["alpha_star"]), ("largest", alphas[-1])):
+            r = first[first["alpha"] == alpha].iloc[0]
+            out.append({"concept": base["concept"], "α": f"{alpha:g} ({label})",
+                        "instruction": base["instruction"], "output": r["output"],
+                        "ratings C/I/F": f"{r['concept_rating']}/{r['instruction_rating']}/{r['fluency_rating']}",
+                        "HM": round(float(r["hm"]), 3)})
+    return pd.DataFrame(out, columns=["concept", "α", "instruction", "output", "ratings C/I/F", "HM"])
+
+
+def agreement_table(agreement, paper_table):
+    """An :class:`~saelib.stats.AgreementTable` in the paper's layout (group, n, pairs, τ_b, p, CI)
+    with the paper's value beside ours where it reports one (pooled τ_b and the four Ψ; its
+    per-model τ_b's are for its own models, which this profile does not have)."""
+    frame = agreement.to_frame()
+    paper_psi = {"Ψ_A": paper_table.psi_a, "Ψ_B": paper_table.psi_b, "Ψ_C": paper_table.psi_c,
+                 "Ψ": paper_table.psi}
+    frame["paper τ_b"] = [paper_table.pooled if g == "all" and a == "pooled" else paper_psi.get(g)
+                          for a, g in zip(frame["axis"], frame["group"])]
+    cols = ["axis", "group", "n", "pairs", "tau_b", "p", "ci_low", "ci_high", "paper τ_b", "reason"]
+    return frame[cols].style.format(precision=4, na_rep="–").hide(axis="index")

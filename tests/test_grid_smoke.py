@@ -16,6 +16,7 @@ import pytest
 from saelib import book, pipeline
 from saelib.grid import build_jobs, executed_dir, run_grid
 from saelib.profiles import PAPER_ARCHITECTURES, PARAMS_DIR, RUNS_ENV, load_profile
+from saelib.results import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     assert root == tmp_path / "smoke"
     jobs = build_jobs(profile)
     stages = [j.stage for j in jobs]
-    assert {s: stages.count(s) for s in set(stages)} == {"capture": 1, "train": 5, "interp": 5,
+    assert {s: stages.count(s) for s in set(stages)} == {"capture": 1, "train": 5, "interp": 5, "steer": 5,
                                                          "analysis": 1}
 
     report = run_grid(profile, progress=False)
@@ -56,8 +57,14 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
         assert core["l0"] > 0, r["arch"]
         assert math.isfinite(core["explained_variance"]) and math.isfinite(core["mse"]), r["arch"]
         assert r["provenance"]["seed"] == profile.seed and r["provenance"]["profile"] == "smoke"
+        steer = r["steering"]
+        assert steer["g"] is not None and 0 <= steer["g"] <= 2, r["arch"]
+        rows = read_jsonl(pipeline.sae_dir(profile, pipeline.SAEJob(r["model"], r["arch"], r["level"]))
+                          / pipeline.STEER_ROWS)
+        assert len(rows) == steer["n_concepts"] * 4 * 3 and steer["n_concepts"] >= 1, r["arch"]
+        assert {row["split"] for row in rows} == {"select", "heldout"}
         print(f"{r['arch']:10s} L0 {core['l0']:7.2f}  EV {core['explained_variance']:.3f}  "
-              f"CE rec {core['ce_loss_recovered']:.3f}")
+              f"CE rec {core['ce_loss_recovered']:.3f}  mu {r['interp']['mu']:.3f}  g {steer['g']:.3f}")
     for job in jobs:
         out = job.output(profile)
         assert out.exists(), out
@@ -79,5 +86,5 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     html = summary.read_text()
     for arch in PAPER_ARCHITECTURES:
         assert arch in html, f"{arch} missing from the summary page"
-    for stage in ("train", "interp"):
+    for stage in ("train", "interp", "steer"):
         assert len(list((index.parent / "book" / "executed" / stage).glob("*.html"))) == 5, stage
