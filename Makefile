@@ -41,7 +41,7 @@ test-fast: venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: prepare
-	HF_HUB_OFFLINE=1 $(PY) bench/capture.py
+	for b in bench/*.py; do HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done
 
 clean-book:
 	rm -rf _build book/executed book/generated

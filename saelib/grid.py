@@ -2,7 +2,8 @@
 
 The grid is a DAG of jobs (design.md): prepare → capture ×models → train ×SAEs → interp ×SAEs
 (AutoInterp μ, each after its SAE's training) → steer ×SAEs (AxBench g, each after its SAE's
-AutoInterp, whose explanations are its concepts) → analysis. Each job is one papermill execution of a
+AutoInterp, whose explanations are its concepts) → select ×SAEs (ΔC_k and output score of every
+feature, each after its SAE's training) → analysis. Each job is one papermill execution of a
 parameterised notebook into ``runs/<profile>/executed/<stage>/``, which the book renders.
 Resumable: a job whose outputs are complete (its stage's ``done`` check) and whose executed
 notebook exists is skipped; one failed job does not stop the others (its dependants
@@ -25,7 +26,7 @@ from .profiles import Profile, ProfileError, load_profile
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 #: Stages whose notebook is not named ``<stage>.ipynb``.
-STAGE_NOTEBOOKS = {"interp": "interpretability", "steer": "steering"}
+STAGE_NOTEBOOKS = {"interp": "interpretability", "steer": "steering", "select": "selection"}
 
 
 @dataclass
@@ -66,7 +67,10 @@ def build_jobs(profile: Profile) -> list[Job]:
                         {"profile": profile.name, "model": job.model, "arch": job.arch, "level": job.level},
                         lambda j=job: pipeline.steer_done(profile, j),
                         deps=[f"interp-{slug}-{job.name}"]))
-    sae_names = [j.name for j in jobs if j.stage in ("train", "interp", "steer")]
+        jobs.append(Job(f"select-{slug}-{job.name}", "select",
+                        {"profile": profile.name, "model": job.model, "arch": job.arch, "level": job.level},
+                        lambda j=job: pipeline.select_done(profile, j), deps=[f"{slug}-{job.name}"]))
+    sae_names = [j.name for j in jobs if j.stage in ("train", "interp", "steer", "select")]
     jobs.append(Job("analysis", "analysis", {"profile": profile.name}, lambda: False, deps=sae_names))
     return jobs
 
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m saelib.grid", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="default")
     ap.add_argument("--workers", type=int, default=1, help="notebooks executed at once")
-    ap.add_argument("--only", help="run one stage (capture, train, interp, steer, analysis) or one job by name")
+    ap.add_argument("--only", help="run one stage (capture, train, interp, steer, select, analysis) or one job by name")
     ap.add_argument("--list", action="store_true", help="list the jobs and whether each is done")
     args = ap.parse_args(argv)
     try:

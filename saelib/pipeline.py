@@ -580,3 +580,104 @@ def run_steer(profile: Profile | str, model: str, arch: str, level: int,
     previous = read_json(out / RESULT)
     write_json(out / RESULT, {**previous, "steering": record})
     return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 5: feature selection scores (ΔC_k and the output score) of one SAE
+
+SELECT_SCORES = "selection_scores.json"
+
+
+def select_settings(profile: Profile) -> Any:
+    """The profile's validated ``SelectionConfig`` (protocol §6)."""
+    from .profiles import section_config
+    from .selection.config import SelectionConfig
+
+    return section_config(SelectionConfig, profile, "selection")
+
+
+def select_done(profile: Profile, job: SAEJob) -> bool:
+    """ΔC_k and output scores exist for this SAE as saved now, with the current settings."""
+    out = sae_dir(profile, job)
+    if not train_done(profile, job) or not (out / SELECT_SCORES).exists():
+        return False
+    sel = read_json(out / RESULT).get("selection")
+    return (bool(sel) and sel.get("sae_sha256") == _sae_weights_sha(profile, job)
+            and sel.get("settings") == json.loads(json.dumps(asdict(select_settings(profile)))))
+
+
+def run_select(profile: Profile | str, model: str, arch: str, level: int,
+               progress: bool = True) -> dict[str, Any]:
+    """(Or, when done, return the recorded result of) ΔC_k and Arad et al.'s output score for
+    every feature of one SAE (protocol §6).
+
+    The prefix goes through the model once; each feature is amplified at the last position at
+    the SAE's layer (``selection.variant``) and only that position is recomputed from the next
+    block up (:func:`saelib.selection.amplify.amplified_logits_fast`). ``selection_scores.json``
+    holds ΔC_k, C_k and S_out per latent; the ``selection`` block of ``result.json`` their
+    summary, timings and provenance.
+    """
+    from .models import load_model
+    from .profiles import ProfileError
+    from .sae.io import load_sae
+    from .selection.amplify import amplified_logits_fast, describe, logit_lens_tokens, prefix_state
+    from .selection.confidence import output_score, topk_confidence
+
+    profile = as_profile(profile)
+    entry = profile.model(model)
+    if not 0 <= level < len(profile.grid.targets):
+        raise ProfileError(f"level {level} out of range 0..{len(profile.grid.targets) - 1}")
+    job = SAEJob(entry.name, arch, level)
+    out = sae_dir(profile, job)
+    if select_done(profile, job):
+        return read_json(out / RESULT)["selection"]
+    if not train_done(profile, job):
+        raise FileNotFoundError(f"{out}: no trained SAE here; run the train stage for "
+                                f"{entry.name} {arch} level {level} first")
+    config = select_settings(profile)
+    timer = Timer()
+    with timer("load"):
+        lm = load_model(entry.name, device=profile.device)
+        sae = load_sae(out / "sae", device=profile.device)
+    tok = lm.tokenizer
+    ids = tok(config.prefix, add_special_tokens=False)["input_ids"]
+    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + list(ids)
+    W_dec_FD, b_dec_D = sae.W_dec.detach(), sae.b_dec.detach()
+    n_feat = W_dec_FD.shape[0]
+    with timer("delta_conf"):
+        state = prefix_state(lm.tl, sae.encode, ids, entry.layer)
+        c_base = float(topk_confidence(state.base_logits_V, config.k))
+        c_int, s_out = [], []
+        for s in range(0, n_feat, config.batch_size):  # never all F × V logits at once
+            feats = list(range(s, min(n_feat, s + config.batch_size)))
+            logits_BV = amplified_logits_fast(lm.tl, state, W_dec_FD, b_dec_D, feats, config.alpha,
+                                              config.variant, batch_size=config.batch_size)
+            c_int.append(topk_confidence(logits_BV, config.k))
+            lens = logit_lens_tokens(lm.tl, W_dec_FD[feats], config.lens_top, config.batch_size)
+            s_out.append(output_score(logits_BV, lens))
+    c_int_F = _to_numpy(c_int)
+    delta_F = c_int_F - c_base
+    s_out_F = _to_numpy(s_out)
+    if not (np.isfinite(delta_F).all() and np.isfinite(s_out_F).all()):
+        raise FloatingPointError(f"{out}: non-finite ΔC_k or output score (the amplified forward "
+                                 f"overflowed); lower selection.alpha")
+    write_json(out / SELECT_SCORES, {"latent": list(range(n_feat)), "delta_conf": delta_F.tolist(),
+                                     "c_k": c_int_F.tolist(), "output_score": s_out_F.tolist()})
+    record = {"c_k_base": c_base, "n_features": n_feat,
+              "delta_conf": {"mean": float(delta_F.mean()), "std": float(delta_F.std()),
+                             "min": float(delta_F.min()), "max": float(delta_F.max())},
+              "output_score": {"mean": float(s_out_F.mean()), "max": float(s_out_F.max())},
+              "variant": describe(config.variant), "prefix_tokens": len(ids),
+              "sae_sha256": _sae_weights_sha(profile, job),
+              "settings": json.loads(json.dumps(asdict(config))), "scores_file": SELECT_SCORES,
+              "seconds": sum(timer.timings.values()),
+              "provenance": provenance(None, profile.seed, timer.timings, profile=profile.name,
+                                       peak_rss_mb=peak_rss_mb())}
+    previous = read_json(out / RESULT)
+    write_json(out / RESULT, {**previous, "selection": record})
+    return record
+
+
+def _to_numpy(chunks: list[Any]) -> np.ndarray:
+    """Concatenate 1-D torch chunks into one float64 numpy array."""
+    return np.concatenate([c.detach().cpu().double().numpy() for c in chunks]) if chunks else np.zeros(0)

@@ -35,3 +35,21 @@ def scatter_plot(table: pd.DataFrame, x: str, y: str, xlabel: str | None = None,
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def delta_conf_histograms(scores: pd.DataFrame, tail: float = 0.05):
+    """The paper's Fig. 3: ΔC_k of every feature, one panel per model (all its SAEs pooled), the
+    ``tail`` fraction at each end shaded (the features the quantile tiers would pick).
+    ``scores`` has columns ``model`` and ``delta_conf``."""
+    models = list(dict.fromkeys(scores["model"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        values = scores.loc[scores["model"] == model, "delta_conf"]
+        lo, hi = values.quantile(tail), values.quantile(1 - tail)
+        sns.histplot(values, bins=60, ax=ax, color="tab:gray")
+        ax.axvspan(values.min(), lo, color="tab:blue", alpha=0.15, label=f"lowest {tail:.0%}")
+        ax.axvspan(hi, values.max(), color="tab:red", alpha=0.15, label=f"highest {tail:.0%}")
+        ax.set(xlabel="ΔC_k (amplified − base top-k surprisal)", ylabel="features", title=model)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -37,6 +37,7 @@ SECTION_CONFIGS = {
     "core": "saelib.evals.core:CoreConfig",
     "interp": "saelib.evals.autointerp:AutoInterpConfig",
     "steering": "saelib.steering.axbench:SteeringConfig",
+    "selection": "saelib.selection.config:SelectionConfig",
     "judge": "saelib.judges.factory:JudgeConfig",
     "stats": "saelib.stats:AgreementConfig",
 }

@@ -107,3 +107,21 @@ def agreement_table(agreement, paper_table):
                           for a, g in zip(frame["axis"], frame["group"])]
     cols = ["axis", "group", "n", "pairs", "tau_b", "p", "ci_low", "ci_high", "paper τ_b", "reason"]
     return frame[cols].style.format(precision=4, na_rep="–").hide(axis="index")
+
+
+def delta_conf_scores(profile) -> pd.DataFrame:
+    """Every feature's ΔC_k and output score, one row per (SAE, latent), from the SAEs'
+    ``selection_scores.json`` (protocol §6; the paper's Fig. 3 pools them per model)."""
+    from .pipeline import SELECT_SCORES, SAEJob, sae_dir
+    from .results import read_json
+
+    profile = as_profile(profile)
+    frames = []
+    for r in load_results(profile):
+        path = sae_dir(profile, SAEJob(r["model"], r["arch"], r["level"])) / SELECT_SCORES
+        if "selection" in r and path.exists():
+            scores = pd.DataFrame(read_json(path))
+            scores[["model", "arch", "level"]] = r["model_label"], r["arch"], r["level"]
+            frames.append(scores)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["latent", "delta_conf", "c_k", "output_score", "model", "arch", "level"])

@@ -22,6 +22,7 @@ def test_jobs_form_a_dag_in_order(tmp_path):
     assert len([j for j in jobs if j.stage == "train"]) == 5 * 2
     assert len([j for j in jobs if j.stage == "capture"]) == 1
     assert len([j for j in jobs if j.stage == "steer"]) == 5 * 2
+    assert len([j for j in jobs if j.stage == "select"]) == 5 * 2
     for i, job in enumerate(jobs):
         for dep in job.deps:
             assert names.index(dep) < i, f"{job.name} runs before its dependency {dep}"
@@ -55,12 +56,13 @@ def test_failure_blocks_dependants_only_and_resume_skips_done(tmp_path, monkeypa
     assert list(report.failed) == ["smollm2-135m-instruct-gated-s0"]
     assert "boom" in report.failed["smollm2-135m-instruct-gated-s0"]
     assert report.blocked == ["interp-smollm2-135m-instruct-gated-s0",
-                              "steer-smollm2-135m-instruct-gated-s0", "analysis"]
-    assert len(report.ran) == 13  # capture + 4 trains, their 4 interps and 4 steers; the rest blocked
+                              "steer-smollm2-135m-instruct-gated-s0",
+                              "select-smollm2-135m-instruct-gated-s0", "analysis"]
+    assert len(report.ran) == 17  # capture + 4 trains and their interp, steer, select; the rest blocked
     error_file = grid.executed_dir(profile) / "train" / "smollm2-135m-instruct-gated-s0.error.txt"
     assert "RuntimeError: boom" in error_file.read_text()
 
     ran.clear()
     report2 = grid.run_grid(profile, progress=False)
     assert ran == ["smollm2-135m-instruct-gated-s0"], "a rerun must redo only the unfinished job"
-    assert len(report2.skipped) == 13
+    assert len(report2.skipped) == 17

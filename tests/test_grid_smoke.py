@@ -42,7 +42,7 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     assert root == tmp_path / "smoke"
     jobs = build_jobs(profile)
     stages = [j.stage for j in jobs]
-    assert {s: stages.count(s) for s in set(stages)} == {"capture": 1, "train": 5, "interp": 5, "steer": 5,
+    assert {s: stages.count(s) for s in set(stages)} == {"capture": 1, "train": 5, "interp": 5, "steer": 5, "select": 5,
                                                          "analysis": 1}
 
     report = run_grid(profile, progress=False)
@@ -63,6 +63,9 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
                           / pipeline.STEER_ROWS)
         assert len(rows) == steer["n_concepts"] * 4 * 3 and steer["n_concepts"] >= 1, r["arch"]
         assert {row["split"] for row in rows} == {"select", "heldout"}
+        sel = r["selection"]
+        assert sel["n_features"] == profile.grid.width and math.isfinite(sel["delta_conf"]["std"])
+        assert sel["delta_conf"]["min"] < sel["delta_conf"]["max"], r["arch"]
         print(f"{r['arch']:10s} L0 {core['l0']:7.2f}  EV {core['explained_variance']:.3f}  "
               f"CE rec {core['ce_loss_recovered']:.3f}  mu {r['interp']['mu']:.3f}  g {steer['g']:.3f}")
     for job in jobs:
@@ -86,5 +89,5 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     html = summary.read_text()
     for arch in PAPER_ARCHITECTURES:
         assert arch in html, f"{arch} missing from the summary page"
-    for stage in ("train", "interp", "steer"):
+    for stage in ("train", "interp", "steer", "select"):
         assert len(list((index.parent / "book" / "executed" / stage).glob("*.html"))) == 5, stage

@@ -1,0 +1,37 @@
+"""The profile's ``selection`` section (protocol §6): how features are amplified and scored."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .amplify import VARIANTS
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """ΔC_k and output-score parameters.
+
+    ``prefix``: the neutral prompt whose next-token distribution is read (the paper's "From my
+    experience,"; the model's BOS is put first, as in every captured context). ``k``: top-k size of
+    C_k (paper: 1). ``alpha``: amplification (paper: 10). ``variant``: ``arad`` (default),
+    ``scale`` or ``decode`` (:mod:`saelib.selection.amplify`). ``lens_top``: logit-lens tokens per
+    feature for the output score (Arad et al.: 20). ``batch_size``: features per forward pass.
+    """
+
+    prefix: str = "From my experience,"
+    k: int = 1
+    alpha: float = 10.0
+    variant: str = "arad"
+    lens_top: int = 20
+    batch_size: int = 256
+
+    def validate(self) -> None:
+        if not self.prefix.strip():
+            raise ValueError("prefix is empty")
+        if self.k < 1 or self.lens_top < 1 or self.batch_size < 1:
+            raise ValueError("k, lens_top and batch_size must be >= 1")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be finite and > 0, got {self.alpha}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant {self.variant!r} is unknown; valid: {', '.join(VARIANTS)}")
