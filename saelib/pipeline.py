@@ -65,6 +65,43 @@ def sae_jobs(profile: Profile) -> list[SAEJob]:
             for level in range(len(profile.grid.targets)) for arch in profile.grid.architectures]
 
 
+def resolve_job(profile: Profile | str, model: str, arch: str, level: int
+                ) -> tuple[Profile, ModelEntry, SAEJob, Path]:
+    """The validated profile, model entry, job and SAE folder of one grid cell (every per-SAE
+    stage starts here): an unknown model or a level outside the grid is a ``ProfileError``."""
+    from .profiles import ProfileError
+
+    profile = as_profile(profile)
+    entry = profile.model(model)
+    if not 0 <= level < len(profile.grid.targets):
+        raise ProfileError(f"level {level} out of range 0..{len(profile.grid.targets) - 1}")
+    job = SAEJob(entry.name, arch, level)
+    return profile, entry, job, sae_dir(profile, job)
+
+
+def settings_record(**configs: Any) -> dict[str, Any]:
+    """Stage settings as they read back from JSON (tuples become lists), so a stored record and
+    the profile's current settings compare equal exactly when nothing changed."""
+    return json.loads(json.dumps({name: asdict(cfg) for name, cfg in configs.items()}))
+
+
+def block_is_current(profile: Profile, job: SAEJob, block: str, settings: dict[str, Any],
+                     rows_file: str) -> bool:
+    """A later stage's ``result.json`` block was computed from the SAE as saved now
+    (weights checksum) with ``settings``, and its rows file exists."""
+    out = sae_dir(profile, job)
+    if not train_done(profile, job) or not (out / rows_file).exists():
+        return False
+    record = read_json(out / RESULT).get(block)
+    return (bool(record) and record.get("sae_sha256") == _sae_weights_sha(profile, job)
+            and record.get("settings") == settings)
+
+
+def merge_result(out: Path, block: str, record: dict[str, Any]) -> None:
+    """Write ``record`` as ``block`` of the SAE's ``result.json``, keeping every other key."""
+    write_json(out / RESULT, {**read_json(out / RESULT), block: record})
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -209,14 +246,7 @@ def run_train(profile: Profile | str, model: str, arch: str, level: int,
     from .sae.metrics import reconstruct, reconstruction_metrics
     from .sae.train import TrainConfig, train_sae
 
-    profile = as_profile(profile)
-    entry = profile.model(model)
-    job = SAEJob(entry.name, arch, level)
-    if not 0 <= level < len(profile.grid.targets):
-        from .profiles import ProfileError
-
-        raise ProfileError(f"level {level} out of range 0..{len(profile.grid.targets) - 1}")
-    out = sae_dir(profile, job)
+    profile, entry, job, out = resolve_job(profile, model, arch, level)
     if train_done(profile, job):
         return read_json(out / RESULT)
     timer = Timer()
@@ -303,21 +333,13 @@ def interp_settings(profile: Profile) -> tuple[Any, Any]:
             section_config(JudgeConfig, profile, "judge"))
 
 
-def _settings_record(config: Any, judge_cfg: Any) -> dict[str, Any]:
-    """The settings as they read back from JSON (tuples become lists), so they compare equal."""
-    return json.loads(json.dumps({"interp": asdict(config), "judge": asdict(judge_cfg)}))
-
-
 def interp_done(profile: Profile, job: SAEJob) -> bool:
     """AutoInterp has run for this SAE as it is saved now, with the profile's current
     ``interp``/``judge`` settings: ``result.json`` holds a matching ``interp`` block and
     ``autointerp.jsonl`` exists."""
-    out = sae_dir(profile, job)
-    if not (out / RESULT).exists() or not (out / INTERP_ROWS).exists() or not train_done(profile, job):
-        return False
-    interp = read_json(out / RESULT).get("interp")
-    return (bool(interp) and interp.get("sae_sha256") == _sae_weights_sha(profile, job)
-            and interp.get("settings") == _settings_record(*interp_settings(profile)))
+    config, judge_cfg = interp_settings(profile)
+    return block_is_current(profile, job, "interp", settings_record(interp=config, judge=judge_cfg),
+                            INTERP_ROWS)
 
 
 def special_token_ids(tokenizer) -> list[int]:
@@ -365,16 +387,10 @@ def run_interp(profile: Profile | str, model: str, arch: str, level: int,
     from .evals.windows import EncodedCodes
     from .judges.factory import make_judge
     from .models import resolve_hf_source
-    from .profiles import ProfileError
     from .results import write_jsonl
     from .sae.io import load_sae
 
-    profile = as_profile(profile)
-    entry = profile.model(model)
-    if not 0 <= level < len(profile.grid.targets):
-        raise ProfileError(f"level {level} out of range 0..{len(profile.grid.targets) - 1}")
-    job = SAEJob(entry.name, arch, level)
-    out = sae_dir(profile, job)
+    profile, entry, job, out = resolve_job(profile, model, arch, level)
     if interp_done(profile, job):
         return read_json(out / RESULT)["interp"]
     if not train_done(profile, job):
@@ -402,13 +418,12 @@ def run_interp(profile: Profile | str, model: str, arch: str, level: int,
                              special_ids=special, bos_at_start=True)
     write_jsonl(out / INTERP_ROWS, res.to_jsonl_rows())
     record = {**res.summary(), "sae_sha256": _sae_weights_sha(profile, job),
-              "settings": _settings_record(config, judge_cfg),
+              "settings": settings_record(interp=config, judge=judge_cfg),
               "eval_tokens": int(tokens_NL.size), "rows_file": INTERP_ROWS,
               "seconds": sum(timer.timings.values()),
               "provenance": provenance(None, config.seed, timer.timings, profile=profile.name,
                                        peak_rss_mb=peak_rss_mb())}
-    previous = read_json(out / RESULT)
-    write_json(out / RESULT, {**previous, "interp": record})
+    merge_result(out, "interp", record)
     return record
 
 
@@ -428,19 +443,12 @@ def steer_settings(profile: Profile) -> tuple[Any, Any]:
             section_config(JudgeConfig, profile, "judge"))
 
 
-def _steer_settings_record(config: Any, judge_cfg: Any) -> dict[str, Any]:
-    return json.loads(json.dumps({"steering": asdict(config), "judge": asdict(judge_cfg)}))
-
-
 def steer_done(profile: Profile, job: SAEJob) -> bool:
     """Steering has run for this SAE as saved now, on its current AutoInterp concepts, with the
     profile's current steering/judge settings."""
-    out = sae_dir(profile, job)
-    if not interp_done(profile, job) or not (out / STEER_ROWS).exists():
-        return False
-    steer = read_json(out / RESULT).get("steering")
-    return (bool(steer) and steer.get("sae_sha256") == _sae_weights_sha(profile, job)
-            and steer.get("settings") == _steer_settings_record(*steer_settings(profile)))
+    config, judge_cfg = steer_settings(profile)
+    return interp_done(profile, job) and block_is_current(
+        profile, job, "steering", settings_record(steering=config, judge=judge_cfg), STEER_ROWS)
 
 
 def steering_concepts(rows: list[dict[str, Any]], concept100: list[int], n: int) -> list[dict[str, Any]]:
@@ -479,19 +487,13 @@ def run_steer(profile: Profile | str, model: str, arch: str, level: int,
     from .judges.base import RatingItem
     from .judges.factory import make_judge
     from .models import load_model
-    from .profiles import ProfileError
     from .results import read_jsonl, write_jsonl
     from .sae.io import load_sae
     from .steering.axbench import concept_scores, harmonic_mean, split_of, steering_score
     from .steering.generate import GenerationConfig, generate, mean_logprob
     from .steering.intervene import make_hook
 
-    profile = as_profile(profile)
-    entry = profile.model(model)
-    if not 0 <= level < len(profile.grid.targets):
-        raise ProfileError(f"level {level} out of range 0..{len(profile.grid.targets) - 1}")
-    job = SAEJob(entry.name, arch, level)
-    out = sae_dir(profile, job)
+    profile, entry, job, out = resolve_job(profile, model, arch, level)
     if steer_done(profile, job):
         return read_json(out / RESULT)["steering"]
     if not interp_done(profile, job):
@@ -573,12 +575,11 @@ def run_steer(profile: Profile | str, model: str, arch: str, level: int,
               "generations": len(rows) + len(distinct), "new_tokens": n_new,
               "judge": judge.name, "judge_usage": asdict(judge.usage),
               "sae_sha256": _sae_weights_sha(profile, job),
-              "settings": _steer_settings_record(config, judge_cfg), "rows_file": STEER_ROWS,
+              "settings": settings_record(steering=config, judge=judge_cfg), "rows_file": STEER_ROWS,
               "seconds": sum(timer.timings.values()),
               "provenance": provenance(None, config.seed, timer.timings, profile=profile.name,
                                        peak_rss_mb=peak_rss_mb())}
-    previous = read_json(out / RESULT)
-    write_json(out / RESULT, {**previous, "steering": record})
+    merge_result(out, "steering", record)
     return record
 
 
@@ -598,12 +599,8 @@ def select_settings(profile: Profile) -> Any:
 
 def select_done(profile: Profile, job: SAEJob) -> bool:
     """ΔC_k and output scores exist for this SAE as saved now, with the current settings."""
-    out = sae_dir(profile, job)
-    if not train_done(profile, job) or not (out / SELECT_SCORES).exists():
-        return False
-    sel = read_json(out / RESULT).get("selection")
-    return (bool(sel) and sel.get("sae_sha256") == _sae_weights_sha(profile, job)
-            and sel.get("settings") == json.loads(json.dumps(asdict(select_settings(profile)))))
+    return block_is_current(profile, job, "selection",
+                            settings_record(selection=select_settings(profile)), SELECT_SCORES)
 
 
 def run_select(profile: Profile | str, model: str, arch: str, level: int,
@@ -618,17 +615,11 @@ def run_select(profile: Profile | str, model: str, arch: str, level: int,
     summary, timings and provenance.
     """
     from .models import load_model
-    from .profiles import ProfileError
     from .sae.io import load_sae
     from .selection.amplify import amplified_logits_fast, describe, logit_lens_tokens, prefix_state
     from .selection.confidence import output_score, topk_confidence
 
-    profile = as_profile(profile)
-    entry = profile.model(model)
-    if not 0 <= level < len(profile.grid.targets):
-        raise ProfileError(f"level {level} out of range 0..{len(profile.grid.targets) - 1}")
-    job = SAEJob(entry.name, arch, level)
-    out = sae_dir(profile, job)
+    profile, entry, job, out = resolve_job(profile, model, arch, level)
     if select_done(profile, job):
         return read_json(out / RESULT)["selection"]
     if not train_done(profile, job):
@@ -669,12 +660,11 @@ def run_select(profile: Profile | str, model: str, arch: str, level: int,
               "output_score": {"mean": float(s_out_F.mean()), "max": float(s_out_F.max())},
               "variant": describe(config.variant), "prefix_tokens": len(ids),
               "sae_sha256": _sae_weights_sha(profile, job),
-              "settings": json.loads(json.dumps(asdict(config))), "scores_file": SELECT_SCORES,
+              "settings": settings_record(selection=config), "scores_file": SELECT_SCORES,
               "seconds": sum(timer.timings.values()),
               "provenance": provenance(None, profile.seed, timer.timings, profile=profile.name,
                                        peak_rss_mb=peak_rss_mb())}
-    previous = read_json(out / RESULT)
-    write_json(out / RESULT, {**previous, "selection": record})
+    merge_result(out, "selection", record)
     return record
 
 
