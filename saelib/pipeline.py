@@ -97,9 +97,17 @@ def block_is_current(profile: Profile, job: SAEJob, block: str, settings: dict[s
             and record.get("settings") == settings)
 
 
-def merge_result(out: Path, block: str, record: dict[str, Any]) -> None:
-    """Write ``record`` as ``block`` of the SAE's ``result.json``, keeping every other key."""
+def finish_block(profile: Profile, job: SAEJob, block: str, record: dict[str, Any],
+                 settings: dict[str, Any], seed: int, timings: dict[str, float]) -> dict[str, Any]:
+    """Complete a later stage's record (weights checksum, settings, seconds, provenance) and write
+    it as ``block`` of the SAE's ``result.json``, keeping every other key; return it."""
+    out = sae_dir(profile, job)
+    record = {**record, "sae_sha256": _sae_weights_sha(profile, job), "settings": settings,
+              "seconds": sum(timings.values()),
+              "provenance": provenance(None, seed, timings, profile=profile.name,
+                                       peak_rss_mb=peak_rss_mb())}
     write_json(out / RESULT, {**read_json(out / RESULT), block: record})
+    return record
 
 
 def peak_rss_mb() -> float:
@@ -417,14 +425,9 @@ def run_interp(profile: Profile | str, model: str, arch: str, level: int,
         res = run_autointerp(codes, tokens_NL, lambda t: tok.decode([t]), judge, config,
                              special_ids=special, bos_at_start=True)
     write_jsonl(out / INTERP_ROWS, res.to_jsonl_rows())
-    record = {**res.summary(), "sae_sha256": _sae_weights_sha(profile, job),
-              "settings": settings_record(interp=config, judge=judge_cfg),
-              "eval_tokens": int(tokens_NL.size), "rows_file": INTERP_ROWS,
-              "seconds": sum(timer.timings.values()),
-              "provenance": provenance(None, config.seed, timer.timings, profile=profile.name,
-                                       peak_rss_mb=peak_rss_mb())}
-    merge_result(out, "interp", record)
-    return record
+    record = {**res.summary(), "eval_tokens": int(tokens_NL.size), "rows_file": INTERP_ROWS}
+    return finish_block(profile, job, "interp", record,
+                        settings_record(interp=config, judge=judge_cfg), config.seed, timer.timings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,14 +576,9 @@ def run_steer(profile: Profile | str, model: str, arch: str, level: int,
               "mean_hm_by_alpha": {str(a): float(np.mean([r["hm"] for r in rows if r["alpha"] == a]))
                                    for a in config.factors} if rows else {},
               "generations": len(rows) + len(distinct), "new_tokens": n_new,
-              "judge": judge.name, "judge_usage": asdict(judge.usage),
-              "sae_sha256": _sae_weights_sha(profile, job),
-              "settings": settings_record(steering=config, judge=judge_cfg), "rows_file": STEER_ROWS,
-              "seconds": sum(timer.timings.values()),
-              "provenance": provenance(None, config.seed, timer.timings, profile=profile.name,
-                                       peak_rss_mb=peak_rss_mb())}
-    merge_result(out, "steering", record)
-    return record
+              "judge": judge.name, "judge_usage": asdict(judge.usage), "rows_file": STEER_ROWS}
+    return finish_block(profile, job, "steering", record,
+                        settings_record(steering=config, judge=judge_cfg), config.seed, timer.timings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -659,13 +657,9 @@ def run_select(profile: Profile | str, model: str, arch: str, level: int,
                              "min": float(delta_F.min()), "max": float(delta_F.max())},
               "output_score": {"mean": float(s_out_F.mean()), "max": float(s_out_F.max())},
               "variant": describe(config.variant), "prefix_tokens": len(ids),
-              "sae_sha256": _sae_weights_sha(profile, job),
-              "settings": settings_record(selection=config), "scores_file": SELECT_SCORES,
-              "seconds": sum(timer.timings.values()),
-              "provenance": provenance(None, profile.seed, timer.timings, profile=profile.name,
-                                       peak_rss_mb=peak_rss_mb())}
-    merge_result(out, "selection", record)
-    return record
+              "scores_file": SELECT_SCORES}
+    return finish_block(profile, job, "selection", record, settings_record(selection=config),
+                        profile.seed, timer.timings)
 
 
 def _to_numpy(chunks: list[Any]) -> np.ndarray:
