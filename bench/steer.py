@@ -21,7 +21,7 @@ import torch
 
 from saelib.data.instructions import load_instructions
 from saelib.models import load_model
-from saelib.pipeline import prompt_ids
+from saelib.steering.run import prompt_ids
 from saelib.steering.generate import GenerationConfig, generate
 from saelib.steering.intervene import make_hook
 

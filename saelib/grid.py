@@ -3,7 +3,7 @@
 The grid is a DAG of jobs (design.md): prepare → capture ×models → train ×SAEs → interp ×SAEs
 (AutoInterp μ, each after its SAE's training) → steer ×SAEs (AxBench g, each after its SAE's
 AutoInterp, whose explanations are its concepts) → select ×SAEs (ΔC_k and output score of every
-feature, each after its SAE's training) → analysis. Each job is one papermill execution of a
+feature, then the selected tiers steered against g, each after its SAE's steering) → analysis. Each job is one papermill execution of a
 parameterised notebook into ``runs/<profile>/executed/<stage>/``, which the book renders.
 Resumable: a job whose outputs are complete (its stage's ``done`` check) and whose executed
 notebook exists is skipped; one failed job does not stop the others (its dependants
@@ -69,7 +69,8 @@ def build_jobs(profile: Profile) -> list[Job]:
                         deps=[f"interp-{slug}-{job.name}"]))
         jobs.append(Job(f"select-{slug}-{job.name}", "select",
                         {"profile": profile.name, "model": job.model, "arch": job.arch, "level": job.level},
-                        lambda j=job: pipeline.select_done(profile, j), deps=[f"{slug}-{job.name}"]))
+                        lambda j=job: pipeline.select_done(profile, j),
+                        deps=[f"steer-{slug}-{job.name}"]))
     sae_names = [j.name for j in jobs if j.stage in ("train", "interp", "steer", "select")]
     jobs.append(Job("analysis", "analysis", {"profile": profile.name}, lambda: False, deps=sae_names))
     return jobs

@@ -463,16 +463,6 @@ def steering_concepts(rows: list[dict[str, Any]], concept100: list[int], n: int)
     return usable[:n]
 
 
-def prompt_ids(tokenizer, instruction: str) -> list[int]:
-    """The instruction in the model's prompt format (chat template or ``PLAIN_FORMAT``), as token
-    ids starting with the tokenizer's BOS where it has one (as every captured context does)."""
-    from .models import format_prompt
-
-    ids = tokenizer(format_prompt(tokenizer, instruction), add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + list(ids)
-
-
 def run_steer(profile: Profile | str, model: str, arch: str, level: int,
               progress: bool = True) -> dict[str, Any]:
     """(Or, when done, return the recorded result of) the AxBench steering score g(θ) of one SAE
@@ -486,15 +476,11 @@ def run_steer(profile: Profile | str, model: str, arch: str, level: int,
     ``steering`` block of ``result.json`` holds g(θ), α* and the score per concept, costs and
     provenance.
     """
-    from .data.instructions import load_instructions, sample_instructions
-    from .judges.base import RatingItem
-    from .judges.factory import make_judge
     from .models import load_model
     from .results import read_jsonl, write_jsonl
     from .sae.io import load_sae
-    from .steering.axbench import concept_scores, harmonic_mean, split_of, steering_score
-    from .steering.generate import GenerationConfig, generate, mean_logprob
-    from .steering.intervene import make_hook
+    from .steering.axbench import steering_score
+    from .steering.run import steer_concepts
 
     profile, entry, job, out = resolve_job(profile, model, arch, level)
     if steer_done(profile, job):
@@ -508,75 +494,19 @@ def run_steer(profile: Profile | str, model: str, arch: str, level: int,
     concepts = steering_concepts(read_jsonl(out / INTERP_ROWS), list(interp["concept100"]),
                                  config.n_concepts)
     partial, reason = False, None
-    if len(concepts) < config.n_concepts:
+    if not concepts:
+        partial, reason = True, "no CONCEPT100 latent has an explanation: nothing to steer"
+    elif len(concepts) < config.n_concepts:
         partial = True
         reason = (f"{len(concepts)} of the {config.n_concepts} requested concepts have an "
                   f"explanation (CONCEPT100 holds {len(interp['concept100'])})")
     with timer("load"):
         lm = load_model(entry.name, device=profile.device)
         sae = load_sae(out / "sae", device=profile.device)
-        pool = load_instructions(config.instruction_source, config.instruction_field)
-    tok = lm.tokenizer
-    W_dec_FD = sae.W_dec.detach()
-    hook_name = lm.hook_name(entry.layer)
-    stop_ids = sorted({int(i) for i in (tok.eos_token_id, tok.pad_token_id) if i is not None})
-    pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0] if stop_ids else 0)
-    gen_cfg = GenerationConfig(config.max_new_tokens, config.temperature, config.seed,
-                               config.batch_size)
-
-    instructions = {c["latent"]: sample_instructions(pool, config.n_instructions,
-                                                     config.seed, c["latent"]) for c in concepts}
-    distinct = sorted({i for v in instructions.values() for i in v})
-    prompt_of = {i: prompt_ids(tok, i) for i in distinct}
-    with timer("generate_unsteered"):
-        base_ids = generate(lm.tl, [prompt_of[i] for i in distinct], gen_cfg, stop_ids=stop_ids,
-                            pad_id=pad_id, progress=progress, desc="unsteered")
-    unsteered = {i: tok.decode(ids, skip_special_tokens=True) for i, ids in zip(distinct, base_ids)}
-
-    plan = [(c, k, inst, alpha) for c in concepts
-            for k, inst in enumerate(instructions[c["latent"]]) for alpha in config.factors]
-
-    def hooks_for(rows: list[int]):
-        return [(hook_name, make_hook(config.mode, W_dec_FD=W_dec_FD,
-                                      latents_B=[plan[r][0]["latent"] for r in rows],
-                                      max_acts_B=[plan[r][0]["max_act"] for r in rows],
-                                      alphas_B=[plan[r][3] for r in rows], encode=sae.encode))]
-
-    with timer("generate_steered"):
-        steered_ids = generate(lm.tl, [prompt_of[p[2]] for p in plan], gen_cfg, hooks_for=hooks_for,
-                               stop_ids=stop_ids, pad_id=pad_id, progress=progress, desc="steered")
-    outputs = [tok.decode(ids, skip_special_tokens=True) for ids in steered_ids]
-
-    bos = tok.bos_token_id
-    loglik_fn = lambda texts: mean_logprob(  # noqa: E731
-        lm.tl, [tok(t, add_special_tokens=False)["input_ids"] for t in texts], bos,
-        batch_size=config.batch_size, pad_id=pad_id)
-    judge = make_judge(judge_cfg, loglik_fn=loglik_fn)
-    with timer("judge"):
-        judge.calibrate([RatingItem(c["explanation"], i, unsteered[i])
-                         for c in concepts for i in instructions[c["latent"]]])
-        ratings = judge.rate([RatingItem(p[0]["explanation"], p[2], o) for p, o in zip(plan, outputs)])
-    rows = []
-    for (c, k, inst, alpha), ids, text, r in zip(plan, steered_ids, outputs, ratings):
-        rows.append({"latent": c["latent"], "concept": c["explanation"], "max_act": c["max_act"],
-                     "instruction_index": k, "split": split_of(k, config.n_select),
-                     "instruction": inst, "alpha": alpha, "output": text, "new_tokens": len(ids),
-                     "unsteered_output": unsteered[inst], "concept_rating": r.concept,
-                     "instruction_rating": r.instruction, "fluency_rating": r.fluency,
-                     "hm": harmonic_mean(r)})
-    scores = concept_scores(rows) if rows else []
-    g = steering_score(scores)
-    if not concepts:
-        partial, reason = True, "no CONCEPT100 latent has an explanation: nothing to steer"
-    write_jsonl(out / STEER_ROWS, rows)
-    n_new = sum(len(i) for i in steered_ids) + sum(len(i) for i in base_ids)
-    record = {"g": g, "n_concepts": len(scores), "partial": partial, "reason": reason,
-              "concepts": [s.to_json() for s in scores],
-              "alpha_star_counts": {str(a): sum(s.alpha_star == a for s in scores) for a in config.factors},
-              "mean_hm_by_alpha": {str(a): float(np.mean([r["hm"] for r in rows if r["alpha"] == a]))
-                                   for a in config.factors} if rows else {},
-              "generations": len(rows) + len(distinct), "new_tokens": n_new,
-              "judge": judge.name, "judge_usage": asdict(judge.usage), "rows_file": STEER_ROWS}
+    run = steer_concepts(lm, sae, entry.layer, concepts, config, judge_cfg, timer, progress)
+    write_jsonl(out / STEER_ROWS, run.rows)
+    record = {"g": steering_score(run.scores), "partial": partial, "reason": reason,
+              **run.summary(config.factors), "rows_file": STEER_ROWS}
     return finish_block(profile, job, "steering", record,
                         settings_record(steering=config, judge=judge_cfg), config.seed, timer.timings)
 
@@ -585,6 +515,7 @@ def run_steer(profile: Profile | str, model: str, arch: str, level: int,
 # Stage 5: feature selection scores (ΔC_k and the output score) of one SAE
 
 SELECT_SCORES = "selection_scores.json"
+SELECT_ROWS = "selection_steering.jsonl"
 
 
 def select_settings(profile: Profile) -> Any:
@@ -595,22 +526,39 @@ def select_settings(profile: Profile) -> Any:
     return section_config(SelectionConfig, profile, "selection")
 
 
+def _select_record_settings(profile: Profile) -> dict[str, Any]:
+    """Selection settings, plus the steering and judge settings its tiers are evaluated with."""
+    config = select_settings(profile)
+    if not config.steer_tiers:
+        return settings_record(selection=config)
+    steer_cfg, judge_cfg = steer_settings(profile)
+    return settings_record(selection=config, steering=steer_cfg, judge=judge_cfg)
+
+
 def select_done(profile: Profile, job: SAEJob) -> bool:
-    """ΔC_k and output scores exist for this SAE as saved now, with the current settings."""
-    return block_is_current(profile, job, "selection",
-                            settings_record(selection=select_settings(profile)), SELECT_SCORES)
+    """ΔC_k and output scores (and, with ``steer_tiers``, the tiers' steering) exist for this SAE
+    as saved now, with the current settings."""
+    rows = SELECT_ROWS if select_settings(profile).steer_tiers else SELECT_SCORES
+    return (block_is_current(profile, job, "selection", _select_record_settings(profile), rows)
+            and (not select_settings(profile).steer_tiers or steer_done(profile, job)))
 
 
 def run_select(profile: Profile | str, model: str, arch: str, level: int,
                progress: bool = True) -> dict[str, Any]:
-    """(Or, when done, return the recorded result of) ΔC_k and Arad et al.'s output score for
-    every feature of one SAE (protocol §6).
+    """(Or, when done, return the recorded result of) feature selection for one SAE (protocol §6).
 
-    The prefix goes through the model once; each feature is amplified at the last position at
-    the SAE's layer (``selection.variant``) and only that position is recomputed from the next
-    block up (:func:`saelib.selection.amplify.amplified_logits_fast`). ``selection_scores.json``
-    holds ΔC_k, C_k and S_out per latent; the ``selection`` block of ``result.json`` their
-    summary, timings and provenance.
+    1. ΔC_k and Arad et al.'s output score for every feature: the prefix goes through the model
+       once; each feature is amplified at the last position at the SAE's layer
+       (``selection.variant``) and only that position is recomputed from the next block up
+       (:func:`saelib.selection.amplify.amplified_logits_fast`). ``selection_scores.json`` holds
+       ΔC_k, C_k and S_out per latent.
+    2. With ``steer_tiers``: tiers over the candidate pool (scored latents with an explanation),
+       ΔC_k in both directions and the output-score baseline of each tier's size; every feature of
+       any tier is steered once with the steering stage's evaluator (``selection_steering.jsonl``),
+       a tier's score is the mean of its features' held-out scores (its selection score, the mean
+       of their selection-half scores at α*). The paper's pick (best held-out tier) and the honest
+       pick (tier chosen on the selection half, reported held out) are both recorded with the
+       output-score baseline of the same size and the lifts over g(θ) of the steering stage.
     """
     from .models import load_model
     from .sae.io import load_sae
@@ -620,10 +568,11 @@ def run_select(profile: Profile | str, model: str, arch: str, level: int,
     profile, entry, job, out = resolve_job(profile, model, arch, level)
     if select_done(profile, job):
         return read_json(out / RESULT)["selection"]
-    if not train_done(profile, job):
-        raise FileNotFoundError(f"{out}: no trained SAE here; run the train stage for "
-                                f"{entry.name} {arch} level {level} first")
     config = select_settings(profile)
+    needed, stage = (steer_done, "steer") if config.steer_tiers else (train_done, "train")
+    if not needed(profile, job):
+        raise FileNotFoundError(f"{out}: run the {stage} stage for {entry.name} {arch} level "
+                                f"{level} first (selection {'steers tiers against its g' if config.steer_tiers else 'scores its features'})")
     timer = Timer()
     with timer("load"):
         lm = load_model(entry.name, device=profile.device)
@@ -658,8 +607,62 @@ def run_select(profile: Profile | str, model: str, arch: str, level: int,
               "output_score": {"mean": float(s_out_F.mean()), "max": float(s_out_F.max())},
               "variant": describe(config.variant), "prefix_tokens": len(ids),
               "scores_file": SELECT_SCORES}
-    return finish_block(profile, job, "selection", record, settings_record(selection=config),
+    if config.steer_tiers:
+        record.update(_steer_tiers(profile, entry, job, lm, sae, delta_F, s_out_F, config, timer,
+                                   progress))
+    return finish_block(profile, job, "selection", record, _select_record_settings(profile),
                         profile.seed, timer.timings)
+
+
+def _steer_tiers(profile: Profile, entry: ModelEntry, job: SAEJob, lm, sae, delta_F: np.ndarray,
+                 s_out_F: np.ndarray, config, timer: Timer, progress: bool) -> dict[str, Any]:
+    """Step 2 of :func:`run_select`: build the tiers, steer their features, pick tiers, lifts."""
+    from .results import read_jsonl, write_jsonl
+    from .selection.tiers import (build_tiers, output_score_baselines, pick_best_tier,
+                                  pick_tier_honest, tier_score)
+    from .steering.run import steer_concepts
+
+    out = sae_dir(profile, job)
+    steer_cfg, judge_cfg = steer_settings(profile)
+    pool = [r for r in read_jsonl(out / INTERP_ROWS)
+            if r.get("explanation") and r["max_act"] > 0 and r.get("score") is not None]
+    if not pool:
+        return {"tiers": [], "reason": "no scored latent with an explanation: no candidate pool"}
+    ids = [int(r["latent"]) for r in pool]
+    tiers = build_tiers(delta_F[ids], ids, top_ks=config.top_ks, quantiles=config.quantiles)
+    baselines = output_score_baselines(tiers, s_out_F[ids], ids)
+    by_latent = {int(r["latent"]): r for r in pool}
+    union = list(dict.fromkeys(f for t in (*tiers, *baselines.values()) for f in t.feature_ids))
+    concepts = [{k: by_latent[f][k] for k in ("latent", "explanation", "max_act")} for f in union]
+    run = steer_concepts(lm, sae, entry.layer, concepts, steer_cfg, judge_cfg, timer, progress)
+    write_jsonl(out / SELECT_ROWS, run.rows)
+    held = {s.latent: s.score for s in run.scores}
+    sel = {s.latent: s.select_hm[s.alpha_star] for s in run.scores}
+    all_tiers = {t.name: t for t in (*tiers, *baselines.values())}
+    table = [{"name": t.name, "kind": t.kind, "direction": t.direction, "size": t.size,
+              "features": list(t.feature_ids), "heldout": tier_score(t, held),
+              "selection": tier_score(t, sel)} for t in all_tiers.values()]
+    dc_held = {t.name: tier_score(t, held) for t in tiers}
+    dc_sel = {t.name: tier_score(t, sel) for t in tiers}
+    paper = pick_best_tier(dc_held)
+    honest = pick_tier_honest(dc_sel, dc_held)
+    g_base = read_json(out / RESULT)["steering"]["g"]
+
+    def lift(g: float) -> float | None:
+        return (g - g_base) / g_base * 100.0 if g_base else None
+
+    g_out = tier_score(baselines[paper.name], held)
+    g_out_honest = tier_score(baselines[honest.name], held)
+    return {"g_base": g_base, "n_pool": len(pool), "n_steered": len(union), "tiers": table,
+            "paper": {"tier": paper.name, "g_delta_conf": paper.score, "g_output_score": g_out,
+                      "lift_pct": lift(paper.score), "lift_output_score_pct": lift(g_out)},
+            "honest": {"tier": honest.name, "selection_score": honest.selection_score,
+                       "g_delta_conf": honest.heldout_score, "g_output_score": g_out_honest,
+                       "lift_pct": lift(honest.heldout_score),
+                       "lift_output_score_pct": lift(g_out_honest),
+                       "optimism": honest.optimism},
+            "steering": {k: v for k, v in run.summary(steer_cfg.factors).items() if k != "concepts"},
+            "rows_file": SELECT_ROWS}
 
 
 def _to_numpy(chunks: list[Any]) -> np.ndarray:

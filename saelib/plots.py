@@ -53,3 +53,16 @@ def delta_conf_histograms(scores: pd.DataFrame, tail: float = 0.05):
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def lift_plot(table: pd.DataFrame, column: str = "paper_lift_pct"):
+    """The paper's Fig. 9: each SAE's steering lift after ΔC_k selection, sorted, coloured by
+    architecture (SAEs whose lift is undefined, g(θ) = 0, are left out)."""
+    data = table.dropna(subset=[column]).sort_values(column).reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.25 * len(data) + 2), 3.4))
+    sns.barplot(x=data.index.astype(str), y=data[column], hue=data["arch"], palette=ARCH_PALETTE,
+                dodge=False, ax=ax)
+    ax.set(xlabel="SAEs, sorted by lift", ylabel="lift over no selection (%)", xticklabels=[])
+    ax.axhline(0, color="black", lw=0.8)
+    fig.tight_layout()
+    return fig

@@ -19,6 +19,12 @@ COLUMNS = ["model", "arch", "level", "target_l0", "sparsity_value", "l0", "expla
 #: AutoInterp μ(θ) and live latents (protocol §3), steering g(θ) (protocol §4).
 STAGE_COLUMNS = {"interp": ["mu", "n_live"], "steering": ["g"]}
 
+#: Selection columns (protocol §6), from the ``selection`` block, by the way the tier was picked:
+#: ``paper`` (best held-out tier) and ``honest`` (chosen on the selection half).
+SELECTION_COLUMNS = {f"{way}_{key}": (way, key) for way in ("paper", "honest")
+                     for key in ("tier", "g_delta_conf", "g_output_score", "lift_pct",
+                                 "lift_output_score_pct")}
+
 
 def sae_table(profile) -> pd.DataFrame:
     """One row per trained SAE of the profile, plus ``STAGE_COLUMNS`` (μ(θ), live latents, g(θ))
@@ -38,11 +44,14 @@ def sae_table(profile) -> pd.DataFrame:
                      "train_seconds": train["seconds"], "peak_rss_mb": train["peak_rss_mb"],
                      "disk_mb": train["disk_bytes"] / 1e6,
                      **{k: r[block].get(k) for block, cols in STAGE_COLUMNS.items()
-                        if block in r for k in cols}})
+                        if block in r for k in cols},
+                     **{col: r["selection"][way].get(key) for col, (way, key) in SELECTION_COLUMNS.items()
+                        if way in r.get("selection", {})}})
     if not rows:
         raise FileNotFoundError(f"profile {profile.name!r}: no result.json under {profile.run_root()}; "
                                 f"run `python -m saelib.grid --profile {profile.name}` first")
-    extra = [k for cols in STAGE_COLUMNS.values() for k in cols if any(k in row for row in rows)]
+    extra = [k for k in [*(k for cols in STAGE_COLUMNS.values() for k in cols), *SELECTION_COLUMNS]
+             if any(k in row for row in rows)]
     df = pd.DataFrame(rows, columns=COLUMNS + extra)
     if "n_live" in df:
         df["n_live"] = df["n_live"].astype("Int64")
@@ -125,3 +134,40 @@ def delta_conf_scores(profile) -> pd.DataFrame:
             frames.append(scores)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["latent", "delta_conf", "c_k", "output_score", "model", "arch", "level"])
+
+
+def steering_by_method(table: pd.DataFrame, way: str = "paper") -> pd.DataFrame:
+    """The paper's Table 2: mean steering score per model with no selection (g), the
+    output-score baseline and ΔC_k (tier picked ``way``), the lifts, and the two readings of
+    "ΔC_k over the output score" (:func:`saelib.paper.improvement_over_output_score`) where the
+    denominators are positive. SAEs without a selection result are left out (their count shown)."""
+    from .paper import improvement_over_output_score
+
+    cols = {"g": "no selection", f"{way}_g_output_score": "output score",
+            f"{way}_g_delta_conf": "ΔC_k"}
+    if not set(cols) <= set(table):
+        raise ValueError("no SAE has a selection result yet: run the select jobs of the grid")
+    done = table.dropna(subset=list(cols))
+    means = done.groupby("model")[list(cols)].mean().rename(columns=cols)
+    means["SAEs"] = done.groupby("model").size()
+    if (means["no selection"] > 0).all() and (means["output score"] > 0).all() and len(means):
+        imp = improvement_over_output_score(means["no selection"].to_dict(),
+                                            means["output score"].to_dict(), means["ΔC_k"].to_dict())
+        means["lift ΔC_k (%)"] = pd.Series(dict(imp.lift_delta_ck_pct))
+        means["lift output score (%)"] = pd.Series(dict(imp.lift_output_score_pct))
+        means["ΔC_k vs output score (relative %)"] = pd.Series(dict(imp.relative_gain_pct))
+    return means.reset_index()
+
+
+def paper_table2() -> pd.DataFrame:
+    """The paper's Table 2 in the same layout, for the book to show beside ours."""
+    from .paper import TABLE2, improvement_over_output_score
+
+    t = TABLE2
+    imp = improvement_over_output_score(t.no_selection, t.output_score, t.delta_ck)
+    return pd.DataFrame({"model": list(t.no_selection), "no selection": list(t.no_selection.values()),
+                         "output score": list(t.output_score.values()),
+                         "ΔC_k": list(t.delta_ck.values()),
+                         "lift ΔC_k (%)": list(t.lift_delta_ck_pct.values()),
+                         "lift output score (%)": list(imp.lift_output_score_pct.values()),
+                         "ΔC_k vs output score (relative %)": list(imp.relative_gain_pct.values())})

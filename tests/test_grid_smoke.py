@@ -66,6 +66,10 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
         sel = r["selection"]
         assert sel["n_features"] == profile.grid.width and math.isfinite(sel["delta_conf"]["std"])
         assert sel["delta_conf"]["min"] < sel["delta_conf"]["max"], r["arch"]
+        names = {t["name"] for t in sel["tiers"]}
+        assert {"dC_pos_top1", "dC_neg_top2", "outscore_top2"} <= names, names
+        assert sel["paper"]["tier"] in names and sel["honest"]["tier"] in names
+        assert sel["paper"]["g_delta_conf"] >= sel["honest"]["g_delta_conf"]  # the oracle pick
         print(f"{r['arch']:10s} L0 {core['l0']:7.2f}  EV {core['explained_variance']:.3f}  "
               f"CE rec {core['ce_loss_recovered']:.3f}  mu {r['interp']['mu']:.3f}  g {steer['g']:.3f}")
     for job in jobs:

@@ -1,0 +1,113 @@
+"""One steering evaluation: a set of concepts steered and judged with the AxBench protocol.
+
+Shared by the steering stage (concepts = CONCEPT100 latents, protocol §4) and the selection stage
+(concepts = the features a ΔC_k or output-score tier selects, protocol §6), so both report scores
+from the same evaluator: seeded instructions per concept, the unsteered answers (on which the
+offline judge calibrates), every (concept, instruction, factor) generation in batched cached
+passes, the judge's three ratings, HM, α* on the selection half and the held-out score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .axbench import ConceptScore, SteeringConfig, concept_scores, harmonic_mean, split_of
+
+
+@dataclass
+class SteeringRun:
+    """Every generation with its ratings (``rows``), the per-concept scores, and the costs."""
+
+    rows: list[dict[str, Any]]
+    scores: list[ConceptScore]
+    unsteered_generations: int
+    new_tokens: int
+    judge_name: str
+    judge_usage: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self, factors: Sequence[float]) -> dict[str, Any]:
+        """The scalars a ``result.json`` block records (g is added by the caller)."""
+        return {"n_concepts": len(self.scores), "concepts": [s.to_json() for s in self.scores],
+                "alpha_star_counts": {str(a): sum(s.alpha_star == a for s in self.scores) for a in factors},
+                "mean_hm_by_alpha": {str(a): float(np.mean([r["hm"] for r in self.rows if r["alpha"] == a]))
+                                     for a in factors} if self.rows else {},
+                "generations": len(self.rows) + self.unsteered_generations,
+                "new_tokens": self.new_tokens, "judge": self.judge_name,
+                "judge_usage": self.judge_usage}
+
+
+def prompt_ids(tokenizer, instruction: str) -> list[int]:
+    """The instruction in the model's prompt format (chat template or ``PLAIN_FORMAT``), as token
+    ids starting with the tokenizer's BOS where it has one (as every captured context does)."""
+    from ..models import format_prompt
+
+    ids = tokenizer(format_prompt(tokenizer, instruction), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + list(ids)
+
+
+def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], config: SteeringConfig,
+                   judge_cfg, timer, progress: bool = False) -> SteeringRun:
+    """Steer and judge ``concepts`` (dicts with ``latent``, ``explanation``, ``max_act``) on the
+    loaded model ``lm`` with ``sae``'s decoder at ``layer`` (protocol §4)."""
+    from ..data.instructions import load_instructions, sample_instructions
+    from ..judges.base import RatingItem
+    from ..judges.factory import make_judge
+    from .generate import GenerationConfig, generate, mean_logprob
+    from .intervene import make_hook
+
+    tok = lm.tokenizer
+    W_dec_FD = sae.W_dec.detach()
+    hook_name = lm.hook_name(layer)
+    stop_ids = sorted({int(i) for i in (tok.eos_token_id, tok.pad_token_id) if i is not None})
+    pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0] if stop_ids else 0)
+    gen_cfg = GenerationConfig(config.max_new_tokens, config.temperature, config.seed,
+                               config.batch_size)
+    pool = load_instructions(config.instruction_source, config.instruction_field)
+    instructions = {c["latent"]: sample_instructions(pool, config.n_instructions,
+                                                     config.seed, c["latent"]) for c in concepts}
+    distinct = sorted({i for v in instructions.values() for i in v})
+    prompt_of = {i: prompt_ids(tok, i) for i in distinct}
+    with timer("generate_unsteered"):
+        base_ids = generate(lm.tl, [prompt_of[i] for i in distinct], gen_cfg, stop_ids=stop_ids,
+                            pad_id=pad_id, progress=progress, desc="unsteered")
+    unsteered = {i: tok.decode(ids, skip_special_tokens=True) for i, ids in zip(distinct, base_ids)}
+
+    plan = [(c, k, inst, alpha) for c in concepts
+            for k, inst in enumerate(instructions[c["latent"]]) for alpha in config.factors]
+
+    def hooks_for(rows: list[int]):
+        return [(hook_name, make_hook(config.mode, W_dec_FD=W_dec_FD,
+                                      latents_B=[plan[r][0]["latent"] for r in rows],
+                                      max_acts_B=[plan[r][0]["max_act"] for r in rows],
+                                      alphas_B=[plan[r][3] for r in rows], encode=sae.encode))]
+
+    with timer("generate_steered"):
+        steered_ids = generate(lm.tl, [prompt_of[p[2]] for p in plan], gen_cfg, hooks_for=hooks_for,
+                               stop_ids=stop_ids, pad_id=pad_id, progress=progress, desc="steered")
+    outputs = [tok.decode(ids, skip_special_tokens=True) for ids in steered_ids]
+
+    bos = tok.bos_token_id
+    loglik_fn = lambda texts: mean_logprob(  # noqa: E731
+        lm.tl, [tok(t, add_special_tokens=False)["input_ids"] for t in texts], bos,
+        batch_size=config.batch_size, pad_id=pad_id)
+    judge = make_judge(judge_cfg, loglik_fn=loglik_fn)
+    with timer("judge"):
+        if concepts:
+            judge.calibrate([RatingItem(c["explanation"], i, unsteered[i])
+                             for c in concepts for i in instructions[c["latent"]]])
+        ratings = judge.rate([RatingItem(p[0]["explanation"], p[2], o) for p, o in zip(plan, outputs)])
+    rows = []
+    for (c, k, inst, alpha), ids, text, r in zip(plan, steered_ids, outputs, ratings):
+        rows.append({"latent": c["latent"], "concept": c["explanation"], "max_act": c["max_act"],
+                     "instruction_index": k, "split": split_of(k, config.n_select),
+                     "instruction": inst, "alpha": alpha, "output": text, "new_tokens": len(ids),
+                     "unsteered_output": unsteered[inst], "concept_rating": r.concept,
+                     "instruction_rating": r.instruction, "fluency_rating": r.fluency,
+                     "hm": harmonic_mean(r)})
+    return SteeringRun(rows, concept_scores(rows) if rows else [], len(distinct),
+                       sum(len(i) for i in steered_ids) + sum(len(i) for i in base_ids),
+                       judge.name, asdict(judge.usage))

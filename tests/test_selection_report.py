@@ -1,0 +1,44 @@
+"""Selection settings and the Table 2 layout (protocol §6), on hand-made numbers."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from saelib.report import paper_table2, steering_by_method
+from saelib.selection.config import SelectionConfig
+
+
+def test_selection_config_validation():
+    SelectionConfig().validate()
+    for bad, match in [(dict(variant="clamp"), "variant"), (dict(alpha=0.0), "alpha"),
+                       (dict(top_ks=(0,)), "top_ks"), (dict(quantiles=(1.0,)), "quantiles"),
+                       (dict(top_ks=(), quantiles=()), "at least one tier"), (dict(prefix=" "), "prefix")]:
+        with pytest.raises(ValueError, match=match):
+            SelectionConfig(**bad).validate()
+    SelectionConfig(top_ks=(), quantiles=(), steer_tiers=False).validate()
+
+
+def test_steering_by_method_means_lifts_and_relative_gain():
+    table = pd.DataFrame({
+        "model": ["A", "A", "B", "B", "B"],
+        "g": [0.1, 0.3, 0.2, 0.2, None],
+        "paper_g_output_score": [0.2, 0.4, 0.3, 0.3, 0.5],
+        "paper_g_delta_conf": [0.3, 0.5, 0.4, 0.4, 0.9],
+    })
+    out = steering_by_method(table, "paper").set_index("model")
+    assert out.loc["A", "no selection"] == pytest.approx(0.2)
+    assert out.loc["B", "SAEs"] == 2  # the SAE without g is left out
+    assert out.loc["A", "lift ΔC_k (%)"] == pytest.approx((0.4 - 0.2) / 0.2 * 100)
+    assert out.loc["B", "lift output score (%)"] == pytest.approx(50.0)
+    assert out.loc["A", "ΔC_k vs output score (relative %)"] == pytest.approx((0.4 - 0.3) / 0.3 * 100)
+    with pytest.raises(ValueError, match="no SAE has a selection result"):
+        steering_by_method(table.drop(columns=["paper_g_delta_conf"]))
+
+
+def test_paper_table2_reproduces_the_reported_lifts():
+    t = paper_table2().set_index("model")
+    assert t.loc["Gemma-2-2B", "lift ΔC_k (%)"] == pytest.approx(146.6)
+    mean_lift_gap = (t["lift ΔC_k (%)"] - t["lift output score (%)"]).mean()
+    assert mean_lift_gap == pytest.approx(52.52, abs=0.5)  # the abstract's figure, in points
+    assert t["ΔC_k vs output score (relative %)"].mean() == pytest.approx(30.3, abs=0.5)
