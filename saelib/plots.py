@@ -66,3 +66,59 @@ def lift_plot(table: pd.DataFrame, column: str = "paper_lift_pct"):
     ax.axhline(0, color="black", lw=0.8)
     fig.tight_layout()
     return fig
+
+
+def _methods_long(table: pd.DataFrame, way: str) -> pd.DataFrame:
+    """One row per (SAE, method): steering score with no selection, the output score, ΔC_k."""
+    cols = {"g": "no selection", f"{way}_g_output_score": "output score", f"{way}_g_delta_conf": "ΔC_k"}
+    done = table.dropna(subset=list(cols))
+    return done.melt(id_vars=["model", "arch", "level"], value_vars=list(cols),
+                     var_name="method", value_name="steering score").replace({"method": cols})
+
+
+def steering_by_arch_plot(table: pd.DataFrame, way: str = "paper"):
+    """The paper's Fig. 4: mean steering score per architecture for each selection method, one
+    panel per model."""
+    data = _methods_long(table, way)
+    models = list(dict.fromkeys(data["model"]))
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5 * max(1, len(models)), 3.4),
+                             squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sns.barplot(data=data[data["model"] == model], x="arch", y="steering score", hue="method",
+                    order=[a for a in PAPER_ARCHITECTURES if a in set(data["arch"])], errorbar=None, ax=ax)
+        ax.set(xlabel="architecture", title=model)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def before_after_plot(table: pd.DataFrame, way: str = "paper"):
+    """The paper's Fig. 8: each SAE's steering score before (no selection) and after ΔC_k
+    selection, one line per SAE, one panel per model."""
+    data = _methods_long(table, way)
+    data = data[data["method"].isin(["no selection", "ΔC_k"])]
+    models = list(dict.fromkeys(data["model"]))
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(4.2 * max(1, len(models)), 3.4),
+                             squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sub = data[data["model"] == model]
+        for (arch, level), one in sub.groupby(["arch", "level"]):
+            one = one.set_index("method").loc[["no selection", "ΔC_k"]]
+            ax.plot([0, 1], one["steering score"], marker="o", color=ARCH_PALETTE.get(arch), alpha=0.7)
+        ax.set(xticks=[0, 1], xticklabels=["no selection", "ΔC_k"], ylabel="steering score", title=model)
+    fig.tight_layout()
+    return fig
+
+
+def lift_box_plot(table: pd.DataFrame, column: str = "paper_lift_pct"):
+    """The paper's Fig. 10: the lift after ΔC_k selection by architecture (box plots, points on
+    top), SAEs with an undefined lift left out."""
+    data = table.dropna(subset=[column])
+    order = [a for a in PAPER_ARCHITECTURES if a in set(data["arch"])]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    sns.boxplot(data=data, x="arch", y=column, order=order, palette=ARCH_PALETTE, hue="arch",
+                legend=False, ax=ax)
+    sns.stripplot(data=data, x="arch", y=column, order=order, color="black", size=3, ax=ax)
+    ax.set(xlabel="architecture", ylabel="lift over no selection (%)")
+    fig.tight_layout()
+    return fig
