@@ -3,8 +3,8 @@
 The grid is a DAG of jobs (design.md): prepare → capture ×models → train ×SAEs → interp ×SAEs
 (AutoInterp μ, each after its SAE's training) → steer ×SAEs (AxBench g, each after its SAE's
 AutoInterp, whose explanations are its concepts) → select ×SAEs (ΔC_k and output score of every
-feature, then the selected tiers steered against g, each after its SAE's steering) → analysis. Each job is one papermill execution of a
-parameterised notebook into ``runs/<profile>/executed/<stage>/``, which the book renders.
+feature, then the selected tiers steered against g, each after its SAE's steering) → analysis.
+Each job is one papermill execution of a parameterised notebook into ``runs/<profile>/executed/<stage>/``, which the book renders.
 Resumable: a job whose outputs are complete (its stage's ``done`` check) and whose executed
 notebook exists is skipped; one failed job does not stop the others (its dependants
 are skipped and reported); a summary of failures closes the run.
@@ -54,24 +54,19 @@ def build_jobs(profile: Profile) -> list[Job]:
         slug = pipeline.model_dir(profile, entry).parent.name
         jobs.append(Job(f"capture-{slug}", "capture", {"profile": profile.name, "model": entry.name},
                         lambda e=entry: pipeline.capture_done(profile, e)))
+    #: Per-SAE stages in order: (job-name prefix, stage, "done" check); each depends on the one before.
+    per_sae = [("", "train", pipeline.train_done), ("interp-", "interp", pipeline.interp_done),
+               ("steer-", "steer", pipeline.steer_done), ("select-", "select", pipeline.select_done)]
     for job in pipeline.sae_jobs(profile):
-        entry = profile.model(job.model)
-        slug = pipeline.model_dir(profile, entry).parent.name
-        jobs.append(Job(f"{slug}-{job.name}", "train",
-                        {"profile": profile.name, "model": job.model, "arch": job.arch, "level": job.level},
-                        lambda j=job: pipeline.train_done(profile, j), deps=[f"capture-{slug}"]))
-        jobs.append(Job(f"interp-{slug}-{job.name}", "interp",
-                        {"profile": profile.name, "model": job.model, "arch": job.arch, "level": job.level},
-                        lambda j=job: pipeline.interp_done(profile, j), deps=[f"{slug}-{job.name}"]))
-        jobs.append(Job(f"steer-{slug}-{job.name}", "steer",
-                        {"profile": profile.name, "model": job.model, "arch": job.arch, "level": job.level},
-                        lambda j=job: pipeline.steer_done(profile, j),
-                        deps=[f"interp-{slug}-{job.name}"]))
-        jobs.append(Job(f"select-{slug}-{job.name}", "select",
-                        {"profile": profile.name, "model": job.model, "arch": job.arch, "level": job.level},
-                        lambda j=job: pipeline.select_done(profile, j),
-                        deps=[f"steer-{slug}-{job.name}"]))
-    sae_names = [j.name for j in jobs if j.stage in ("train", "interp", "steer", "select")]
+        slug = pipeline.model_dir(profile, profile.model(job.model)).parent.name
+        params = {"profile": profile.name, "model": job.model, "arch": job.arch, "level": job.level}
+        previous = f"capture-{slug}"
+        for prefix, stage, done in per_sae:
+            name = f"{prefix}{slug}-{job.name}"
+            jobs.append(Job(name, stage, dict(params), lambda j=job, d=done: d(profile, j),
+                            deps=[previous]))
+            previous = name
+    sae_names = [j.name for j in jobs if j.stage in {stage for _, stage, _ in per_sae}]
     jobs.append(Job("analysis", "analysis", {"profile": profile.name}, lambda: False, deps=sae_names))
     return jobs
 
