@@ -173,6 +173,9 @@ def test_looping_unsteered_model_cannot_make_loops_fluent(embed):
 def test_text_helpers():
     assert repetition_rate("The quick brown fox jumps over the lazy dog.") == 0.0
     assert repetition_rate(" the" * 20) == pytest.approx(1 - 1 / 18)
+    # A loop glued into one word piece is caught by the character 8-grams.
+    assert repetition_rate("WLWDWDWDWDWDWDWDWDWDWDWDWDWDWDWD") > 0.8
+    assert repetition_rate("Plants turn sunlight, water and carbon dioxide into sugar and oxygen.") == 0.0
     assert count_term_hits("Two cats, a cat and a category.", ["cat"]) == 2
     assert count_term_hits("x := 1; y := 2", [":="]) == 2
     assert explanation_terms('the tokens "\\u00e9t\\u00e9", " Dog"') == ["été", "dog"]

@@ -49,7 +49,9 @@ Instruction rating (0–2)
 Fluency rating (0–2)
     *Repetition rate* ρ = 1 − distinct/total over the output's word-and-punctuation trigrams
     (unigrams if it has fewer than 6 pieces): 0 for text that never repeats itself, → 1 for one
-    token repeated. 0 if ρ ≥ r₀, 1 if ρ ≥ r₁ (defaults ``repetition`` = (0.25, 0.50) for
+    token repeated; or, if larger, the same rate over character 8-grams of the lowercased text
+    with whitespace runs collapsed (texts of ≥ 16 characters), which catches loops glued into
+    one "word" (a steered model writing "WDWDWDWD…" has one word piece but repeats itself). 0 if ρ ≥ r₀, 1 if ρ ≥ r₁ (defaults ``repetition`` = (0.25, 0.50) for
     (r₁, r₀)). *Likelihood*: if a ``loglik_fn`` is given (the unsteered model's mean per-token
     log-prob of the output), 0 if below l₀, 1 if below l₁ (defaults ``loglik`` = (−4, −6) nats
     for (l₁, l₀)). Fluency = the smaller of the two. An output with no word characters gets 0 on
@@ -172,14 +174,18 @@ def count_term_hits(text: str, terms: Sequence[str]) -> int:
     return sum(len(_term_pattern(t).findall(low)) for t in terms)
 
 
+def _distinct_rate(seq: Sequence, n: int) -> float:
+    grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
 def repetition_rate(text: str) -> float:
-    """1 − distinct/total over word-and-punctuation trigrams (unigrams below 6 pieces)."""
+    """1 − distinct/total over word-and-punctuation trigrams (unigrams below 6 pieces), or over
+    character 8-grams (whitespace collapsed, texts of ≥ 16 characters) if that is larger."""
     pieces = _PIECE.findall(text.lower())
-    if len(pieces) < 2:
-        return 0.0
-    n = 3 if len(pieces) >= 6 else 1
-    grams = [tuple(pieces[i:i + n]) for i in range(len(pieces) - n + 1)]
-    return 1.0 - len(set(grams)) / len(grams)
+    words = _distinct_rate(pieces, 3 if len(pieces) >= 6 else 1) if len(pieces) >= 2 else 0.0
+    chars = " ".join(text.lower().split())
+    return max(words, _distinct_rate(chars, 8) if len(chars) >= 16 else 0.0)
 
 
 def packaged_embedding_path() -> Path:
