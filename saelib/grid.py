@@ -76,7 +76,7 @@ def run_notebook(profile: Profile, job: Job, log_output: bool = False) -> None:
 
     out = job.output(profile)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = out.with_name(f".{out.stem}.partial.ipynb")  # hidden until complete; papermill wants .ipynb
     notebook = NOTEBOOKS / f"{STAGE_NOTEBOOKS.get(job.stage, job.stage)}.ipynb"
     pm.execute_notebook(str(notebook), str(tmp), parameters=job.parameters,
                         kernel_name="python3", progress_bar=False, log_output=log_output,

@@ -55,6 +55,9 @@ def sae_table(profile) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=COLUMNS + extra)
     if "n_live" in df:
         df["n_live"] = df["n_live"].astype("Int64")
+    for col in SELECTION_COLUMNS:  # an undefined lift is None in JSON: NaN here, "–" in tables
+        if col in df and not col.endswith("_tier"):
+            df[col] = pd.to_numeric(df[col]).astype(float)
     order = {a: i for i, a in enumerate(PAPER_ARCHITECTURES)}
     return df.sort_values(["model", "level", "arch"], key=lambda s: s.map(order) if s.name == "arch" else s,
                           ignore_index=True)
