@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from saelib.models import load_model
+from saelib.models import ids_with_bos, load_model
 from saelib.selection.amplify import amplified_logits_fast, amplified_logits_naive, prefix_state
 from saelib.selection.confidence import delta_topk_confidence
 
@@ -52,8 +52,7 @@ def main() -> None:
         W_enc_DF = W_dec_FD.T.clone()
         b_dec_D = torch.zeros(lm.d_model)
         encode = lambda x: torch.relu(x @ W_enc_DF)  # noqa: E731
-    ids = tok(args.prefix, add_special_tokens=False)["input_ids"]
-    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
+    ids = ids_with_bos(tok, args.prefix)
     state = prefix_state(lm.tl, encode, ids, args.layer)
     feats = list(range(args.features))
 

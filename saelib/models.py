@@ -246,6 +246,14 @@ def format_prompt(tokenizer, instruction: str) -> str:
     return PLAIN_FORMAT.format(instruction=instruction)
 
 
+def ids_with_bos(tokenizer, text: str) -> list[int]:
+    """``text`` as token ids starting with the tokenizer's BOS where it has one (as every captured
+    context does); a BOS the text already renders (a chat template's) is not doubled."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + list(ids)
+
+
 def _tl_config_dict(source: str) -> dict:
     """TransformerLens's config for ``source``, derived from its ``config.json`` by architecture.
 

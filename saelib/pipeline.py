@@ -560,7 +560,7 @@ def run_select(profile: Profile | str, model: str, arch: str, level: int,
        pick (tier chosen on the selection half, reported held out) are both recorded with the
        output-score baseline of the same size and the lifts over g(θ) of the steering stage.
     """
-    from .models import load_model
+    from .models import ids_with_bos, load_model
     from .sae.io import load_sae
     from .selection.amplify import amplified_logits_fast, describe, logit_lens_tokens, prefix_state
     from .selection.confidence import output_score, topk_confidence
@@ -577,9 +577,7 @@ def run_select(profile: Profile | str, model: str, arch: str, level: int,
     with timer("load"):
         lm = load_model(entry.name, device=profile.device)
         sae = load_sae(out / "sae", device=profile.device)
-    tok = lm.tokenizer
-    ids = tok(config.prefix, add_special_tokens=False)["input_ids"]
-    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + list(ids)
+    ids = ids_with_bos(lm.tokenizer, config.prefix)
     W_dec_FD, b_dec_D = sae.W_dec.detach(), sae.b_dec.detach()
     n_feat = W_dec_FD.shape[0]
     with timer("delta_conf"):

@@ -29,7 +29,7 @@ Two ways to compute the logits:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -39,13 +39,16 @@ VARIANTS: tuple[str, ...] = ("arad", "scale", "decode")
 @dataclass(frozen=True)
 class PrefixState:
     """What every feature's forward shares: the prefix tokens, the unamplified residual at the
-    last position after block L, the SAE codes there, and the base next-token logits."""
+    last position after block L, the SAE codes there, the base next-token logits, and the keys and
+    values of every block for all prefix positions but the last (frozen; the fast path reuses them
+    for every batch of features)."""
 
     tokens_L: torch.Tensor
     layer: int
     resid_D: torch.Tensor
     codes_F: torch.Tensor
     base_logits_V: torch.Tensor
+    cache: Any
 
 
 def amplify_resid(variant: str, resid_D: torch.Tensor, codes_F: torch.Tensor, W_dec_FD: torch.Tensor,
@@ -65,12 +68,13 @@ def amplify_resid(variant: str, resid_D: torch.Tensor, codes_F: torch.Tensor, W_
 def prefix_state(tl, encode: Callable[[torch.Tensor], torch.Tensor], tokens_L: Sequence[int],
                  layer: int) -> PrefixState:
     """Run the prefix once: its residual after block ``layer`` at the last position, the SAE's
-    codes there and the unamplified next-token logits."""
+    codes there, the unamplified next-token logits and the frozen key/value cache."""
     hook = f"blocks.{layer}.hook_resid_post"
     tokens_1L = torch.as_tensor([list(tokens_L)], dtype=torch.long, device=tl.cfg.device)
     logits, cache = tl.run_with_cache(tokens_1L, names_filter=hook)
     resid_D = cache[hook][0, -1]
-    return PrefixState(tokens_1L[0], layer, resid_D, encode(resid_D[None])[0], logits[0, -1])
+    return PrefixState(tokens_1L[0], layer, resid_D, encode(resid_D[None])[0], logits[0, -1],
+                       _frozen_cache(tl, tokens_1L[0]))
 
 
 @torch.inference_mode()
@@ -122,10 +126,10 @@ def amplified_logits_fast(tl, state: PrefixState, W_dec_FD: torch.Tensor, b_dec_
                           features: Sequence[int], alpha: float, variant: str = "arad",
                           batch_size: int = 256, progress: bool = False) -> torch.Tensor:
     """The same logits as :func:`amplified_logits_naive`, recomputing only the last position from
-    block ``layer + 1`` up, ``batch_size`` features at a time against the prefix's frozen cache."""
+    block ``layer + 1`` up, ``batch_size`` features at a time against the prefix's frozen cache
+    (built once, in :func:`prefix_state`)."""
     from tqdm.auto import tqdm
 
-    base = _frozen_cache(tl, state.tokens_L)
     feats = torch.as_tensor(list(features), dtype=torch.long, device=W_dec_FD.device)
     out = []
     for s in tqdm(range(0, len(feats), batch_size), desc="ΔC_k features", unit="batch",
@@ -134,7 +138,7 @@ def amplified_logits_fast(tl, state: PrefixState, W_dec_FD: torch.Tensor, b_dec_
         new_B1D = amplify_resid(variant, state.resid_D, state.codes_F, W_dec_FD, b_dec_D, f_B,
                                 alpha)[:, None, :].to(state.resid_D.dtype)
         logits_B1V = tl(new_B1D, start_at_layer=state.layer + 1,
-                        past_kv_cache=_expanded(base, len(f_B)))
+                        past_kv_cache=_expanded(state.cache, len(f_B)))
         out.append(logits_B1V[:, -1])
     if not out:
         return torch.empty((0, state.base_logits_V.shape[-1]))

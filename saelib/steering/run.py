@@ -42,11 +42,9 @@ class SteeringRun:
 def prompt_ids(tokenizer, instruction: str) -> list[int]:
     """The instruction in the model's prompt format (chat template or ``PLAIN_FORMAT``), as token
     ids starting with the tokenizer's BOS where it has one (as every captured context does)."""
-    from ..models import format_prompt
+    from ..models import format_prompt, ids_with_bos
 
-    ids = tokenizer(format_prompt(tokenizer, instruction), add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + list(ids)
+    return ids_with_bos(tokenizer, format_prompt(tokenizer, instruction))
 
 
 def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], config: SteeringConfig,
