@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= default
 TORCH_SPEC ?= torch==2.13.0
-WORKERS ?= 1
+WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .PHONY: all venv prepare grid book test test-fast bench clean-book clean

@@ -120,6 +120,7 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
     from tqdm.auto import tqdm
 
     profile = pipeline.as_profile(profile)
+    share_cores(workers)
     report = GridReport()
     t0 = time.perf_counter()
     pipeline.prepare(profile)
@@ -180,6 +181,21 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
                                                   "seconds": report.seconds,
                                                   "provenance": provenance(profile=profile.name)})
     return report
+
+
+def share_cores(workers: int) -> None:
+    """Give each of ``workers`` concurrent notebook kernels an equal share of the CPU cores.
+
+    Why: every kernel's torch would otherwise start one thread per core, and ``workers`` kernels
+    on the same cores oversubscribe them (each matmul's threads wait on the others'). Kernels
+    inherit this process's environment; a value the user set is kept.
+    """
+    import os
+
+    if workers > 1:
+        per = str(max(1, (os.cpu_count() or 1) // workers))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, per)
 
 
 def _timed(fn, *args) -> float:

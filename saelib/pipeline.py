@@ -436,6 +436,12 @@ def run_interp(profile: Profile | str, model: str, arch: str, level: int,
 STEER_ROWS = "steering.jsonl"
 
 
+def unsteered_dir(profile: Profile, entry: ModelEntry) -> Path:
+    """Where the unsteered answers of ``entry``'s model are cached for all its SAEs
+    (:func:`saelib.steering.run.unsteered_answers`)."""
+    return model_dir(profile, entry) / "unsteered"
+
+
 def steer_settings(profile: Profile) -> tuple[Any, Any]:
     """The profile's validated ``(SteeringConfig, JudgeConfig)`` (protocol §4)."""
     from .judges.factory import JudgeConfig
@@ -503,7 +509,8 @@ def run_steer(profile: Profile | str, model: str, arch: str, level: int,
     with timer("load"):
         lm = load_model(entry.name, device=profile.device)
         sae = load_sae(out / "sae", device=profile.device)
-    run = steer_concepts(lm, sae, entry.layer, concepts, config, judge_cfg, timer, progress)
+    run = steer_concepts(lm, sae, entry.layer, concepts, config, judge_cfg, timer, progress,
+                         unsteered_cache=unsteered_dir(profile, entry))
     write_jsonl(out / STEER_ROWS, run.rows)
     record = {"g": steering_score(run.scores), "partial": partial, "reason": reason,
               **run.summary(config.factors), "rows_file": STEER_ROWS}
@@ -632,7 +639,8 @@ def _steer_tiers(profile: Profile, entry: ModelEntry, job: SAEJob, lm, sae, delt
     by_latent = {int(r["latent"]): r for r in pool}
     union = list(dict.fromkeys(f for t in (*tiers, *baselines.values()) for f in t.feature_ids))
     concepts = [{k: by_latent[f][k] for k in ("latent", "explanation", "max_act")} for f in union]
-    run = steer_concepts(lm, sae, entry.layer, concepts, steer_cfg, judge_cfg, timer, progress)
+    run = steer_concepts(lm, sae, entry.layer, concepts, steer_cfg, judge_cfg, timer, progress,
+                         unsteered_cache=unsteered_dir(profile, entry))
     write_jsonl(out / SELECT_ROWS, run.rows)
     held = {s.latent: s.score for s in run.scores}
     sel = {s.latent: s.select_hm[s.alpha_star] for s in run.scores}

@@ -257,3 +257,34 @@ def test_steering_concepts_follow_concept100_order_and_need_an_explanation():
     got = steering_concepts(rows, [9, 1, 7, 4], n=5)
     assert [c["latent"] for c in got] == [1, 4]
     assert [c["latent"] for c in steering_concepts(rows, [9, 1, 7, 4], n=1)] == [1]
+
+
+def test_unsteered_answers_are_cached_per_prompt_and_equal_fresh_ones(tiny_tl, tmp_path, monkeypatch):
+    """The SAEs of one model share the unsteered answers: a second call reads every answer from the
+    cache (no generation), a new prompt is generated alone, a corrupt file is regenerated, and
+    sampled answers (temperature > 0) are never cached."""
+    from types import SimpleNamespace
+
+    import saelib.steering.generate as gen_mod
+    from saelib.steering.run import unsteered_answers
+
+    lm = SimpleNamespace(name="tiny", tl=tiny_tl)
+    ps = prompts(4, seed=7)
+    cfg = GenerationConfig(max_new_tokens=6, batch_size=4)
+    fresh = generate(tiny_tl, ps, cfg)
+    assert unsteered_answers(lm, ps, cfg, stop_ids=(), pad_id=0, cache_dir=tmp_path) == fresh
+    assert len(list(tmp_path.glob("*.json"))) == 4
+
+    calls = []
+    real = gen_mod.generate
+    monkeypatch.setattr(gen_mod, "generate", lambda tl, p, *a, **k: calls.append(len(p)) or real(tl, p, *a, **k))
+    assert unsteered_answers(lm, ps, cfg, stop_ids=(), pad_id=0, cache_dir=tmp_path) == fresh
+    assert calls == []
+    extra = prompts(1, seed=99)
+    sorted(tmp_path.glob("*.json"))[0].write_text("{trunc")
+    out = unsteered_answers(lm, ps + extra, cfg, stop_ids=(), pad_id=0, cache_dir=tmp_path)
+    assert out == fresh + generate(tiny_tl, extra, cfg) and calls == [2]
+
+    sampled = GenerationConfig(max_new_tokens=6, batch_size=4, temperature=1.0)
+    unsteered_answers(lm, ps, sampled, stop_ids=(), pad_id=0, cache_dir=tmp_path / "s")
+    assert not (tmp_path / "s").exists()

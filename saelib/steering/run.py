@@ -47,10 +47,58 @@ def prompt_ids(tokenizer, instruction: str) -> list[int]:
     return ids_with_bos(tokenizer, format_prompt(tokenizer, instruction))
 
 
+def _unsteered_key(model: str, prompt: Sequence[int], cfg) -> str:
+    import hashlib
+    import json
+
+    blob = json.dumps([model, list(prompt), cfg.max_new_tokens, cfg.temperature, cfg.seed])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def unsteered_answers(lm, prompts: Sequence[Sequence[int]], gen_cfg, *, stop_ids, pad_id,
+                      cache_dir=None, progress: bool = False) -> list[list[int]]:
+    """The unsteered model's greedy answers to ``prompts``, read from / written to ``cache_dir``.
+
+    Why a cache: these answers depend on the model, the prompt and the generation settings only,
+    not on the SAE, so the 30 SAEs of a model (steering and selection stages alike) share them
+    instead of regenerating ~40 answers each. One small JSON file per answer, keyed by a hash of
+    (model, prompt ids, max_new_tokens, temperature, seed), written atomically, so concurrent
+    jobs never see half a file. Sampled answers (temperature > 0) depend on their batch and are
+    never cached. A batch-composition change can flip a greedy near-tie token, so a cached answer
+    may differ from a fresh one in rare cases; it is always a real answer of the same model.
+    """
+    from pathlib import Path
+
+    from ..results import CorruptFileError, read_json, write_json
+    from .generate import generate
+
+    use_cache = cache_dir is not None and gen_cfg.temperature == 0
+    keys = [_unsteered_key(getattr(lm, "name", ""), p, gen_cfg) for p in prompts]
+    out: list[list[int] | None] = [None] * len(prompts)
+    if use_cache:
+        for i, k in enumerate(keys):
+            path = Path(cache_dir) / f"{k}.json"
+            if path.exists():
+                try:
+                    out[i] = [int(t) for t in read_json(path)["ids"]]
+                except (CorruptFileError, KeyError, TypeError, ValueError):
+                    out[i] = None  # unreadable: regenerate and overwrite
+    todo = [i for i, o in enumerate(out) if o is None]
+    if todo:
+        fresh = generate(lm.tl, [prompts[i] for i in todo], gen_cfg, stop_ids=stop_ids,
+                         pad_id=pad_id, progress=progress, desc="unsteered")
+        for i, ids in zip(todo, fresh):
+            out[i] = ids
+            if use_cache:
+                write_json(Path(cache_dir) / f"{keys[i]}.json", {"ids": ids})
+    return [o for o in out if o is not None]
+
+
 def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], config: SteeringConfig,
-                   judge_cfg, timer, progress: bool = False) -> SteeringRun:
+                   judge_cfg, timer, progress: bool = False, unsteered_cache=None) -> SteeringRun:
     """Steer and judge ``concepts`` (dicts with ``latent``, ``explanation``, ``max_act``) on the
-    loaded model ``lm`` with ``sae``'s decoder at ``layer`` (protocol §4)."""
+    loaded model ``lm`` with ``sae``'s decoder at ``layer`` (protocol §4). ``unsteered_cache``: a
+    folder shared by the SAEs of one model for the unsteered answers (:func:`unsteered_answers`)."""
     from ..data.instructions import load_instructions, sample_instructions
     from ..judges.base import RatingItem
     from ..judges.factory import make_judge
@@ -70,8 +118,9 @@ def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], conf
     distinct = sorted({i for v in instructions.values() for i in v})
     prompt_of = {i: prompt_ids(tok, i) for i in distinct}
     with timer("generate_unsteered"):
-        base_ids = generate(lm.tl, [prompt_of[i] for i in distinct], gen_cfg, stop_ids=stop_ids,
-                            pad_id=pad_id, progress=progress, desc="unsteered")
+        base_ids = unsteered_answers(lm, [prompt_of[i] for i in distinct], gen_cfg,
+                                     stop_ids=stop_ids, pad_id=pad_id, cache_dir=unsteered_cache,
+                                     progress=progress)
     unsteered = {i: tok.decode(ids, skip_special_tokens=True) for i, ids in zip(distinct, base_ids)}
 
     plan = [(c, k, inst, alpha) for c in concepts
