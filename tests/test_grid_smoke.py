@@ -18,6 +18,8 @@ from saelib.grid import build_jobs, executed_dir, run_grid
 from saelib.profiles import PAPER_ARCHITECTURES, PARAMS_DIR, RUNS_ENV, load_profile
 from saelib.results import read_jsonl
 
+from browser import browser_or_skip  # tests/browser.py (pytest puts tests/ on sys.path)
+
 pytestmark = pytest.mark.slow
 
 
@@ -95,3 +97,12 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
         assert arch in html, f"{arch} missing from the summary page"
     for stage in ("train", "interp", "steer", "select"):
         assert len(list((index.parent / "book" / "executed" / stage).glob("*.html"))) == 5, stage
+
+    # A real browser: every page of the smoke book, served on 127.0.0.1, loads in headless
+    # Chromium with no missing image, broken internal link, script error or traceback.
+    from saelib.browsercheck import check_book
+
+    chromium = browser_or_skip()
+    report = check_book(index.parent, chromium=chromium)
+    assert report.ok, "\n".join(report.problems)
+    assert len(report.pages) >= 22 and sum(p.images for p in report.pages) >= 5
