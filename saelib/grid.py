@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -115,8 +115,16 @@ class GridReport:
 
 
 def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = None,
-             progress: bool = True, force_analysis: bool = True) -> GridReport:
-    """Run (or resume) the whole grid of ``profile``; never raises for a single job's failure."""
+             progress: bool = True, force_analysis: bool = True,
+             scheduler: str | None = None) -> GridReport:
+    """Run (or resume) the whole grid of ``profile`` on Dask; never raises for a single job's failure.
+
+    ``scheduler``: the address of a running Dask scheduler (``tcp://host:8786``; its workers need
+    this repository, its environment and the profile's ``runs/`` folder on a shared file system),
+    e.g. one that dask-jobqueue's ``SLURMCluster`` started (README). Without it, a
+    ``LocalCluster`` with ``workers`` single-threaded workers in this process: each job's work
+    runs in its own papermill kernel (a subprocess), so a worker only waits on it.
+    """
     from tqdm.auto import tqdm
 
     profile = pipeline.as_profile(profile)
@@ -131,9 +139,9 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
     pending = dict(jobs)
     finished: set[str] = set()
     bar = tqdm(total=len(jobs), desc=f"grid {profile.name}", unit="job", disable=not progress)
-    running: dict[Future, Job] = {}
+    running: dict[Any, Job] = {}
 
-    def start_ready(pool: ThreadPoolExecutor) -> None:
+    def start_ready(client, slots: int) -> None:
         for name, job in list(pending.items()):
             deps = [d for d in job.deps if d in jobs]
             if any(d in report.failed or d in report.blocked for d in deps):
@@ -141,7 +149,7 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
                 del pending[name]
                 bar.update(1)
                 continue
-            if all(d in finished for d in deps) and len(running) < workers:
+            if all(d in finished for d in deps) and len(running) < slots:
                 del pending[name]
                 is_done = job.done() and job.output(profile).exists()
                 if is_done and not (job.stage == "analysis" and force_analysis):
@@ -149,16 +157,18 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
                     finished.add(name)
                     bar.update(1)
                     continue
-                running[pool.submit(_timed, run_notebook, profile, job)] = job
+                running[client.submit(_timed, run_notebook, profile, job, key=f"{name}-{time.time_ns()}",
+                                      pure=False)] = job
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        start_ready(pool)
+    with dask_client(workers, scheduler) as client:
+        slots = max(1, workers if scheduler is None else _cluster_threads(client, workers))
+        start_ready(client, slots)
         while running or pending:
             if not running:
-                start_ready(pool)
+                start_ready(client, slots)
                 if not running:
                     break
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            done = _first_completed(list(running))
             for fut in done:
                 job = running.pop(fut)
                 try:
@@ -169,9 +179,9 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
                     report.failed[job.name] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
                     (executed_dir(profile) / job.stage).mkdir(parents=True, exist_ok=True)
                     (executed_dir(profile) / job.stage / f"{job.name}.error.txt").write_text(
-                        traceback.format_exc())
+                        "".join(traceback.format_exception(e)))
                 bar.update(1)
-            start_ready(pool)
+            start_ready(client, slots)
     bar.close()
     report.seconds["total"] = time.perf_counter() - t0
     from .results import provenance, write_json
@@ -179,8 +189,39 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
     write_json(profile.run_root() / "grid.json", {"ran": report.ran, "skipped": report.skipped,
                                                   "failed": report.failed, "blocked": report.blocked,
                                                   "seconds": report.seconds,
+                                                  "engine": "dask " + (scheduler or f"LocalCluster({workers})"),
                                                   "provenance": provenance(profile=profile.name)})
     return report
+
+
+@contextmanager
+def dask_client(workers: int, scheduler: str | None = None):
+    """A Dask client: on ``scheduler`` if given, else on an in-process ``LocalCluster``.
+
+    Why in-process threads (``processes=False``): a job is a papermill run whose kernel is already
+    a separate process; worker processes would only add start-up time and pickling. No dashboard
+    (it would need bokeh and a free port 8787).
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        with Client(scheduler) as client:
+            yield client
+        return
+    with LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        yield client
+
+
+def _cluster_threads(client, default: int) -> int:
+    threads = sum(client.nthreads().values())
+    return threads or default
+
+
+def _first_completed(futures: list) -> list:
+    from distributed import wait as dask_wait
+
+    return list(dask_wait(futures, return_when="FIRST_COMPLETED").done)
 
 
 def share_cores(workers: int) -> None:
@@ -207,7 +248,9 @@ def _timed(fn, *args) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m saelib.grid", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="default")
-    ap.add_argument("--workers", type=int, default=1, help="notebooks executed at once")
+    ap.add_argument("--workers", type=int, default=1, help="notebooks executed at once (LocalCluster workers)")
+    ap.add_argument("--scheduler", help="address of a running Dask scheduler (e.g. a SLURMCluster's); "
+                                        "default: a LocalCluster with --workers workers")
     ap.add_argument("--only", help="run one stage (capture, train, interp, steer, select, analysis) or one job by name")
     ap.add_argument("--list", action="store_true", help="list the jobs and whether each is done")
     args = ap.parse_args(argv)
@@ -221,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             state = "done" if job.done() and job.output(profile).exists() else "todo"
             print(f"{state:5s} {job.stage:9s} {job.name}")
         return 0
-    report = run_grid(profile, workers=args.workers, only=args.only)
+    report = run_grid(profile, workers=args.workers, only=args.only, scheduler=args.scheduler)
     print(f"grid {profile.name}: ran {len(report.ran)}, skipped {len(report.skipped)} (already done), "
           f"failed {len(report.failed)}, blocked {len(report.blocked)}; {report.seconds['total']:.0f} s")
     for name, err in report.failed.items():

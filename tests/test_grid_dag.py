@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import yaml
 
 from saelib import grid, pipeline
@@ -29,18 +31,25 @@ def test_jobs_form_a_dag_in_order(tmp_path):
 
 
 def test_failure_blocks_dependants_only_and_resume_skips_done(tmp_path, monkeypatch):
+    """Through the real Dask LocalCluster. Dask pickles each task, so the fake job records what it
+    ran in a file (a closure's list would be a copy), and a job is done when its marker exists."""
     profile = _profile(tmp_path)
     monkeypatch.setattr(pipeline, "prepare", lambda p: {})
-    ran: list[str] = []
-    done: set[str] = set()
+    log = tmp_path / "ran.txt"
+    marks = tmp_path / "done"
+    marks.mkdir()
 
     def fake_run(profile_, job):
-        ran.append(job.name)
+        with open(log, "a") as f:
+            f.write(job.name + "\n")
         if job.name.endswith("gated-s0"):
             raise RuntimeError("boom")
         job.output(profile_).parent.mkdir(parents=True, exist_ok=True)
         job.output(profile_).write_text("{}")
-        done.add(job.name)
+        (marks / job.name).touch()
+
+    def ran() -> list[str]:
+        return log.read_text().split() if log.exists() else []
 
     monkeypatch.setattr(grid, "run_notebook", fake_run)
     original = grid.build_jobs
@@ -48,21 +57,48 @@ def test_failure_blocks_dependants_only_and_resume_skips_done(tmp_path, monkeypa
     def jobs_with_fake_done(p):
         jobs = original(p)
         for j in jobs:
-            j.done = (lambda name=j.name: name in done)
+            j.done = (lambda name=j.name: (marks / name).exists())
         return jobs
 
     monkeypatch.setattr(grid, "build_jobs", jobs_with_fake_done)
-    report = grid.run_grid(profile, progress=False)
+    report = grid.run_grid(profile, progress=False, workers=2)
     assert list(report.failed) == ["smollm2-135m-instruct-gated-s0"]
     assert "boom" in report.failed["smollm2-135m-instruct-gated-s0"]
     assert report.blocked == ["interp-smollm2-135m-instruct-gated-s0",
                               "steer-smollm2-135m-instruct-gated-s0",
                               "select-smollm2-135m-instruct-gated-s0", "analysis"]
     assert len(report.ran) == 17  # capture + 4 trains and their interp, steer, select; the rest blocked
+    assert sorted(ran()) == sorted([*report.ran, "smollm2-135m-instruct-gated-s0"])
     error_file = grid.executed_dir(profile) / "train" / "smollm2-135m-instruct-gated-s0.error.txt"
     assert "RuntimeError: boom" in error_file.read_text()
+    assert "dask LocalCluster(2)" == json.loads((profile.run_root() / "grid.json").read_text())["engine"]
 
-    ran.clear()
+    log.unlink()
     report2 = grid.run_grid(profile, progress=False)
-    assert ran == ["smollm2-135m-instruct-gated-s0"], "a rerun must redo only the unfinished job"
+    assert ran() == ["smollm2-135m-instruct-gated-s0"], "a rerun must redo only the unfinished job"
     assert len(report2.skipped) == 17
+
+
+def test_the_grid_runs_on_a_running_scheduler_by_address(tmp_path, monkeypatch):
+    """``--scheduler tcp://…``: the same grid on an already running Dask cluster (here a local
+    one; dask-jobqueue's SLURMCluster hands out such an address too)."""
+    from distributed import LocalCluster
+
+    profile = _profile(tmp_path)
+    monkeypatch.setattr(pipeline, "prepare", lambda p: {})
+    marks = tmp_path / "done"
+    marks.mkdir()
+
+    def fake_run(profile_, job):
+        job.output(profile_).parent.mkdir(parents=True, exist_ok=True)
+        job.output(profile_).write_text("{}")
+        (marks / job.name).touch()
+
+    monkeypatch.setattr(grid, "run_notebook", fake_run)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None,
+                      scheduler_port=0, protocol="tcp") as cluster:
+        report = grid.run_grid(profile, progress=False, scheduler=cluster.scheduler_address)
+    assert report.ok and len(report.ran) == len(grid.build_jobs(profile))
+    assert sorted(p.name for p in marks.iterdir()) == sorted(report.ran)
+    engine = json.loads((profile.run_root() / "grid.json").read_text())["engine"]
+    assert engine == f"dask {cluster.scheduler_address}"
