@@ -202,8 +202,12 @@ def dask_client(workers: int, scheduler: str | None = None):
     a separate process; worker processes would only add start-up time and pickling. No dashboard
     (it would need bokeh and a free port 8787).
     """
+    import logging
+
     from distributed import Client, LocalCluster
 
+    # The grid's own progress bar and summary say what happens; Dask's INFO lines would drown them.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     if scheduler:
         with Client(scheduler) as client:
             yield client

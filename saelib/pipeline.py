@@ -212,9 +212,15 @@ def train_done(profile: Profile, job: SAEJob) -> bool:
 
 
 def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int | None = None,
-                   train_cfg=None, heldout=None) -> tuple[float, dict[str, Any]]:
+                   train_cfg=None, heldout=None, train_tokens: int | None = None,
+                   mean_D=None) -> tuple[float, dict[str, Any]]:
     """The knob that targets this level's L0 (protocol §2): k for TopK/BatchTopK, the target L0 for
-    JumpReLU, a calibrated L1 coefficient for ReLU/Gated (or the profile's value uncalibrated)."""
+    JumpReLU, a calibrated L1 coefficient for ReLU/Gated (or the profile's value uncalibrated).
+
+    Calibration probes train on ``train_tokens``, the tokens the final SAE trains on (an L1 SAE's
+    L0 keeps falling as it trains, so shorter probes would overshoot): the cache's token count
+    after BOS positions are dropped, not the corpus's nominal ``train_tokens``, centred with the
+    same ``mean_D``."""
     from .sae.calibrate import CalibrationConfig, calibrate_sparsity
     from .sae.registry import get_arch
 
@@ -230,13 +236,13 @@ def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int |
             raise ProfileError(f"grid.l1.{job.arch} is needed when grid.calibrate is false")
         return float(start[job.level]), {"method": "profile l1 (uncalibrated)"}
     entry = profile.model(job.model)
-    store_tokens = profile.corpus.train_tokens
+    store_tokens = train_tokens if train_tokens is not None else profile.corpus.train_tokens
     res = calibrate_sparsity(
         spec.name, float(target), model=entry.name, layer=entry.layer, d_in=d_in,
         d_sae=profile.grid.width, make_batches=make_batches, probe_tokens=store_tokens,
         cache_path=model_dir(profile, entry) / "calibration.json", train_cfg=train_cfg,
         calib_cfg=CalibrationConfig(initial_l1=float(start[job.level]) if start else 1.0),
-        heldout_acts_ND=heldout, seed=profile.seed)
+        heldout_acts_ND=heldout, seed=profile.seed, mean_D=mean_D)
     return float(res.knob_value), {"method": "calibrated", "trace": res.to_json()}
 
 
@@ -268,7 +274,8 @@ def run_train(profile: Profile | str, model: str, arch: str, level: int,
     make_batches = lambda: train_store.iter_batches(cfg.batch_size, seed=profile.seed,  # noqa: E731
                                                      max_tokens=total)
     with timer("calibrate"):
-        value, how = sparsity_value(profile, job, make_batches, train_store.d_model, cfg, heldout_ND)
+        value, how = sparsity_value(profile, job, make_batches, train_store.d_model, cfg, heldout_ND,
+                                    train_tokens=total, mean_D=mean_D)
     with timer("train"):
         res = train_sae(arch, train_store.d_model, profile.grid.width, value, make_batches(), total,
                         cfg, checkpoint_dir=out / "checkpoints", mean_D=mean_D, seed=profile.seed,
@@ -674,3 +681,78 @@ def _steer_tiers(profile: Profile, entry: ModelEntry, job: SAEJob, lm, sae, delt
 def _to_numpy(chunks: list[Any]) -> np.ndarray:
     """Concatenate 1-D torch chunks into one float64 numpy array."""
     return np.concatenate([c.detach().cpu().double().numpy() for c in chunks]) if chunks else np.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis: the profile's judge against a second back-end on the same steered generations
+
+JUDGE_AGREEMENT = "judge_agreement.json"
+
+
+def run_judge_agreement(profile: Profile | str, progress: bool = False) -> dict[str, Any] | None:
+    """(Or, when current, return the recorded) agreement between the profile's judge and the
+    ``judge_agreement`` section's back-end on a seeded sample of steered generations (protocol §4).
+
+    The first judge's ratings are the ones already in every SAE's ``steering.jsonl``; the second
+    rates the same (concept, instruction, output) items. The record holds the per-kind agreement
+    (exact match, Kendall τ_b), the second judge's unparsable answers, every item with both
+    ratings, the cost and provenance, in ``runs/<profile>/judge_agreement.json``. Returns None when
+    ``n_items`` is 0 or no SAE has steering rows yet.
+    """
+    from dataclasses import replace
+
+    from .judges.agreement import JudgeAgreementConfig, judge_agreement, sample_items
+    from .judges.base import RatingItem, Ratings
+    from .judges.factory import make_judge
+    from .models import resolve_hf_source
+    from .profiles import section_config
+    from .results import provenance, read_jsonl, write_json
+
+    profile = as_profile(profile)
+    cfg = section_config(JudgeAgreementConfig, profile, "judge_agreement")
+    _, judge_cfg = steer_settings(profile)
+    if cfg.n_items == 0:
+        return None
+    rows = []
+    for job in sae_jobs(profile):
+        path = sae_dir(profile, job) / STEER_ROWS
+        if path.exists():
+            rows += [{**r, "sae": f"{job.model}/{job.name}"} for r in read_jsonl(path)]
+    if not rows:
+        return None
+    items = sample_items(rows, cfg.n_items, cfg.seed)
+    keys = [[r["sae"], r["latent"], r["instruction_index"], r["alpha"]] for r in items]
+    settings = settings_record(judge_agreement=cfg, judge=judge_cfg)
+    out = profile.run_root() / JUDGE_AGREEMENT
+    if out.exists():
+        old = read_json(out)
+        if old.get("settings") == settings and old.get("keys") == json.loads(json.dumps(keys)):
+            return old
+    second_cfg = replace(judge_cfg, backend=cfg.backend, max_tokens_rating=cfg.max_tokens,
+                         local_model=resolve_hf_source(cfg.local_model) if cfg.backend == "local"
+                         else judge_cfg.local_model)
+    t0 = time.perf_counter()
+    second = make_judge(second_cfg)
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    theirs = second.rate([RatingItem(r["concept"], r["instruction"], r["output"]) for r in items])
+    rate_s = time.perf_counter() - t1
+    ours = [Ratings(r["concept_rating"], r["instruction_rating"], r["fluency_rating"]) for r in items]
+    name_a = judge_cfg.backend
+    name_b = f"{cfg.backend} ({cfg.local_model})" if cfg.backend == "local" else f"{cfg.backend} ({judge_cfg.model})"
+    report = judge_agreement(ours, theirs, name_a, name_b)
+    usage = asdict(second.usage)
+    record = {**report.to_dict(), "n_items": len(items), "n_pool": len(rows),
+              "unparsable_ratings": usage.get("extra", {}).get("unparsable_ratings"),
+              "ratings_requested": 3 * len(items), "judge_usage": usage,
+              "items": [{"sae": r["sae"], "latent": r["latent"], "alpha": r["alpha"],
+                         "concept": r["concept"], "output": r["output"],
+                         name_a: [a.concept, a.instruction, a.fluency],
+                         name_b: [b.concept, b.instruction, b.fluency]}
+                        for r, a, b in zip(items, ours, theirs)],
+              "keys": keys, "settings": settings, "seconds": load_s + rate_s,
+              "items_per_s": len(items) / max(rate_s, 1e-9),
+              "provenance": provenance(settings, cfg.seed, {"load": load_s, "rate": rate_s},
+                                       profile=profile.name)}
+    write_json(out, record)
+    return record

@@ -40,6 +40,7 @@ SECTION_CONFIGS = {
     "selection": "saelib.selection.config:SelectionConfig",
     "judge": "saelib.judges.factory:JudgeConfig",
     "stats": "saelib.stats:AgreementConfig",
+    "judge_agreement": "saelib.judges.agreement:JudgeAgreementConfig",
 }
 
 
@@ -167,6 +168,7 @@ class Profile:
     selection: dict[str, Any] = field(default_factory=dict)
     judge: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    judge_agreement: dict[str, Any] = field(default_factory=dict)
     runs_dir: str = "runs"
     device: str = "cpu"
 

@@ -70,3 +70,42 @@ def judge_agreement(ratings_a: Sequence[Ratings], ratings_b: Sequence[Ratings],
     per_kind = {k: agreement_on([getattr(r, k) for r in ratings_a],
                                 [getattr(r, k) for r in ratings_b], k) for k in RATING_KINDS}
     return AgreementReport(judge_a, judge_b, per_kind)
+
+
+@dataclass(frozen=True)
+class JudgeAgreementConfig:
+    """Profile section ``judge_agreement``: the profile's judge against a second back-end on the same
+    steered generations (protocol §4; the book's "Judge agreement" section).
+
+    ``n_items`` generations are drawn (seeded by ``seed``) from all SAEs' ``steering.jsonl``; the
+    profile's own ratings are already there, and ``backend`` (``local``: a chat model on this
+    machine, ``local_model`` a packaged name, folder or hub id; or ``openai``, with the judge
+    section's server settings) rates them again. ``max_tokens`` caps each answer of the second
+    judge (AxBench lets the judge reason first; 512 tokens on two CPU cores would take minutes per
+    item). ``n_items: 0`` skips the comparison, and the book says so.
+    """
+
+    n_items: int = 0
+    backend: str = "local"
+    local_model: str = "smollm2-135m-instruct"
+    max_tokens: int = 96
+    seed: int = 0
+
+    def validate(self) -> "JudgeAgreementConfig":
+        if isinstance(self.n_items, bool) or not isinstance(self.n_items, int) or self.n_items < 0:
+            raise ValueError(f"n_items must be a non-negative integer, got {self.n_items!r}")
+        if self.backend not in ("local", "openai"):
+            raise ValueError(f"backend must be 'local' or 'openai', got {self.backend!r}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        return self
+
+
+def sample_items(rows: Sequence[dict], n: int, seed: int) -> list[dict]:
+    """``n`` rows drawn without replacement with a seeded generator, in their original order."""
+    import numpy as np
+
+    if n >= len(rows):
+        return list(rows)
+    idx = np.sort(np.random.default_rng(seed).choice(len(rows), size=n, replace=False))
+    return [rows[int(i)] for i in idx]

@@ -122,9 +122,11 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _train_fingerprint(cfg: TrainConfig, d_in: int, seed: int) -> dict[str, Any]:
+def _train_fingerprint(cfg: TrainConfig, d_in: int, seed: int,
+                       mean_D: torch.Tensor | None = None) -> dict[str, Any]:
     skip = {"progress", "checkpoint_every"}
-    return {"d_in": d_in, "seed": seed,
+    mean = None if mean_D is None else float(torch.as_tensor(mean_D).double().norm())
+    return {"d_in": d_in, "seed": seed, "mean_norm": mean,
             **{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip}}
 
 
@@ -195,7 +197,7 @@ def calibrate_sparsity(arch: str, target_l0: float, *, model: str, layer: int, d
                        train_cfg: TrainConfig | None = None,
                        calib_cfg: CalibrationConfig | None = None,
                        heldout_acts_ND: torch.Tensor | None = None,
-                       seed: int = 0) -> CalibrationResult:
+                       seed: int = 0, mean_D: torch.Tensor | None = None) -> CalibrationResult:
     """The sparsity value to pass to :func:`~saelib.sae.train.train_sae` for ``target_l0``.
 
     Args:
@@ -204,6 +206,9 @@ def calibrate_sparsity(arch: str, target_l0: float, *, model: str, layer: int, d
             given λ drifts with the budget. Use the final budget to calibrate exactly.
         heldout_acts_ND: when given, realised L0 is measured on it (inference SAE); otherwise on
             the last training batches.
+        mean_D: the activation mean the final training centres with; probes must train exactly as
+            the final SAE will (same data, seed, centring), or the final L0 misses the band the
+            probe found (measured: a Gated smoke SAE at L0 7.0 for a probe's 10).
 
     TopK/BatchTopK need no search: the knob is k = target, returned without training.
     """
@@ -224,7 +229,7 @@ def calibrate_sparsity(arch: str, target_l0: float, *, model: str, layer: int, d
                                  within_band=True, band=band)
 
     path = Path(cache_path) if cache_path is not None else None
-    fingerprint = _train_fingerprint(tcfg, d_in, seed)
+    fingerprint = _train_fingerprint(tcfg, d_in, seed, mean_D)
     if path is not None:
         with _locked(path):
             cache = _read_cache(path)
@@ -237,7 +242,7 @@ def calibrate_sparsity(arch: str, target_l0: float, *, model: str, layer: int, d
     def measure(knob: float) -> Probe:
         t0 = time.perf_counter()
         res = train_sae(spec.name, d_in, d_sae, knob, make_batches(), probe_tokens, tcfg,
-                        seed=seed)
+                        mean_D=mean_D, seed=seed)
         if heldout_acts_ND is not None:
             m = reconstruction_metrics(res.sae, heldout_acts_ND)
             l0, ev = m.l0, m.explained_variance
