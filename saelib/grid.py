@@ -27,6 +27,8 @@ from .profiles import Profile, ProfileError, load_profile
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 #: Stages whose notebook is not named ``<stage>.ipynb``.
 STAGE_NOTEBOOKS = {"interp": "interpretability", "steer": "steering", "select": "selection"}
+#: Stages that summarise all SAEs: always re-rendered (cheap; they read every result.json).
+SUMMARY_STAGES = ("analysis", "observations")
 
 
 @dataclass
@@ -68,6 +70,8 @@ def build_jobs(profile: Profile) -> list[Job]:
             previous = name
     sae_names = [j.name for j in jobs if j.stage in {stage for _, stage, _ in per_sae}]
     jobs.append(Job("analysis", "analysis", {"profile": profile.name}, lambda: False, deps=sae_names))
+    jobs.append(Job("observations", "observations", {"profile": profile.name}, lambda: False,
+                    deps=sae_names))
     return jobs
 
 
@@ -152,7 +156,7 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
             if all(d in finished for d in deps) and len(running) < slots:
                 del pending[name]
                 is_done = job.done() and job.output(profile).exists()
-                if is_done and not (job.stage == "analysis" and force_analysis):
+                if is_done and not (job.stage in SUMMARY_STAGES and force_analysis):
                     report.skipped.append(name)
                     finished.add(name)
                     bar.update(1)
@@ -186,9 +190,23 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
     report.seconds["total"] = time.perf_counter() - t0
     from .results import provenance, write_json
 
-    write_json(profile.run_root() / "grid.json", {"ran": report.ran, "skipped": report.skipped,
+    record_path = profile.run_root() / "grid.json"
+    # Wall seconds of the latest successful execution of every job, across resumed runs (a
+    # resumed run skips finished jobs; their times from earlier runs stay): the book's cost table.
+    job_seconds = {}
+    if record_path.exists():
+        from .results import CorruptFileError, read_json
+
+        try:
+            old = read_json(record_path)
+            job_seconds = dict(old.get("job_seconds") or {k: v for k, v in old.get("seconds", {}).items()
+                                                          if k not in ("prepare", "total")})
+        except (CorruptFileError, AttributeError):
+            job_seconds = {}
+    job_seconds.update({k: v for k, v in report.seconds.items() if k in report.ran})
+    write_json(record_path, {"ran": report.ran, "skipped": report.skipped,
                                                   "failed": report.failed, "blocked": report.blocked,
-                                                  "seconds": report.seconds,
+                                                  "seconds": report.seconds, "job_seconds": job_seconds,
                                                   "engine": "dask " + (scheduler or f"LocalCluster({workers})"),
                                                   "provenance": provenance(profile=profile.name)})
     return report

@@ -66,7 +66,7 @@ def test_failure_blocks_dependants_only_and_resume_skips_done(tmp_path, monkeypa
     assert "boom" in report.failed["smollm2-135m-instruct-gated-s0"]
     assert report.blocked == ["interp-smollm2-135m-instruct-gated-s0",
                               "steer-smollm2-135m-instruct-gated-s0",
-                              "select-smollm2-135m-instruct-gated-s0", "analysis"]
+                              "select-smollm2-135m-instruct-gated-s0", "analysis", "observations"]
     assert len(report.ran) == 17  # capture + 4 trains and their interp, steer, select; the rest blocked
     assert sorted(ran()) == sorted([*report.ran, "smollm2-135m-instruct-gated-s0"])
     error_file = grid.executed_dir(profile) / "train" / "smollm2-135m-instruct-gated-s0.error.txt"

@@ -45,7 +45,7 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     jobs = build_jobs(profile)
     stages = [j.stage for j in jobs]
     assert {s: stages.count(s) for s in set(stages)} == {"capture": 1, "train": 5, "interp": 5, "steer": 5, "select": 5,
-                                                         "analysis": 1}
+                                                         "analysis": 1, "observations": 1}
 
     report = run_grid(profile, progress=False)
     assert report.failed == {} and report.blocked == [] and report.ok
@@ -85,8 +85,9 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
 
     again = run_grid(profile, progress=False)
     assert again.ok
-    assert sorted(again.skipped) == sorted(j.name for j in jobs if j.stage != "analysis")
-    assert again.ran == ["analysis"]  # the summary is always re-rendered
+    summaries = ["analysis", "observations"]
+    assert sorted(again.skipped) == sorted(j.name for j in jobs if j.stage not in summaries)
+    assert sorted(again.ran) == summaries  # the summaries are always re-rendered
     assert [r["train"] for r in pipeline.load_results(profile)] == [r["train"] for r in results]
 
     index = book.build(profile)
@@ -97,6 +98,16 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
         assert arch in html, f"{arch} missing from the summary page"
     for stage in ("train", "interp", "steer", "select"):
         assert len(list((index.parent / "book" / "executed" / stage).glob("*.html"))) == 5, stage
+    verdicts = json.loads((root / "executed" / "observations" / "key_observations.json").read_text())
+    assert [o["observation"] for o in verdicts["observations"]] == [1, 2, 2, 3]
+    assert all(o["verdict"] in {"reproduces", "contradicted", "not shown at this scale", "no data"}
+               for o in verdicts["observations"])
+    assert "Key observations" in (index.parent / "book" / "executed" / "observations" / "observations.html").read_text()
+    agreement = json.loads((root / "judge_agreement.json").read_text())
+    assert agreement["n_items"] == 2 and set(agreement["per_kind"]) == {"concept", "instruction", "fluency"}
+    analysis_html = summary.read_text()
+    for heading in ("Judge agreement", "Appendix: costs and runtimes", "Appendix: parameter shapes"):
+        assert heading in analysis_html, heading
 
     # A real browser: every page of the smoke book, served on 127.0.0.1, loads in headless
     # Chromium with no missing image, broken internal link, script error or traceback.
