@@ -19,6 +19,7 @@ from saelib.profiles import PAPER_ARCHITECTURES, PARAMS_DIR, RUNS_ENV, load_prof
 from saelib.results import read_jsonl
 
 from browser import browser_or_skip  # tests/browser.py (pytest puts tests/ on sys.path)
+from secrets_util import CANARY, files_containing
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +40,7 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     untouched = repo_grid_record_state()
     monkeypatch.setenv(RUNS_ENV, str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OPENAI_API_KEY", CANARY)  # planted: must reach no artefact (end of test)
     profile = load_profile("smoke")
     root = profile.run_root()
     assert root == tmp_path / "smoke"
@@ -117,3 +119,7 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     report = check_book(index.parent, chromium=chromium)
     assert report.ok, "\n".join(report.problems)
     assert len(report.pages) >= 22 and sum(p.images for p in report.pages) >= 5
+
+    # Secrets: the key planted in the environment is in no executed notebook, result, log or page.
+    assert files_containing(root, CANARY) == []
+    assert files_containing(index.parent, CANARY) == []
