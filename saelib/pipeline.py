@@ -207,15 +207,39 @@ def run_capture(profile: Profile | str, model: str, progress: bool = True) -> di
 
 
 def train_done(profile: Profile, job: SAEJob) -> bool:
+    """The SAE is saved with its training record, and its sparsity knob was chosen the way the
+    profile now asks (an SAE trained uncalibrated before calibration was switched on, or before
+    JumpReLU was calibrated, is trained again)."""
     path = sae_dir(profile, job) / RESULT
-    return path.exists() and "train" in read_json(path) and (sae_dir(profile, job) / "sae").is_dir()
+    if not (path.exists() and (sae_dir(profile, job) / "sae").is_dir()):
+        return False
+    record = read_json(path)
+    if "train" not in record:
+        return False
+    method = (record.get("sparsity_method") or {}).get("method")
+    return method == _sparsity_method(profile, job)
+
+
+def _sparsity_method(profile: Profile, job: SAEJob) -> str:
+    """How :func:`sparsity_value` chooses this SAE's knob under the profile's settings."""
+    from .sae.registry import get_arch
+
+    knob = get_arch(job.arch).sparsity_knob
+    if knob == "k":
+        return "k"
+    if profile.grid.calibrate:
+        return "calibrated"
+    return "profile l1 (uncalibrated)" if knob == "l1" else knob
 
 
 def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int | None = None,
                    train_cfg=None, heldout=None, train_tokens: int | None = None,
                    mean_D=None) -> tuple[float, dict[str, Any]]:
-    """The knob that targets this level's L0 (protocol §2): k for TopK/BatchTopK, the target L0 for
-    JumpReLU, a calibrated L1 coefficient for ReLU/Gated (or the profile's value uncalibrated).
+    """The knob that targets this level's L0 (protocol §2): k for TopK/BatchTopK; for JumpReLU the
+    L0 target handed to sae-lens, calibrated (sae-lens's target-L0 penalty lands well above its
+    target here: 10.9 and 16.2 for targets 6 and 10 in the default profile); for ReLU/Gated a
+    calibrated L1 coefficient. With ``grid.calibrate: false`` the profile's values are used as
+    they are.
 
     Calibration probes train on ``train_tokens``, the tokens the final SAE trains on (an L1 SAE's
     L0 keeps falling as it trains, so shorter probes would overshoot): the cache's token count
@@ -226,9 +250,10 @@ def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int |
 
     spec = get_arch(job.arch)
     target = profile.grid.targets[job.level]
-    if spec.sparsity_knob != "l1":
+    if spec.sparsity_knob == "k" or (spec.sparsity_knob == "l0_target" and not profile.grid.calibrate):
         return float(target), {"method": spec.sparsity_knob}
-    start = profile.grid.l1.get(job.arch) or profile.grid.l1.get(spec.name)
+    start = (profile.grid.l1.get(job.arch) or profile.grid.l1.get(spec.name)
+             if spec.sparsity_knob == "l1" else None)
     if not profile.grid.calibrate:
         if not start:
             from .profiles import ProfileError

@@ -102,3 +102,24 @@ def test_the_grid_runs_on_a_running_scheduler_by_address(tmp_path, monkeypatch):
     assert sorted(p.name for p in marks.iterdir()) == sorted(report.ran)
     engine = json.loads((profile.run_root() / "grid.json").read_text())["engine"]
     assert engine == f"dask {cluster.scheduler_address}"
+
+
+def test_an_sae_whose_knob_was_chosen_another_way_is_trained_again(tmp_path):
+    """train_done holds only when the saved SAE's sparsity knob was chosen as the profile now asks:
+    with calibration on, ReLU, Gated and JumpReLU are calibrated; TopK/BatchTopK use k."""
+    calibrated = _profile(tmp_path / "a", calibrate=True)
+    fixed = _profile(tmp_path / "b", calibrate=False)
+    expect = {"standard": "calibrated", "gated": "calibrated", "jumprelu": "calibrated",
+              "topk": "k", "batchtopk": "k"}
+    for job in pipeline.sae_jobs(calibrated):
+        assert pipeline._sparsity_method(calibrated, job) == expect[job.arch]
+    assert {j.arch: pipeline._sparsity_method(fixed, j) for j in pipeline.sae_jobs(fixed)} == {
+        "standard": "profile l1 (uncalibrated)", "gated": "profile l1 (uncalibrated)",
+        "jumprelu": "l0_target", "topk": "k", "batchtopk": "k"}
+    job = next(j for j in pipeline.sae_jobs(calibrated) if j.arch == "jumprelu")
+    out = pipeline.sae_dir(calibrated, job)
+    (out / "sae").mkdir(parents=True)
+    (out / pipeline.RESULT).write_text(json.dumps({"train": {}, "sparsity_method": {"method": "l0_target"}}))
+    assert not pipeline.train_done(calibrated, job)  # trained before JumpReLU was calibrated
+    (out / pipeline.RESULT).write_text(json.dumps({"train": {}, "sparsity_method": {"method": "calibrated"}}))
+    assert pipeline.train_done(calibrated, job)
