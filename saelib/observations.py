@@ -86,15 +86,26 @@ def _fmt_tau(tau: float, low: float, high: float, n: int) -> str:
     return f"τ_b = {tau:.3f} [{low:.3f}, {high:.3f}], n = {n}"
 
 
+def _tau_observation(number: int, claim: str, paper_table, table, missing: str,
+                     expect: str) -> Observation:
+    """Observations 1 and 3: the pooled τ_b of ``table`` (an :class:`saelib.stats.AgreementTable`
+    or None) against the paper's, judged by :func:`interval_verdict`."""
+    lo, hi = paper_table.pooled_ci
+    paper = f"τ_b = {paper_table.pooled:.3f} [{lo:.3f}, {hi:.3f}], 90 SAEs"
+    if table is None:
+        return Observation(number, claim, paper, missing, NO_DATA, 0)
+    p = table.pooled
+    return Observation(number, claim, paper, _fmt_tau(p.tau, p.ci_low, p.ci_high, p.n),
+                       interval_verdict(p.ci_low, p.ci_high, expect=expect), p.n)
+
+
 def observation_1(table1) -> Observation:
     """``table1``: :class:`saelib.stats.AgreementTable` of μ vs g (or None)."""
-    claim = "Higher interpretability goes with better steering, weakly (pooled τ_b(μ, g) > 0)."
-    paper = "τ_b = 0.298 [0.159, 0.419], 90 SAEs"
-    if table1 is None:
-        return Observation(1, claim, paper, "no SAE has both μ and g", NO_DATA, 0)
-    p = table1.pooled
-    return Observation(1, claim, paper, _fmt_tau(p.tau, p.ci_low, p.ci_high, p.n),
-                       interval_verdict(p.ci_low, p.ci_high, expect="positive"), p.n)
+    from .paper import TABLE1
+
+    return _tau_observation(1, "Higher interpretability goes with better steering, weakly "
+                               "(pooled τ_b(μ, g) > 0).", TABLE1, table1,
+                            "no SAE has both μ and g", "positive")
 
 
 def observation_2(table, way: str = "paper", *, n_resamples: int = 9999, seed: int = 0) -> Observation:
@@ -124,13 +135,11 @@ def observation_2(table, way: str = "paper", *, n_resamples: int = 9999, seed: i
 
 def observation_3(table3) -> Observation:
     """``table3``: :class:`saelib.stats.AgreementTable` of μ vs the lift (or None)."""
-    claim = "After ΔC_k selection, interpretability no longer predicts the steering gain (τ_b ≈ 0)."
-    paper = "τ_b = −0.069 [−0.202, 0.067], 90 SAEs"
-    if table3 is None:
-        return Observation(3, claim, paper, "fewer than two SAEs have a defined lift", NO_DATA, 0)
-    p = table3.pooled
-    return Observation(3, claim, paper, _fmt_tau(p.tau, p.ci_low, p.ci_high, p.n),
-                       interval_verdict(p.ci_low, p.ci_high, expect="null"), p.n)
+    from .paper import TABLE3
+
+    return _tau_observation(3, "After ΔC_k selection, interpretability no longer predicts the "
+                               "steering gain (τ_b ≈ 0).", TABLE3, table3,
+                            "fewer than two SAEs have a defined lift", "null")
 
 
 def key_observations(table, table1=None, table3=None, *, n_resamples: int = 9999,
