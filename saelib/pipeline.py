@@ -206,15 +206,33 @@ def run_capture(profile: Profile | str, model: str, progress: bool = True) -> di
 # Stage 2: train one SAE
 
 
+def read_result(path: Path) -> dict[str, Any] | None:
+    """An SAE's ``result.json``, or None when it is missing or unreadable (truncated, corrupt):
+    then every stage of that SAE counts as not done and is recomputed, and the file is named on
+    stderr so the user sees why."""
+    import sys
+
+    from .results import CorruptFileError
+
+    if not path.exists():
+        return None
+    try:
+        record = read_json(path)
+    except CorruptFileError as e:
+        print(f"warning: {e}; its SAE's stages will be recomputed", file=sys.stderr)
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def train_done(profile: Profile, job: SAEJob) -> bool:
     """The SAE is saved with its training record, and its sparsity knob was chosen the way the
     profile now asks (an SAE trained uncalibrated before calibration was switched on, or before
     JumpReLU was calibrated, is trained again)."""
     path = sae_dir(profile, job) / RESULT
-    if not (path.exists() and (sae_dir(profile, job) / "sae").is_dir()):
+    if not (sae_dir(profile, job) / "sae").is_dir():
         return False
-    record = read_json(path)
-    if "train" not in record:
+    record = read_result(path)
+    if record is None or "train" not in record:
         return False
     method = (record.get("sparsity_method") or {}).get("method")
     return method == _sparsity_method(profile, job)
@@ -331,8 +349,7 @@ def run_train(profile: Profile | str, model: str, arch: str, level: int,
                                   "corpus": asdict(profile.corpus)}, profile.seed, timer.timings,
                                  profile=profile.name, peak_rss_mb=peak_rss_mb()),
     }
-    previous = read_json(out / RESULT) if (out / RESULT).exists() else {}
-    write_json(out / RESULT, {**previous, **record})
+    write_json(out / RESULT, {**(read_result(out / RESULT) or {}), **record})
     return record
 
 

@@ -123,3 +123,19 @@ def test_an_sae_whose_knob_was_chosen_another_way_is_trained_again(tmp_path):
     assert not pipeline.train_done(calibrated, job)  # trained before JumpReLU was calibrated
     (out / pipeline.RESULT).write_text(json.dumps({"train": {}, "sparsity_method": {"method": "calibrated"}}))
     assert pipeline.train_done(calibrated, job)
+
+
+def test_a_truncated_result_file_is_named_and_its_sae_recomputed(tmp_path, capsys):
+    """A result.json cut short (a crash mid-copy, a full disk) must not crash the grid's done
+    checks: the SAE counts as not trained, so every stage of it runs again, and stderr names it."""
+    profile = _profile(tmp_path, calibrate=True)
+    job = next(j for j in pipeline.sae_jobs(profile) if j.arch == "topk")
+    out = pipeline.sae_dir(profile, job)
+    (out / "sae").mkdir(parents=True)
+    good = json.dumps({"train": {"l0": 10}, "sparsity_method": {"method": "k"}})
+    (out / pipeline.RESULT).write_text(good)
+    assert pipeline.train_done(profile, job)
+    (out / pipeline.RESULT).write_text(good[: len(good) // 2])
+    assert not pipeline.train_done(profile, job)
+    assert not pipeline.interp_done(profile, job) and not pipeline.steer_done(profile, job)
+    assert str(out / pipeline.RESULT) in capsys.readouterr().err
