@@ -70,6 +70,7 @@ def tiny_run(tmp_path, tiny_tokenizer):
     out = pipeline.sae_dir(profile, job)
     save_sae(res.sae, out / "sae")
     write_json(out / pipeline.RESULT, {"model": entry.name, "arch": "topk", "level": 0,
+                                       "sparsity_method": {"method": "k"},
                                        "train": {"tokens_seen": total}, "core": {"l0": 4.0}})
     return profile, job, splits
 
