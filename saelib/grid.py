@@ -198,9 +198,7 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
         from .results import CorruptFileError, read_json
 
         try:
-            old = read_json(record_path)
-            job_seconds = dict(old.get("job_seconds") or {k: v for k, v in old.get("seconds", {}).items()
-                                                          if k not in ("prepare", "total")})
+            job_seconds = recorded_job_seconds(read_json(record_path))
         except (CorruptFileError, AttributeError):
             job_seconds = {}
     job_seconds.update({k: v for k, v in report.seconds.items() if k in report.ran})
@@ -210,6 +208,13 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
                                                   "engine": "dask " + (scheduler or f"LocalCluster({workers})"),
                                                   "provenance": provenance(profile=profile.name)})
     return report
+
+
+def recorded_job_seconds(record: dict[str, Any]) -> dict[str, float]:
+    """Each job's latest wall seconds from a ``grid.json`` record; a record written before
+    ``job_seconds`` existed has only this run's ``seconds`` (with the run's own totals)."""
+    return dict(record.get("job_seconds") or {k: v for k, v in record.get("seconds", {}).items()
+                                              if k not in ("prepare", "total")})
 
 
 @contextmanager

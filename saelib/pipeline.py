@@ -239,7 +239,8 @@ def train_done(profile: Profile, job: SAEJob) -> bool:
 
 
 def _sparsity_method(profile: Profile, job: SAEJob) -> str:
-    """How :func:`sparsity_value` chooses this SAE's knob under the profile's settings."""
+    """How this SAE's knob is chosen under the profile's settings: the one decision that
+    :func:`sparsity_value` acts on and :func:`train_done` checks a saved SAE against."""
     from .sae.registry import get_arch
 
     knob = get_arch(job.arch).sparsity_knob
@@ -268,16 +269,17 @@ def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int |
 
     spec = get_arch(job.arch)
     target = profile.grid.targets[job.level]
-    if spec.sparsity_knob == "k" or (spec.sparsity_knob == "l0_target" and not profile.grid.calibrate):
-        return float(target), {"method": spec.sparsity_knob}
+    method = _sparsity_method(profile, job)
+    if method in ("k", "l0_target"):
+        return float(target), {"method": method}
     start = (profile.grid.l1.get(job.arch) or profile.grid.l1.get(spec.name)
              if spec.sparsity_knob == "l1" else None)
-    if not profile.grid.calibrate:
+    if method != "calibrated":
         if not start:
             from .profiles import ProfileError
 
             raise ProfileError(f"grid.l1.{job.arch} is needed when grid.calibrate is false")
-        return float(start[job.level]), {"method": "profile l1 (uncalibrated)"}
+        return float(start[job.level]), {"method": method}
     entry = profile.model(job.model)
     store_tokens = train_tokens if train_tokens is not None else profile.corpus.train_tokens
     res = calibrate_sparsity(

@@ -248,9 +248,9 @@ def grid_seconds(profile) -> pd.DataFrame:
     path = profile.run_root() / "grid.json"
     if not path.exists():
         return pd.DataFrame(columns=["stage", "jobs", "seconds", "minutes"])
-    record = read_json(path)
-    seconds = record.get("job_seconds") or {k: v for k, v in record.get("seconds", {}).items()
-                                            if k not in ("prepare", "total")}
+    from .grid import recorded_job_seconds
+
+    seconds = recorded_job_seconds(read_json(path))
     stage_of = {"capture": "capture", "interp": "interp", "steer": "steer", "select": "select",
                 "analysis": "analysis", "observations": "observations"}
     rows: dict[str, list[float]] = {}
