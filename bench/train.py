@@ -18,6 +18,13 @@ pass, TopK's top-k and the auxiliary losses are not counted, so their fraction i
 with the sparse decode TopK/BatchTopK do fewer FLOPs than counted, so theirs is the *effective*
 fraction (dense-equivalent work per second) and can exceed what the matmuls alone reach.
 
+Where the time goes (``--profile-steps``, printed before the result): one ``train_sae`` run per
+architecture under ``torch.profiler``, each operator's self CPU time put in one bucket (matmuls,
+the sparse decode, the Adam update, activation/top-k, other element-wise and reduction kernels),
+plus the Python time between kernels (wall time minus all kernels: sae-lens's trainer loop,
+logging and hooks). The matmul bucket's FLOP/s against the measured peak says whether the
+matmuls themselves are slow or the time is spent elsewhere, i.e. what a fused kernel would buy.
+
 Last line: ``RESULT train ratio=<geometric mean of saelib/sae-lens tokens/s> roofline=<mean
 fraction>`` (saelib with its default, sparse, decode). Each number is the median of ``--repeats``
 interleaved runs, the order rotated each repeat (the machine may be shared). Runs in about 4
@@ -117,6 +124,46 @@ def run_sae_lens(arch: str, pool: list[torch.Tensor], steps: int, cfg: TrainConf
     return steps * cfg.batch_size / (time.perf_counter() - t0)
 
 
+#: Profiler buckets: the first whose name fragment an operator contains wins (checked in order).
+BUCKETS = [("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+           ("sparse decode", ("embedding_bag", "index_select", "aten::gather", "aten::scatter",
+                              "aten::nonzero", "index_add")),
+           ("adam update", ("_foreach", "addcdiv", "addcmul", "lerp", "aten::sqrt")),
+           ("activation / top-k", ("relu", "threshold", "aten::topk", "heaviside", "sigmoid",
+                                   "aten::gt", "aten::ge", "aten::where", "aten::sort")),
+           ("element-wise / reductions", ("aten::",))]
+
+
+def where_time_goes(arch: str, pool: list[torch.Tensor], steps: int, cfg: TrainConfig,
+                    d_sae: int, peak: float) -> dict[str, float]:
+    """Share of one training run's wall time per bucket, and the matmuls' achieved FLOP/s."""
+    from torch.profiler import ProfilerActivity, profile
+
+    d_in = pool[0].shape[1]
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        t0 = time.perf_counter()
+        train_sae(arch, d_in, d_sae, KNOB[arch], itertools.cycle(pool), steps * cfg.batch_size, cfg)
+        wall = time.perf_counter() - t0
+    times = {name: 0.0 for name, _ in BUCKETS}
+    mm_flops = 0.0
+    for ev in prof.key_averages():
+        if ev.key.startswith("aten::") and ev.self_cpu_time_total > 0:
+            for name, frags in BUCKETS:
+                if any(f in ev.key for f in frags):
+                    times[name] += ev.self_cpu_time_total / 1e6
+                    if name == "matmul":
+                        mm_flops += ev.flops or 0
+                    break
+    kernels = sum(times.values())
+    out = {name: t / wall for name, t in times.items()}
+    out["python / trainer loop"] = max(0.0, wall - kernels) / wall
+    # the profiler's own FLOP count of each mm/addmm (2·M·K·N), so the sparse decode's skipped
+    # work is not counted as done
+    out["matmul GFLOP/s"] = mm_flops / max(times["matmul"], 1e-9) / 1e9
+    out["matmul / peak"] = out["matmul GFLOP/s"] * 1e9 / peak
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--d-in", type=int, default=640)
@@ -126,6 +173,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="median of this many interleaved runs per path (shared machines)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile-steps", type=int, default=3,
+                        help="steps of the per-architecture profile of where time goes (0: skip)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     cfg = TrainConfig(batch_size=args.batch, device=args.device, progress=False,
@@ -162,6 +211,14 @@ def main() -> None:
             dense_s, speedup_s = f"{'-':>16s}", f"{'-':>13s}"
         print(f"{arch:10s} {ours:13.0f} {dense_s} {theirs:15.0f} {ours / theirs:6.2f} "
               f"{speedup_s} {frac:9.3f}")
+    if args.profile_steps and args.device == "cpu":
+        cols = [name for name, _ in BUCKETS] + ["python / trainer loop"]
+        print("\nwhere saelib's training time goes (share of wall time; torch.profiler self CPU time):")
+        print(f"{'arch':10s} " + " ".join(f"{c[:14]:>14s}" for c in cols) + f" {'mm GFLOP/s':>11s} {'mm/peak':>8s}")
+        for arch in ARCHITECTURES:
+            share = where_time_goes(arch, pool, args.profile_steps, cfg, args.d_sae, peak)
+            print(f"{arch:10s} " + " ".join(f"{share[c]:14.1%}" for c in cols)
+                  + f" {share['matmul GFLOP/s']:11.1f} {share['matmul / peak']:8.2f}")
     ratio = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
     print(f"RESULT train ratio={ratio:.3f} roofline={sum(fractions) / len(fractions):.3f}")
 

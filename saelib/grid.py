@@ -49,6 +49,12 @@ def executed_dir(profile: Profile) -> Path:
     return profile.run_root() / "executed"
 
 
+def interp_stage_done(profile: Profile, job: pipeline.SAEJob) -> bool:
+    """The interpretability notebook computes AutoInterp and the descriptive metrics; steering
+    depends only on the former (``pipeline.steer_done``), so adding the latter reruns no steering."""
+    return pipeline.interp_done(profile, job) and pipeline.descriptive_done(profile, job)
+
+
 def build_jobs(profile: Profile) -> list[Job]:
     """The job DAG of a profile, in a valid execution order."""
     jobs: list[Job] = []
@@ -57,7 +63,7 @@ def build_jobs(profile: Profile) -> list[Job]:
         jobs.append(Job(f"capture-{slug}", "capture", {"profile": profile.name, "model": entry.name},
                         lambda e=entry: pipeline.capture_done(profile, e)))
     #: Per-SAE stages in order: (job-name prefix, stage, "done" check); each depends on the one before.
-    per_sae = [("", "train", pipeline.train_done), ("interp-", "interp", pipeline.interp_done),
+    per_sae = [("", "train", pipeline.train_done), ("interp-", "interp", interp_stage_done),
                ("steer-", "steer", pipeline.steer_done), ("select-", "select", pipeline.select_done)]
     for job in pipeline.sae_jobs(profile):
         slug = pipeline.model_dir(profile, profile.model(job.model)).parent.name

@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import resource
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sae_lens.constants import SAE_WEIGHTS_FILENAME as SAE_WEIGHTS
 
 from .profiles import ModelEntry, Profile, load_profile
 from .results import Timer, provenance, read_json, write_json
@@ -53,6 +56,12 @@ def tokens_dir(profile: Profile, entry: ModelEntry) -> Path:
 
 def activations_dir(profile: Profile, entry: ModelEntry, split: str) -> Path:
     return model_dir(profile, entry) / "activations" / split
+
+
+def descriptive_dir(profile: Profile, entry: ModelEntry) -> Path:
+    """The model's inputs of the descriptive metrics (absorption prompts, probing texts), shared
+    by all its SAEs (:func:`saelib.evals.descriptive.capture_inputs`)."""
+    return model_dir(profile, entry) / "descriptive"
 
 
 def sae_dir(profile: Profile, job: SAEJob) -> Path:
@@ -149,10 +158,15 @@ def prepare(profile: Profile | str, progress: bool = True) -> dict[str, Any]:
 
 def capture_done(profile: Profile, entry: ModelEntry) -> bool:
     """Complete shards for both splits, captured from the current token arrays (a re-tokenised
-    corpus, e.g. after the profile's sizes changed, makes the capture stale)."""
-    from .activations import array_sha
+    corpus, e.g. after the profile's sizes changed, makes the capture stale), and the descriptive
+    metrics' inputs for the profile's current settings."""
+    from .activations import ActivationError, ActivationStore, array_sha
     from .data.corpus import load_token_splits
+    from .evals.descriptive import inputs_current
+    from .results import CorruptFileError
 
+    if not inputs_current(descriptive_dir(profile, entry), descriptive_settings(profile), entry.layer):
+        return False
     try:
         splits = load_token_splits(tokens_dir(profile, entry))
     except (OSError, KeyError, ValueError, RuntimeError):
@@ -164,13 +178,20 @@ def capture_done(profile: Profile, entry: ModelEntry) -> bool:
         manifest = read_json(m)
         if not manifest.get("complete") or manifest.get("tokens_sha256") != array_sha(arr):
             return False
+        try:  # every shard against its checksum: a corrupt one is recaptured, never trained on
+            ActivationStore.open(activations_dir(profile, entry, split), verify=True)
+        except (ActivationError, CorruptFileError) as e:
+            print(f"warning: {e}; the capture stage will recompute it", file=sys.stderr)
+            return False
     return True
 
 
 def run_capture(profile: Profile | str, model: str, progress: bool = True) -> dict[str, Any]:
     """Capture train and eval residual activations for one model (protocol §2: one pass per
-    model/layer, shared by all its SAEs). Resumes an interrupted capture."""
-    from .activations import capture
+    model/layer, shared by all its SAEs), and the inputs of its SAEs' descriptive metrics.
+    Resumes an interrupted capture."""
+    from .activations import capture, residual_at
+    from .evals.descriptive import capture_inputs, inputs_current
     from .data.corpus import load_token_splits
     from .models import load_model
 
@@ -192,6 +213,12 @@ def run_capture(profile: Profile | str, model: str, progress: bool = True) -> di
                           shard_tokens=profile.capture.shard_tokens,
                           meta={"model": entry.name, "split": split}, progress=progress)
         summary[split] = {"contexts": man["n_contexts"], "shards": len(man["shards"])}
+    desc_cfg = descriptive_settings(profile)
+    if not inputs_current(descriptive_dir(profile, entry), desc_cfg, entry.layer):
+        with timer("descriptive_inputs"):
+            capture_inputs(lambda toks: residual_at(lm.tl, toks.to(profile.device), entry.layer),
+                           lm.tokenizer, entry.layer, desc_cfg, descriptive_dir(profile, entry),
+                           progress=progress)
     n_tok = sum(a.size for a in (splits.train_NL, splits.eval_NL))
     record = {"model": entry.name, "layer": entry.layer, "splits": summary,
               "tokens_per_s": n_tok / max(1e-9, timer.timings["capture_train"] + timer.timings["capture_eval"]),
@@ -210,8 +237,6 @@ def read_result(path: Path) -> dict[str, Any] | None:
     """An SAE's ``result.json``, or None when it is missing or unreadable (truncated, corrupt):
     then every stage of that SAE counts as not done and is recomputed, and the file is named on
     stderr so the user sees why."""
-    import sys
-
     from .results import CorruptFileError
 
     if not path.exists():
@@ -235,7 +260,15 @@ def train_done(profile: Profile, job: SAEJob) -> bool:
     if record is None or "train" not in record:
         return False
     method = (record.get("sparsity_method") or {}).get("method")
-    return method == _sparsity_method(profile, job)
+    if method != _sparsity_method(profile, job):
+        return False
+    saved = record["train"].get("sae_sha256")
+    weights = sae_dir(profile, job) / "sae" / SAE_WEIGHTS
+    if not weights.exists() or (saved is not None and _sae_weights_sha(profile, job) != saved):
+        print(f"warning: {weights} is missing or differs from the checksum in {path}; "
+              "the SAE will be trained again", file=sys.stderr)
+        return False
+    return True
 
 
 def _sparsity_method(profile: Profile, job: SAEJob) -> str:
@@ -341,7 +374,7 @@ def run_train(profile: Profile | str, model: str, arch: str, level: int,
         "model": entry.name, "model_label": entry.display, "layer": entry.layer, "arch": arch,
         "level": level, "target_l0": profile.grid.targets[level], "width": profile.grid.width,
         "sparsity_value": value, "sparsity_method": how,
-        "train": {**res.summary(), "disk_bytes": disk},
+        "train": {**res.summary(), "disk_bytes": disk, "sae_sha256": _sae_weights_sha(profile, job)},
         "core": {"l0": rec.l0, "mse": rec.mse, "explained_variance": rec.explained_variance,
                  "dead_fraction": rec.dead_fraction, "n_tokens": rec.n_tokens,
                  **{k: getattr(lmm, k) for k in ("ce_clean", "ce_sae", "ce_zero", "ce_loss_recovered",
@@ -375,11 +408,9 @@ INTERP_ROWS = "autointerp.jsonl"
 def _sae_weights_sha(profile: Profile, job: SAEJob) -> str:
     """Checksum of the saved SAE's weights: ties an AutoInterp record to the SAE it scored, so a
     retrained SAE is never reported with the previous one's μ(θ)."""
-    from sae_lens.constants import SAE_WEIGHTS_FILENAME
-
     from .results import sha256_file
 
-    return sha256_file(sae_dir(profile, job) / "sae" / SAE_WEIGHTS_FILENAME)
+    return sha256_file(sae_dir(profile, job) / "sae" / SAE_WEIGHTS)
 
 
 def interp_settings(profile: Profile) -> tuple[Any, Any]:
@@ -479,6 +510,66 @@ def run_interp(profile: Profile | str, model: str, arch: str, level: int,
     record = {**res.summary(), "eval_tokens": int(tokens_NL.size), "rows_file": INTERP_ROWS}
     return finish_block(profile, job, "interp", record,
                         settings_record(interp=config, judge=judge_cfg), config.seed, timer.timings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3b: SAEBench's descriptive metrics of one SAE (same notebook as AutoInterp)
+
+DESCRIPTIVE_ROWS = "descriptive.json"
+
+
+def descriptive_settings(profile: Profile) -> Any:
+    """The profile's validated :class:`~saelib.evals.descriptive.DescriptiveConfig`."""
+    from .evals.descriptive import DescriptiveConfig
+    from .profiles import section_config
+
+    return section_config(DescriptiveConfig, profile, "descriptive")
+
+
+def descriptive_done(profile: Profile, job: SAEJob) -> bool:
+    """The descriptive metrics were computed for the SAE as saved now with the current settings."""
+    return block_is_current(profile, job, "descriptive",
+                            settings_record(descriptive=descriptive_settings(profile)), DESCRIPTIVE_ROWS)
+
+
+def run_descriptive(profile: Profile | str, model: str, arch: str, level: int,
+                    progress: bool = True) -> dict[str, Any]:
+    """(Or, when done, return the recorded result of) the descriptive metrics of one SAE
+    (protocol §3; the paper's Figs. 5–7): dense fraction, first-letter absorption and k-sparse
+    probing, from the model's inputs that the capture stage computed once. Writes the
+    ``descriptive`` block of ``result.json`` and the per-letter / per-set detail beside it."""
+    from .activations import ActivationStore
+    from .evals.descriptive import load_inputs, run
+    from .results import CorruptFileError
+    from .sae.io import load_sae
+
+    profile, entry, job, out = resolve_job(profile, model, arch, level)
+    config = descriptive_settings(profile)
+    if descriptive_done(profile, job):
+        return read_json(out / RESULT)["descriptive"]
+    if not train_done(profile, job):
+        raise FileNotFoundError(f"{out}: no trained SAE here; run the train stage for "
+                                f"{entry.name} {arch} level {level} first")
+    timer = Timer()
+    with timer("load"):
+        sae = load_sae(out / "sae", device=profile.device)
+        try:
+            inputs = load_inputs(descriptive_dir(profile, entry))
+        except (FileNotFoundError, CorruptFileError) as e:
+            raise FileNotFoundError(f"descriptive inputs of {entry.name} are missing or corrupt ({e}); "
+                                    "rerun the capture stage (the grid does this by itself)") from e
+        store = ActivationStore.open(activations_dir(profile, entry, "eval"))
+    W_dec_FD = sae.W_dec.detach().float().cpu().numpy()
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return sae.encode(x.to(profile.device)).float().cpu()
+
+    with timer("metrics"):
+        summary, detail = run(encode, W_dec_FD, inputs, (a for _, a in store.iter_contexts()),
+                              config, progress=progress)
+    write_json(out / DESCRIPTIVE_ROWS, detail)
+    return finish_block(profile, job, "descriptive", {**summary, "rows_file": DESCRIPTIVE_ROWS},
+                        settings_record(descriptive=config), config.probing.seed, timer.timings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,3 +122,36 @@ def lift_box_plot(table: pd.DataFrame, column: str = "paper_lift_pct"):
     ax.set(xlabel="architecture", ylabel="lift over no selection (%)")
     fig.tight_layout()
     return fig
+
+
+#: Panels of the descriptive figure (the paper's Figs. 5–7), in reading order: (column, label).
+DESCRIPTIVE_PANELS = [("explained_variance", "explained variance"), ("ce_loss_recovered", "CE-loss recovered"),
+                      ("kl_score", "KL score"), ("mse", "MSE"), ("dead_fraction", "dead fraction"),
+                      ("dense_fraction", "dense fraction"), ("mu", "AutoInterp μ(θ)"),
+                      ("absorption_fraction", "absorption fraction"), ("full_absorption", "full absorption"),
+                      ("sae_top_1_acc", "sparse probing top-1"), ("sae_top_2_acc", "sparse probing top-2"),
+                      ("sae_top_5_acc", "sparse probing top-5")]
+
+
+def descriptive_plot(table: pd.DataFrame, model: str):
+    """The paper's Figs. 5–7 for one model: every SAEBench metric against realised L0, one line per
+    architecture; probing panels carry the residual-stream baseline (same k) as a dashed line."""
+    sub = table[table["model"] == model].sort_values("l0")
+    panels = [(c, label) for c, label in DESCRIPTIVE_PANELS if c in sub and sub[c].notna().any()]
+    ncols = 4
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), squeeze=False)
+    for ax, (col, label) in zip(axes.flat, panels):
+        sns.lineplot(data=sub, x="l0", y=col, hue="arch", palette=ARCH_PALETTE, marker="o", ax=ax,
+                     legend=ax is axes.flat[0])
+        base = col.replace("sae_", "llm_")
+        if col.startswith("sae_top_") and base in sub:
+            ax.axhline(sub[base].mean(), ls="--", c="grey", lw=1, label="residual stream")
+        ax.set(xscale="log", xlabel="realised L0", ylabel="", title=label)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    if panels:
+        axes.flat[0].legend(title="architecture", fontsize=7, title_fontsize=7)
+    fig.suptitle(model)
+    fig.tight_layout()
+    return fig

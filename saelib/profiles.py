@@ -36,6 +36,7 @@ SECTION_CONFIGS = {
     "training": "saelib.sae.train:TrainConfig",
     "core": "saelib.evals.core:CoreConfig",
     "interp": "saelib.evals.autointerp:AutoInterpConfig",
+    "descriptive": "saelib.evals.descriptive:DescriptiveConfig",
     "steering": "saelib.steering.axbench:SteeringConfig",
     "selection": "saelib.selection.config:SelectionConfig",
     "judge": "saelib.judges.factory:JudgeConfig",
@@ -164,6 +165,7 @@ class Profile:
     training: dict[str, Any] = field(default_factory=dict)
     core: dict[str, Any] = field(default_factory=dict)
     interp: dict[str, Any] = field(default_factory=dict)
+    descriptive: dict[str, Any] = field(default_factory=dict)
     steering: dict[str, Any] = field(default_factory=dict)
     selection: dict[str, Any] = field(default_factory=dict)
     judge: dict[str, Any] = field(default_factory=dict)

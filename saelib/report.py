@@ -20,6 +20,24 @@ COLUMNS = ["model", "arch", "level", "target_l0", "sparsity_value", "l0", "expla
 #: AutoInterp μ(θ) and live latents (protocol §3), steering g(θ) (protocol §4).
 STAGE_COLUMNS = {"interp": ["mu", "n_live"], "steering": ["g"]}
 
+#: SAEBench's descriptive metrics (protocol §3, Figs. 5–7), from the ``descriptive`` block:
+#: column → key, or (key, sub-key) for the probing means.
+DESCRIPTIVE_COLUMNS = {"dense_fraction": "dense_fraction", "absorption_fraction": "absorption_fraction",
+                       "full_absorption": "full_absorption",
+                       **{f"{who}_top_{k}_acc": ("probing", f"{who}_top_{k}_test_accuracy")
+                          for who in ("sae", "llm") for k in (1, 2, 5)},
+                       "sae_acc": ("probing", "sae_test_accuracy"),
+                       "llm_acc": ("probing", "llm_test_accuracy")}
+
+
+def _descriptive(block: dict) -> dict:
+    out = {}
+    for col, key in DESCRIPTIVE_COLUMNS.items():
+        value = block.get(key[0], {}).get(key[1]) if isinstance(key, tuple) else block.get(key)
+        out[col] = value
+    return out
+
+
 #: Selection columns (protocol §6), from the ``selection`` block, by the way the tier was picked:
 #: ``paper`` (best held-out tier) and ``honest`` (chosen on the selection half).
 SELECTION_COLUMNS = {f"{way}_{key}": (way, key) for way in ("paper", "honest")
@@ -47,15 +65,20 @@ def sae_table(profile) -> pd.DataFrame:
                      **{k: r[block].get(k) for block, cols in STAGE_COLUMNS.items()
                         if block in r for k in cols},
                      **{col: r["selection"][way].get(key) for col, (way, key) in SELECTION_COLUMNS.items()
-                        if way in r.get("selection", {})}})
+                        if way in r.get("selection", {})},
+                     **(_descriptive(r["descriptive"]) if "descriptive" in r else {})})
     if not rows:
         raise FileNotFoundError(f"profile {profile.name!r}: no result.json under {profile.run_root()}; "
                                 f"run `python -m saelib.grid --profile {profile.name}` first")
-    extra = [k for k in [*(k for cols in STAGE_COLUMNS.values() for k in cols), *SELECTION_COLUMNS]
+    extra = [k for k in [*(k for cols in STAGE_COLUMNS.values() for k in cols), *SELECTION_COLUMNS,
+                         *DESCRIPTIVE_COLUMNS]
              if any(k in row for row in rows)]
     df = pd.DataFrame(rows, columns=COLUMNS + extra)
     if "n_live" in df:
         df["n_live"] = df["n_live"].astype("Int64")
+    for col in DESCRIPTIVE_COLUMNS:  # None (e.g. absorption with no scorable letter) → NaN
+        if col in df:
+            df[col] = pd.to_numeric(df[col]).astype(float)
     for col in SELECTION_COLUMNS:  # an undefined lift is None in JSON: NaN here, "–" in tables
         if col in df and not col.endswith("_tier"):
             df[col] = pd.to_numeric(df[col]).astype(float)

@@ -150,6 +150,32 @@ class CorruptFileError(RuntimeError):
     """An artefact on disk is truncated, corrupt or not what its manifest says."""
 
 
+def write_npy(path: str | Path, arr: Any) -> str:
+    """Save an array as ``.npy`` (never pickled), atomically; return its sha256 for a manifest."""
+    import numpy as np
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+    return sha256_file(path)
+
+
+def read_npy(path: str | Path, sha256: str | None = None, mmap: bool = False) -> Any:
+    """Load a ``.npy`` written by :func:`write_npy`, refusing pickled objects, and one whose
+    checksum differs from its manifest's ``sha256`` (a truncated or replaced file)."""
+    import numpy as np
+
+    path = Path(path)
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise CorruptFileError(f"{path}: checksum differs from its manifest; it is truncated or "
+                               "was replaced; it will be recomputed")
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as e:
+        raise CorruptFileError(f"{path}: not a readable .npy array ({e})") from e
+
+
 class Timer:
     """Collects named wall-clock timings: ``with timer("train"): ...``; ``timer.timings``."""
 

@@ -119,6 +119,7 @@ def test_an_sae_whose_knob_was_chosen_another_way_is_trained_again(tmp_path):
     job = next(j for j in pipeline.sae_jobs(calibrated) if j.arch == "jumprelu")
     out = pipeline.sae_dir(calibrated, job)
     (out / "sae").mkdir(parents=True)
+    (out / "sae" / pipeline.SAE_WEIGHTS).write_bytes(b"weights")
     (out / pipeline.RESULT).write_text(json.dumps({"train": {}, "sparsity_method": {"method": "l0_target"}}))
     assert not pipeline.train_done(calibrated, job)  # trained before JumpReLU was calibrated
     (out / pipeline.RESULT).write_text(json.dumps({"train": {}, "sparsity_method": {"method": "calibrated"}}))
@@ -132,6 +133,7 @@ def test_a_truncated_result_file_is_named_and_its_sae_recomputed(tmp_path, capsy
     job = next(j for j in pipeline.sae_jobs(profile) if j.arch == "topk")
     out = pipeline.sae_dir(profile, job)
     (out / "sae").mkdir(parents=True)
+    (out / "sae" / pipeline.SAE_WEIGHTS).write_bytes(b"weights")
     good = json.dumps({"train": {"l0": 10}, "sparsity_method": {"method": "k"}})
     (out / pipeline.RESULT).write_text(good)
     assert pipeline.train_done(profile, job)
@@ -139,3 +141,23 @@ def test_a_truncated_result_file_is_named_and_its_sae_recomputed(tmp_path, capsy
     assert not pipeline.train_done(profile, job)
     assert not pipeline.interp_done(profile, job) and not pipeline.steer_done(profile, job)
     assert str(out / pipeline.RESULT) in capsys.readouterr().err
+
+
+def test_sae_weights_that_differ_from_their_recorded_checksum_are_trained_again(tmp_path, capsys):
+    """The train record keeps the weights' sha256: a truncated or replaced safetensors file makes
+    the SAE not done (named on stderr), so the grid retrains it instead of evaluating bad weights."""
+    from saelib.results import sha256_file
+
+    profile = _profile(tmp_path, calibrate=True)
+    job = next(j for j in pipeline.sae_jobs(profile) if j.arch == "topk")
+    weights = pipeline.sae_dir(profile, job) / "sae" / pipeline.SAE_WEIGHTS
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights" * 100)
+    record = {"train": {"l0": 10, "sae_sha256": sha256_file(weights)}, "sparsity_method": {"method": "k"}}
+    (weights.parent.parent / pipeline.RESULT).write_text(json.dumps(record))
+    assert pipeline.train_done(profile, job)
+    weights.write_bytes(b"weights" * 50)
+    assert not pipeline.train_done(profile, job)
+    assert str(weights) in capsys.readouterr().err
+    weights.unlink()
+    assert not pipeline.train_done(profile, job)

@@ -71,9 +71,15 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
         assert sel["n_features"] == profile.grid.width and math.isfinite(sel["delta_conf"]["std"])
         assert sel["delta_conf"]["min"] < sel["delta_conf"]["max"], r["arch"]
         names = {t["name"] for t in sel["tiers"]}
-        assert {"dC_pos_top1", "dC_neg_top2", "outscore_top2"} <= names, names
+        assert {"dC_pos_top1", "dC_neg_top1", "outscore_top1"} <= names, names
         assert sel["paper"]["tier"] in names and sel["honest"]["tier"] in names
         assert sel["paper"]["g_delta_conf"] >= sel["honest"]["g_delta_conf"]  # the oracle pick
+        desc = r["descriptive"]  # SAEBench's metrics from the same notebook as AutoInterp
+        assert 0 <= desc["dense_fraction"] <= 1 and desc["probing_sets"] == 2, r["arch"]
+        for key, acc in desc["probing"].items():
+            assert 0 <= acc <= 1, (r["arch"], key)
+        assert desc["absorption_partial"] or 0 <= desc["absorption_fraction"] <= 1, r["arch"]
+        assert set(desc["not_computed"]) == {"SCR", "RAVEL"}
         print(f"{r['arch']:10s} L0 {core['l0']:7.2f}  EV {core['explained_variance']:.3f}  "
               f"CE rec {core['ce_loss_recovered']:.3f}  mu {r['interp']['mu']:.3f}  g {steer['g']:.3f}")
     for job in jobs:
@@ -108,7 +114,8 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     agreement = json.loads((root / "judge_agreement.json").read_text())
     assert agreement["n_items"] == 2 and set(agreement["per_kind"]) == {"concept", "instruction", "fluency"}
     analysis_html = summary.read_text()
-    for heading in ("Judge agreement", "Appendix: costs and runtimes", "Appendix: parameter shapes"):
+    for heading in ("Judge agreement", "Appendix: costs and runtimes", "Appendix: parameter shapes",
+                    "SAEBench metrics across L0"):
         assert heading in analysis_html, heading
 
     # A real browser: every page of the smoke book, served on 127.0.0.1, loads in headless

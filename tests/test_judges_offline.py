@@ -5,6 +5,8 @@ Uses the real packaged all-MiniLM-L6-v2 (loaded once per module, ~5–10 s on a 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -77,6 +79,22 @@ def test_fluency_uses_injected_loglik(embed):
                          loglik_fn=lambda texts: [table[t] for t in texts])
     got = judge.rate([RatingItem("x", SPEAKING_INSTR, t) for t in table])
     assert [r.fluency for r in got] == [2, 1, 0]
+
+
+def test_unscorable_text_with_minus_inf_loglik_rates_zero_instead_of_raising(embed):
+    """An empty steered generation (EOS at once) has no token to score: the model's mean
+    log-prob is -inf. Found by the default grid: it must rate (0, 0, 0), not stop the stage;
+    and calibration ignores such unsteered answers. NaN is still a bug and raises."""
+    table = {"": float("-inf"), "Speak slowly, practise and breathe.": -2.0,
+             "speak slowly practise breathe mirror.": float("-inf")}
+    judge = OfflineJudge(JudgeConfig(), embed_fn=embed, loglik_fn=lambda ts: [table[t] for t in ts])
+    judge.calibrate([RatingItem("x", SPEAKING_INSTR, t) for t in table])
+    assert judge.thresholds.calibrated and math.isfinite(judge.thresholds.loglik[0])
+    got = judge.rate([RatingItem("x", SPEAKING_INSTR, t) for t in table])
+    assert got[0] == Ratings(0, 0, 0) and got[2].fluency == 0 and got[1].fluency == 2
+    nan = OfflineJudge(JudgeConfig(), embed_fn=embed, loglik_fn=lambda ts: [float("nan")] * len(ts))
+    with pytest.raises(ValueError, match="log-probs <= 0"):
+        nan.rate([RatingItem("x", "y", "z z")])
 
 
 def test_empty_or_symbol_output_scores_zero(judge):

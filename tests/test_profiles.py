@@ -231,7 +231,10 @@ SECTION_PATHS = ["seed", "description", "models", "models.0", "models.0.name", "
                  "models.0.label", "corpus", "corpus.context", "corpus.source", "corpus.train_tokens",
                  "capture", "capture.batch_size", "grid", "grid.width", "grid.targets",
                  "grid.architectures", "grid.l1", "grid.l1.standard", "grid.calibrate", "training",
-                 "core", "runs_dir", "device", "new_key", "corpus.new_key", "grid.new_key"]
+                 "core", "runs_dir", "device", "new_key", "corpus.new_key", "grid.new_key",
+                 "descriptive", "descriptive.absorption", "descriptive.absorption.n_words",
+                 "descriptive.probing", "descriptive.probing.datasets", "descriptive.probing.ks",
+                 "descriptive.dense_threshold"]
 
 
 def _check_junk(data) -> None:

@@ -376,10 +376,12 @@ class OfflineJudge(Judge):
         values = [float(v) for v in self.loglik_fn(texts)]
         if len(values) != len(texts):
             raise ValueError(f"loglik_fn returned {len(values)} values for {len(texts)} texts")
-        bad = [i for i, v in enumerate(values) if not math.isfinite(v) or v > 0]
+        # −inf is a legitimate answer: an empty generation (EOS at once) has no token to score,
+        # and it rates fluency 0 like any very unlikely text; NaN or a positive value is a bug.
+        bad = [i for i, v in enumerate(values) if math.isnan(v) or v > 0]
         if bad:
-            raise ValueError(f"loglik_fn must return finite mean log-probs <= 0; got "
-                             f"{values[bad[0]]} for text {bad[0]}")
+            raise ValueError(f"loglik_fn must return mean log-probs <= 0 (or -inf for an empty "
+                             f"text); got {values[bad[0]]} for text {bad[0]}")
         return values
 
     def rate(self, items: Sequence[RatingItem]) -> list[Ratings]:
@@ -446,6 +448,8 @@ class OfflineJudge(Judge):
         loglik = tuple(c.loglik)
         lls = self._logliks([it.output for it in unsteered])
         if lls is not None:
+            lls = [v for v in lls if math.isfinite(v)]  # empty unsteered answers tell nothing
+        if lls:
             m = float(np.median(lls))
             s = max(1.4826 * float(np.median(np.abs(np.asarray(lls) - m))), 0.5)
             loglik = (m - 3 * s, m - 6 * s)

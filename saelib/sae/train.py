@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
@@ -53,7 +54,7 @@ from sae_lens.saes.sae import TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
-from saelib.results import read_json, write_json
+from saelib.results import CorruptFileError, read_json, sha256_file, write_json
 from saelib.sae.registry import ArchSpec, get_arch
 
 #: The paper's step counts (protocol §2): ~5e8 tokens / 2,048-token batches.
@@ -379,20 +380,35 @@ def _save_checkpoint(folder: Path, trainer: SAETrainer, tail: _TailStats, mean_D
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    write_json(folder / _LATEST, {"dir": name, "step": step})
+    write_json(folder / _LATEST, {"dir": name, "step": step,
+                                  "sha256": {f: sha256_file(final / f) for f in (_WEIGHTS, _STATE)}})
     for old in folder.glob("step_*"):
         if old.name != name and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The folder of the newest complete checkpoint under ``folder``, or None."""
+    """The folder of the newest complete checkpoint under ``folder``, or None.
+
+    A checkpoint whose files differ from the checksums its pointer recorded (truncated, corrupt)
+    is named on stderr and not used: the run then starts again from scratch, which recomputes it.
+    """
     pointer = Path(folder) / _LATEST
     if not pointer.exists():
         return None
-    target = Path(folder) / read_json(pointer)["dir"]
+    try:
+        record = read_json(pointer)
+    except CorruptFileError as e:
+        print(f"warning: {e}; training restarts from scratch", file=sys.stderr)
+        return None
+    target = Path(folder) / record["dir"]
     if not (target / _WEIGHTS).exists() or not (target / _STATE).exists():
         return None
+    for name, sha in (record.get("sha256") or {}).items():
+        if sha256_file(target / name) != sha:
+            print(f"warning: checkpoint file {target / name} differs from its checksum in {pointer} "
+                  "(truncated or corrupt); training restarts from scratch", file=sys.stderr)
+            return None
     return target
 
 
