@@ -43,6 +43,10 @@ class FakeOpenAIServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.answer_delay_s = 0.0
+        #: optional ``plan(body, attempt) -> action | None``: an action chosen per request content
+        #: and attempt number (1, 2, …), for load tests where a queue's order would be a race.
+        self.plan = None
+        self.attempts: dict[str, int] = {}
         self.lock = threading.Lock()
         owner = self
 
@@ -55,18 +59,32 @@ class FakeOpenAIServer:
                 with owner.lock:
                     owner.requests.append(body)
                     owner.auth.append(self.headers.get("Authorization"))
-                    action = owner.script.pop(0) if owner.script else ("ok",)
+                    action = owner.script.pop(0) if owner.script else None
+                    if action is None and owner.plan is not None:
+                        key = json.dumps(body["messages"], sort_keys=True)
+                        owner.attempts[key] = owner.attempts.get(key, 0) + 1
+                        action = owner.plan(body, owner.attempts[key])
+                    action = action or ("ok",)
                     owner.in_flight += 1
                     owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
+                self._counted = True
                 try:
                     self._act(action, body)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
                 finally:
-                    with owner.lock:
+                    self._done()
+
+            def _done(self):
+                # leave the in-flight count *before* the client can read the answer: otherwise its
+                # next request may arrive while this thread has not yet counted itself out
+                with owner.lock:
+                    if self._counted:
                         owner.in_flight -= 1
+                        self._counted = False
 
             def _send(self, code, payload: bytes, headers=()):
+                self._done()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
