@@ -81,3 +81,30 @@ def tmp_cache(tmp_path, monkeypatch):
     root = tmp_path / "saelib-cache"
     monkeypatch.setenv(CACHE_ENV, str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def smoke_topk_root(tmp_path_factory):
+    """A run folder holding the smoke profile's prepared tokens, capture (with the descriptive
+    inputs) and its trained TopK SAE (level 0), built once per session for the slow tests that
+    need one real SAE (sae-bench cross-check, corrupt artefacts). Tests point ``SAELIB_RUNS`` at
+    it with their own ``monkeypatch``; a test that damages a file must leave it recomputed."""
+    from saelib import pipeline
+    from saelib.profiles import RUNS_ENV, load_profile
+
+    root = tmp_path_factory.mktemp("smoke-topk")
+    before = {k: os.environ.get(k) for k in (RUNS_ENV, "HF_HUB_OFFLINE")}
+    os.environ[RUNS_ENV], os.environ["HF_HUB_OFFLINE"] = str(root), "1"
+    try:
+        profile = load_profile("smoke")
+        entry = profile.models[0]
+        pipeline.prepare(profile, progress=False)
+        pipeline.run_capture(profile, entry.name, progress=False)
+        pipeline.run_train(profile, entry.name, "topk", 0, progress=False)
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return root

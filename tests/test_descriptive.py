@@ -215,6 +215,9 @@ def test_inputs_capture_on_a_tiny_model_then_a_corrupt_file_is_refused(tmp_path,
     assert not D.inputs_current(tmp_path, other, 3)
     inputs = D.load_inputs(tmp_path)
     assert inputs.absorption.acts_WD.shape == (len(man["words"]), d)
+    refit = ab.fit_letter_probe(inputs.absorption, cfg.absorption.seed)  # stored probe == a refit
+    np.testing.assert_allclose(inputs.probe.dirs_CD, refit.dirs_CD, atol=1e-6)
+    np.testing.assert_array_equal(inputs.probe.pred_W, refit.pred_W)
     p = inputs.probing["5_hist_fig_ismale"]
     assert p["acts"].shape == (12, 8, d) and p["n_train"] == 8 and p["labels"][:8].sum() == 4
 

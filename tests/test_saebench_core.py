@@ -58,7 +58,7 @@ class FixedTokens:
         return self.tokens
 
 
-def test_core_metrics_agree_with_sae_bench(tmp_path, monkeypatch):
+def test_core_metrics_agree_with_sae_bench(smoke_topk_root, monkeypatch):
     from saelib.activations import ActivationStore
     from saelib.data.corpus import load_token_splits
     from saelib.evals.core import lm_metrics
@@ -66,13 +66,10 @@ def test_core_metrics_agree_with_sae_bench(tmp_path, monkeypatch):
     from saelib.sae.io import load_sae
     from saelib.sae.metrics import reconstruct, reconstruction_metrics
 
-    monkeypatch.setenv(RUNS_ENV, str(tmp_path))
+    monkeypatch.setenv(RUNS_ENV, str(smoke_topk_root))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     profile = load_profile("smoke")
     entry = profile.models[0]
-    pipeline.prepare(profile, progress=False)
-    pipeline.run_capture(profile, entry.name, progress=False)
-    pipeline.run_train(profile, entry.name, "topk", 0, progress=False)
     job = pipeline.SAEJob(entry.name, "topk", 0)
     sae = load_sae(pipeline.sae_dir(profile, job) / "sae")
     lm = load_model(entry.name)

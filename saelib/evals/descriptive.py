@@ -149,6 +149,11 @@ def capture_inputs(residual: Callable[[torch.Tensor], torch.Tensor], tokenizer, 
     files["absorption_acts.npy"] = write_npy(folder / "absorption_acts.npy", data.acts_WD)
     files["absorption_letter.npy"] = write_npy(folder / "absorption_letter.npy", data.letter_W)
     files["absorption_is_test.npy"] = write_npy(folder / "absorption_is_test.npy", data.is_test_W)
+    # the ground-truth letter probe depends only on the model's residual: fit once, not per SAE
+    probe = absorption_mod.fit_letter_probe(data, config.absorption.seed)
+    files["absorption_probe_dirs.npy"] = write_npy(folder / "absorption_probe_dirs.npy", probe.dirs_CD)
+    files["absorption_probe_f1.npy"] = write_npy(folder / "absorption_probe_f1.npy", probe.f1_C)
+    files["absorption_probe_pred.npy"] = write_npy(folder / "absorption_probe_pred.npy", probe.pred_W)
     p = config.probing
     sets = {}
     for name in p.datasets:
@@ -173,6 +178,9 @@ def capture_inputs(residual: Callable[[torch.Tensor], torch.Tensor], tokenizer, 
 class Inputs:
     absorption: absorption_mod.AbsorptionData
     probing: dict[str, dict[str, np.ndarray]]
+    #: the letter probe fit at capture (None for inputs captured before it was stored: then
+    #: :func:`run` fits it, with the same seed, so the numbers are the same)
+    probe: absorption_mod.LetterProbe | None = None
 
 
 def load_inputs(folder: str | Path) -> Inputs:
@@ -190,7 +198,11 @@ def load_inputs(folder: str | Path) -> Inputs:
         n_train = meta["n_train"]
         probing[name] = {"acts": arr[f"{stem}_acts.npy"], "lengths": arr[f"{stem}_lengths.npy"],
                          "labels": arr[f"{stem}_labels.npy"], "n_train": n_train}
-    return Inputs(data, probing)
+    probe = None
+    if "absorption_probe_dirs.npy" in arr:
+        probe = absorption_mod.LetterProbe(arr["absorption_probe_dirs.npy"], arr["absorption_probe_f1.npy"],
+                                           arr["absorption_probe_pred.npy"])
+    return Inputs(data, probing, probe)
 
 
 # ------------------------------------------------------------------------------------------
@@ -225,7 +237,7 @@ def run(encode: Callable[[torch.Tensor], torch.Tensor], W_dec_FD: np.ndarray, in
 
     width = W_dec_FD.shape[0]
     dense, n_tok = dense_fraction(encode, eval_acts, config.dense_tokens, config.dense_threshold, width)
-    probe = absorption_mod.fit_letter_probe(inputs.absorption, config.absorption.seed)
+    probe = inputs.probe or absorption_mod.fit_letter_probe(inputs.absorption, config.absorption.seed)
     ab = absorption_mod.score(inputs.absorption, probe, encode, W_dec_FD, config.absorption)
     sets = []
     p = config.probing

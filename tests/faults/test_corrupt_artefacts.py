@@ -58,13 +58,12 @@ def test_corrupt_checkpoint_is_named_and_training_restarts_to_the_same_sae(tmp_p
 
 
 @pytest.mark.slow
-def test_corrupt_shard_sae_and_inputs_are_recomputed_on_the_smoke_profile(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(RUNS_ENV, str(tmp_path))
+def test_corrupt_shard_sae_and_inputs_are_recomputed_on_the_smoke_profile(smoke_topk_root, monkeypatch,
+                                                                          capsys):
+    monkeypatch.setenv(RUNS_ENV, str(smoke_topk_root))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     profile = load_profile("smoke")
     entry = profile.models[0]
-    pipeline.prepare(profile, progress=False)
-    pipeline.run_capture(profile, entry.name, progress=False)
     assert pipeline.capture_done(profile, entry)
     train_dir = pipeline.activations_dir(profile, entry, "train")
     manifest = json.loads((train_dir / "manifest.json").read_text())
@@ -82,7 +81,6 @@ def test_corrupt_shard_sae_and_inputs_are_recomputed_on_the_smoke_profile(tmp_pa
     before_inputs = sha256_file(victim)
     truncate(victim)
     job = pipeline.SAEJob(entry.name, "topk", 0)
-    pipeline.run_train(profile, entry.name, "topk", 0, progress=False)
     with pytest.raises(FileNotFoundError, match="absorption_acts.npy"):
         pipeline.run_descriptive(profile, entry.name, "topk", 0, progress=False)
     assert not pipeline.capture_done(profile, entry)
