@@ -88,9 +88,13 @@ def run_notebook(profile: Profile, job: Job, log_output: bool = False) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.partial.ipynb")  # hidden until complete; papermill wants .ipynb
     notebook = NOTEBOOKS / f"{STAGE_NOTEBOOKS.get(job.stage, job.stage)}.ipynb"
+    # The kernel starts in the job's folder (so a notebook's relative writes, e.g. the analysis
+    # CSV, land beside its executed copy) through nbclient's ``resources.metadata.path``, not
+    # papermill's ``cwd``: that one os.chdir()s this whole process, and jobs run as threads of it
+    # (``dask_client``), so two jobs starting together would swap folders.
     pm.execute_notebook(str(notebook), str(tmp), parameters=job.parameters,
                         kernel_name="python3", progress_bar=False, log_output=log_output,
-                        cwd=str(out.parent))
+                        resources={"metadata": {"path": str(out.parent)}})
     _retitle(tmp, job)
     tmp.replace(out)
 

@@ -161,3 +161,43 @@ def test_sae_weights_that_differ_from_their_recorded_checksum_are_trained_again(
     assert str(weights) in capsys.readouterr().err
     weights.unlink()
     assert not pipeline.train_done(profile, job)
+
+
+def test_concurrent_jobs_each_run_in_their_own_folder(tmp_path, monkeypatch):
+    """Two notebooks started together by the in-process Dask workers: each kernel's working
+    directory is its own job's folder (found by the default grid, where the key-observations JSON
+    landed in the analysis folder while both summaries ran at once)."""
+    import threading
+
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("name = ''", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import os, time\ntime.sleep(0.5)\n"
+                                          "open(name + '.txt', 'w').write(os.getcwd())")]
+    nb.metadata = {"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"},
+                   "language_info": {"name": "python"}}
+    monkeypatch.setattr(grid, "NOTEBOOKS", tmp_path / "nbs")
+    (tmp_path / "nbs").mkdir()
+    for stage in ("alpha", "beta"):
+        nbformat.write(nb, str(tmp_path / "nbs" / f"{stage}.ipynb"))
+    profile = _profile(tmp_path / "runs", calibrate=False)
+    jobs = [grid.Job(stage, stage, {"name": stage}, lambda: False) for stage in ("alpha", "beta")]
+    errors = []
+
+    def run(job):
+        try:
+            grid.run_notebook(profile, job)
+        except Exception as e:  # a thread's exception would vanish; keep it for the assert
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for j in jobs:
+        folder = j.output(profile).parent
+        assert (folder / f"{j.name}.txt").read_text() == str(folder)
+        assert j.output(profile).exists()

@@ -117,3 +117,16 @@ def test_timer_accumulates_named_timings():
             raise ValueError("boom")
     assert timer.timings["step"] >= 0.02
     assert "failing" in timer.timings
+
+
+def test_atomic_writes_get_a_normal_file_mode(tmp_path):
+    """mkstemp creates 0600 files; a result or book download must be readable like any file
+    (the mode the umask gives), not only by its owner."""
+    import os
+
+    from saelib.results import write_json
+
+    path = write_json(tmp_path / "r.json", {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
