@@ -97,21 +97,37 @@ def settings_record(**configs: Any) -> dict[str, Any]:
 def block_is_current(profile: Profile, job: SAEJob, block: str, settings: dict[str, Any],
                      rows_file: str) -> bool:
     """A later stage's ``result.json`` block was computed from the SAE as saved now
-    (weights checksum) with ``settings``, and its rows file exists."""
+    (weights checksum) with ``settings``, and its rows file exists with the checksum the block
+    recorded for it (a JSONL log cut at a line boundary still parses: only the checksum tells)."""
     out = sae_dir(profile, job)
     if not train_done(profile, job) or not (out / rows_file).exists():
         return False
     record = read_json(out / RESULT).get(block)
-    return (bool(record) and record.get("sae_sha256") == _sae_weights_sha(profile, job)
-            and record.get("settings") == settings)
+    if not (bool(record) and record.get("sae_sha256") == _sae_weights_sha(profile, job)
+            and record.get("settings") == settings):
+        return False
+    from .results import sha256_file
+
+    for name, sha in (record.get("files_sha256") or {}).items():
+        if not (out / name).exists() or sha256_file(out / name) != sha:
+            print(f"warning: {out / name} is missing or differs from the checksum in "
+                  f"{out / RESULT} (truncated or corrupt); its stage will be recomputed",
+                  file=sys.stderr)
+            return False
+    return True
 
 
 def finish_block(profile: Profile, job: SAEJob, block: str, record: dict[str, Any],
                  settings: dict[str, Any], seed: int, timings: dict[str, float]) -> dict[str, Any]:
-    """Complete a later stage's record (weights checksum, settings, seconds, provenance) and write
-    it as ``block`` of the SAE's ``result.json``, keeping every other key; return it."""
+    """Complete a later stage's record (weights checksum, its rows/scores files' checksums,
+    settings, seconds, provenance) and write it as ``block`` of the SAE's ``result.json``, keeping
+    every other key; return it."""
+    from .results import sha256_file
+
     out = sae_dir(profile, job)
+    files = [record[k] for k in ("rows_file", "scores_file") if record.get(k)]
     record = {**record, "sae_sha256": _sae_weights_sha(profile, job), "settings": settings,
+              "files_sha256": {name: sha256_file(out / name) for name in files},
               "seconds": sum(timings.values()),
               "provenance": provenance(None, seed, timings, profile=profile.name,
                                        peak_rss_mb=peak_rss_mb())}

@@ -201,3 +201,28 @@ def test_concurrent_jobs_each_run_in_their_own_folder(tmp_path, monkeypatch):
         folder = j.output(profile).parent
         assert (folder / f"{j.name}.txt").read_text() == str(folder)
         assert j.output(profile).exists()
+
+
+def test_a_jsonl_log_cut_at_a_line_boundary_is_caught_by_its_checksum(tmp_path, capsys):
+    """A stage's rows file (here AutoInterp's JSONL) that lost its last lines still parses; the
+    checksum its result block recorded makes the stage not done, so the grid recomputes it."""
+    from saelib.results import sha256_file, write_jsonl
+
+    profile = _profile(tmp_path, calibrate=True)
+    job = next(j for j in pipeline.sae_jobs(profile) if j.arch == "topk")
+    out = pipeline.sae_dir(profile, job)
+    weights = out / "sae" / pipeline.SAE_WEIGHTS
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights")
+    (out / pipeline.RESULT).write_text(json.dumps(
+        {"train": {"sae_sha256": sha256_file(weights)}, "sparsity_method": {"method": "k"}}))
+    rows = out / pipeline.INTERP_ROWS
+    write_jsonl(rows, [{"latent": i, "score": 0.5} for i in range(5)])
+    settings = {"interp": {"n": 1}}
+    pipeline.finish_block(profile, job, "interp", {"mu": 0.5, "rows_file": pipeline.INTERP_ROWS},
+                          settings, 0, {"autointerp": 1.0})
+    assert pipeline.block_is_current(profile, job, "interp", settings, pipeline.INTERP_ROWS)
+    lines = rows.read_text().splitlines(keepends=True)
+    rows.write_text("".join(lines[:3]))
+    assert not pipeline.block_is_current(profile, job, "interp", settings, pipeline.INTERP_ROWS)
+    assert str(rows) in capsys.readouterr().err
