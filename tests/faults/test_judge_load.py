@@ -10,7 +10,7 @@ from __future__ import annotations
 import zlib
 
 import pytest
-from test_judges_openai import FakeOpenAIServer, judge_for  # tests/ is on sys.path
+from test_judges_openai import judge_for, key, server  # noqa: F401  (tests/ is on sys.path; fixtures)
 
 from saelib.judges import RatingItem, Ratings
 from saelib.judges.openai import JudgeRequestError
@@ -31,18 +31,6 @@ def expected(item: RatingItem) -> Ratings:
               for kind in ("concept", "instruction", "fluency")]
     return Ratings(*values)
 
-
-@pytest.fixture
-def server():
-    s = FakeOpenAIServer()
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def key(monkeypatch):
-    monkeypatch.setenv("SAELIB_TEST_JUDGE_KEY", "sk-load-test")
-    return "SAELIB_TEST_JUDGE_KEY"
 
 
 def test_hundreds_of_requests_with_throttling_keep_the_bound_and_lose_nothing(server, key):
