@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .results import CorruptFileError, atomic_path, read_json, sha256_file, write_json
+from .results import CorruptFileError, atomic_path, first_mismatch, read_json, sha256_file, write_json
 
 MANIFEST = "manifest.json"
 
@@ -117,10 +117,9 @@ class ActivationStore:
             raise ActivationError(f"{root}: capture is incomplete ({len(manifest['shards'])} shards); "
                                   f"rerun capture to resume it")
         if verify:
-            for entry in manifest["shards"]:
-                path = root / entry["file"]
-                if not path.exists() or sha256_file(path) != entry["sha256"]:
-                    raise CorruptFileError(f"{path}: missing or checksum differs from {root / MANIFEST}")
+            bad = first_mismatch(root, {e["file"]: e["sha256"] for e in manifest["shards"]})
+            if bad is not None:
+                raise CorruptFileError(f"{bad}: missing or checksum differs from {root / MANIFEST}")
         return cls(root, manifest)
 
     @property

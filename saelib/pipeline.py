@@ -106,14 +106,13 @@ def block_is_current(profile: Profile, job: SAEJob, block: str, settings: dict[s
     if not (bool(record) and record.get("sae_sha256") == _sae_weights_sha(profile, job)
             and record.get("settings") == settings):
         return False
-    from .results import sha256_file
+    from .results import first_mismatch
 
-    for name, sha in (record.get("files_sha256") or {}).items():
-        if not (out / name).exists() or sha256_file(out / name) != sha:
-            print(f"warning: {out / name} is missing or differs from the checksum in "
-                  f"{out / RESULT} (truncated or corrupt); its stage will be recomputed",
-                  file=sys.stderr)
-            return False
+    bad = first_mismatch(out, record.get("files_sha256") or {})
+    if bad is not None:
+        print(f"warning: {bad} is missing or differs from the checksum in {out / RESULT} "
+              "(truncated or corrupt); its stage will be recomputed", file=sys.stderr)
+        return False
     return True
 
 

@@ -160,6 +160,18 @@ class CorruptFileError(RuntimeError):
     """An artefact on disk is truncated, corrupt or not what its manifest says."""
 
 
+def first_mismatch(folder: str | Path, sha256s: dict[str, str]) -> Path | None:
+    """The first of ``sha256s``' files (names under ``folder``) that is missing or whose checksum
+    differs from the one recorded for it, or None when all match: the one check behind every
+    manifest, checkpoint pointer and result block that lists its files' checksums."""
+    folder = Path(folder)
+    for name, sha in sha256s.items():
+        path = folder / name
+        if not path.exists() or sha256_file(path) != sha:
+            return path
+    return None
+
+
 def write_npy(path: str | Path, arr: Any) -> str:
     """Save an array as ``.npy`` (never pickled), atomically; return its sha256 for a manifest."""
     import numpy as np

@@ -187,8 +187,7 @@ def fit_letter_probe(data: AbsorptionData, seed: int = 0) -> LetterProbe:
     scale = X[train].std() or 1.0
     clf = LogisticRegression(max_iter=2000, random_state=seed, C=1.0)
     clf.fit(X[train] / scale, data.letter_W[train])
-    pred = np.full(len(X), -1)
-    pred[:] = clf.predict(X / scale)
+    pred = clf.predict(X / scale)
     W = np.zeros((len(LETTERS), X.shape[1]))
     W[clf.classes_] = clf.coef_
     norms = np.linalg.norm(W, axis=1, keepdims=True)

@@ -83,7 +83,7 @@ def inputs_current(folder: Path, config: DescriptiveConfig, layer: int) -> bool:
     (a damaged one is named on stderr; the capture stage then recomputes the inputs)."""
     import sys
 
-    from ..results import sha256_file
+    from ..results import first_mismatch
 
     folder = Path(folder)
     if not (folder / MANIFEST).exists():
@@ -96,11 +96,11 @@ def inputs_current(folder: Path, config: DescriptiveConfig, layer: int) -> bool:
     if not (manifest.get("complete") is True and manifest.get("layer") == layer
             and manifest.get("settings") == config.inputs_record()):
         return False
-    for name, sha in manifest["files"].items():
-        if not (folder / name).exists() or sha256_file(folder / name) != sha:
-            print(f"warning: {folder / name} is missing or differs from its checksum in "
-                  f"{folder / MANIFEST}; the capture stage will recompute it", file=sys.stderr)
-            return False
+    bad = first_mismatch(folder, manifest["files"])
+    if bad is not None:
+        print(f"warning: {bad} is missing or differs from its checksum in {folder / MANIFEST}; "
+              "the capture stage will recompute it", file=sys.stderr)
+        return False
     return True
 
 
