@@ -306,22 +306,43 @@ def _tl_from_hf_config(source: str, hf, tokenizer, dtype: torch.dtype, device: s
 
 #: TransformerLens weights that its forward passes as ``F.linear(x, W.T.contiguous())``.
 _LINEAR_WEIGHTS = ("W_in", "W_gate", "W_out", "W_U")
+#: Attention weights ``[head, d_model, d_head]`` that its forward re-arranges to
+#: ``[(head d_head), d_model]`` (``_W_K``/``_W_V``: grouped-query attention's unrepeated ones).
+_QKV_WEIGHTS = ("W_Q", "W_K", "W_V", "_W_K", "_W_V")
+
+
+def _relaid(name: str, w: torch.Tensor) -> torch.Tensor | None:
+    """``w`` (same values) stored so that TransformerLens's re-arrangement of it is a view, or
+    None when it already is."""
+    leaf = name.rsplit(".", 1)[-1]
+    if w.dim() == 2 and leaf in _LINEAR_WEIGHTS and not w.T.is_contiguous():
+        return w.T.contiguous().T
+    if w.dim() == 3 and leaf in _QKV_WEIGHTS and not w.permute(0, 2, 1).is_contiguous():
+        return w.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    if w.dim() == 3 and leaf == "W_O" and not w.permute(2, 0, 1).is_contiguous():
+        return w.permute(2, 0, 1).contiguous().permute(1, 2, 0)  # "h d m -> m (h d)"
+    return None
 
 
 def store_transposed(tl) -> int:
-    """Store each ``_LINEAR_WEIGHTS`` matrix as the transposed view of a contiguous tensor.
+    """Store each weight that TransformerLens re-lays on every forward in the layout it re-lays
+    it to, as a view with the original shape.
 
     Why: TransformerLens 3.x's gated MLP and unembedding call ``W.T.contiguous()`` on every forward
-    (to match ``nn.Linear``'s numerics), which copies the weight each time: for generation, one
-    token per forward, those copies took more than half the time on this CPU, and Gemma's
-    640 × 262,144 unembedding is 671 MB per copy. With ``W`` a view of a contiguous ``Wᵀ``, the
-    ``.contiguous()`` is free and every value, hence every output, stays bit-identical
-    (tests/test_models.py). Returns how many matrices were re-laid.
+    (to match ``nn.Linear``'s numerics), and its attention re-arranges W_Q/W_K/W_V to
+    ``[(head d_head), d_model]`` and W_O to ``[d_model, (head d_head)]`` the same way, which
+    copies each weight each time: for generation, one token per forward, those copies took more
+    than half the time on this CPU (the MLP and unembedding ones; the attention ones a further
+    ~10 % of SmolLM2's decoding), and Gemma's 640 × 262,144 unembedding is 671 MB per copy. With
+    each weight a view of a contiguous tensor in the target layout, the copies are free and every
+    value, hence every output, stays bit-identical (tests/test_models.py). Returns how many
+    tensors were re-laid.
     """
     n = 0
     for name, param in tl.named_parameters():
-        if param.dim() == 2 and name.rsplit(".", 1)[-1] in _LINEAR_WEIGHTS and not param.T.is_contiguous():
-            param.data = param.data.T.contiguous().T
+        relaid = _relaid(name, param.data)
+        if relaid is not None:
+            param.data = relaid
             n += 1
     return n
 

@@ -301,7 +301,7 @@ def _sparsity_method(profile: Profile, job: SAEJob) -> str:
 
 def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int | None = None,
                    train_cfg=None, heldout=None, train_tokens: int | None = None,
-                   mean_D=None) -> tuple[float, dict[str, Any]]:
+                   mean_D=None) -> tuple[float, dict[str, Any], Any]:
     """The knob that targets this level's L0 (protocol §2): k for TopK/BatchTopK; for JumpReLU the
     L0 target handed to sae-lens, calibrated (sae-lens's target-L0 penalty lands well above its
     target here: 10.9 and 16.2 for targets 6 and 10 in the default profile); for ReLU/Gated a
@@ -311,7 +311,9 @@ def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int |
     Calibration probes train on ``train_tokens``, the tokens the final SAE trains on (an L1 SAE's
     L0 keeps falling as it trains, so shorter probes would overshoot): the cache's token count
     after BOS positions are dropped, not the corpus's nominal ``train_tokens``, centred with the
-    same ``mean_D``."""
+    same ``mean_D``. Those probes train exactly as the final SAE does, so the third value is the
+    best probe's :class:`~saelib.sae.train.TrainResult` when the search ran now (the caller keeps
+    it rather than training the same SAE a second time: 18 of the default's 30 SAEs), else None."""
     from .sae.calibrate import CalibrationConfig, calibrate_sparsity
     from .sae.registry import get_arch
 
@@ -319,7 +321,7 @@ def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int |
     target = profile.grid.targets[job.level]
     method = _sparsity_method(profile, job)
     if method in ("k", "l0_target"):
-        return float(target), {"method": method}
+        return float(target), {"method": method}, None
     start = (profile.grid.l1.get(job.arch) or profile.grid.l1.get(spec.name)
              if spec.sparsity_knob == "l1" else None)
     if method != "calibrated":
@@ -327,7 +329,7 @@ def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int |
             from .profiles import ProfileError
 
             raise ProfileError(f"grid.l1.{job.arch} is needed when grid.calibrate is false")
-        return float(start[job.level]), {"method": method}
+        return float(start[job.level]), {"method": method}, None
     entry = profile.model(job.model)
     store_tokens = train_tokens if train_tokens is not None else profile.corpus.train_tokens
     res = calibrate_sparsity(
@@ -336,7 +338,7 @@ def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int |
         cache_path=model_dir(profile, entry) / "calibration.json", train_cfg=train_cfg,
         calib_cfg=CalibrationConfig(initial_l1=float(start[job.level]) if start else 1.0),
         heldout_acts_ND=heldout, seed=profile.seed, mean_D=mean_D)
-    return float(res.knob_value), {"method": "calibrated", "trace": res.to_json()}
+    return float(res.knob_value), {"method": "calibrated", "trace": res.to_json()}, res.trained
 
 
 def run_train(profile: Profile | str, model: str, arch: str, level: int,
@@ -367,13 +369,18 @@ def run_train(profile: Profile | str, model: str, arch: str, level: int,
     make_batches = lambda: train_store.iter_batches(cfg.batch_size, seed=profile.seed,  # noqa: E731
                                                      max_tokens=total)
     with timer("calibrate"):
-        value, how = sparsity_value(profile, job, make_batches, train_store.d_model, cfg, heldout_ND,
-                                    train_tokens=total, mean_D=mean_D)
+        value, how, res = sparsity_value(profile, job, make_batches, train_store.d_model, cfg,
+                                         heldout_ND, train_tokens=total, mean_D=mean_D)
+    metadata = {"model_name": entry.name, "hook_name": f"blocks.{entry.layer}.hook_resid_post",
+                "hook_layer": entry.layer, "context_size": profile.corpus.context}
     with timer("train"):
-        res = train_sae(arch, train_store.d_model, profile.grid.width, value, make_batches(), total,
-                        cfg, checkpoint_dir=out / "checkpoints", mean_D=mean_D, seed=profile.seed,
-                        metadata={"model_name": entry.name, "hook_name": f"blocks.{entry.layer}.hook_resid_post",
-                                  "hook_layer": entry.layer, "context_size": profile.corpus.context})
+        if res is None:
+            res = train_sae(arch, train_store.d_model, profile.grid.width, value, make_batches(),
+                            total, cfg, checkpoint_dir=out / "checkpoints", mean_D=mean_D,
+                            seed=profile.seed, metadata=metadata)
+        else:  # the calibration's best probe is this SAE, trained on the same data and seed
+            res.sae.cfg.metadata.update(metadata)
+            how["final_from_probe"] = True
     save_sae(res.sae, out / "sae")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     with timer("heldout_metrics"):

@@ -1,6 +1,7 @@
 """L0 calibration: the search brackets the target, real training lands in the ±25 % band, and
 the JSON cache makes reruns free."""
 
+import dataclasses
 import math
 
 import pytest
@@ -64,6 +65,7 @@ def test_relu_calibration_hits_target_band_and_is_cached(tmp_path):
                                train_cfg=CFG)
     assert again.from_cache and len(calls) == n
     assert again.knob_value == res.knob_value and again.trace == res.trace
+    assert again.trained is None  # a cache hit has no probe in memory: the caller trains
 
     # different training settings are a cache miss, not a stale hit
     other = calibrate_sparsity("relu", 3, model="synthetic", layer=0, d_in=D_IN, d_sae=D_SAE,
@@ -71,6 +73,27 @@ def test_relu_calibration_hits_target_band_and_is_cached(tmp_path):
                                train_cfg=TrainConfig(batch_size=256, lr=2e-3, progress=False),
                                calib_cfg=CalibrationConfig(max_probes=1))
     assert not other.from_cache and len(calls) == n + 1
+
+
+def test_best_probe_is_the_sae_the_final_training_would_give(tmp_path):
+    """The pipeline keeps the best probe instead of training it again (pipeline.sparsity_value):
+    valid only because a probe trains exactly as the final SAE does. The final run also
+    checkpoints; its weights must equal the probe's bit for bit."""
+    from saelib.sae.train import train_sae
+
+    res = calibrate_sparsity("gated", 4, model="synthetic", layer=0, d_in=D_IN, d_sae=D_SAE,
+                             make_batches=stream, probe_tokens=256 * 60, cache_path=None,
+                             train_cfg=CFG, calib_cfg=CalibrationConfig(max_probes=3))
+    assert res.trained is not None and res.trained.sparsity_value == res.knob_value
+    assert res.trained.tokens_seen == 256 * 60
+    final = train_sae("gated", D_IN, D_SAE, res.knob_value, stream(), 256 * 60,
+                      dataclasses.replace(CFG, checkpoint_every=10),
+                      checkpoint_dir=tmp_path / "ckpt", seed=0)
+    probe_sd, final_sd = res.trained.sae.state_dict(), final.sae.state_dict()
+    assert probe_sd.keys() == final_sd.keys()
+    for name, tensor in final_sd.items():
+        assert torch.equal(probe_sd[name], tensor), name
+    assert final.l0 == res.trained.l0
 
 
 def test_gated_calibration_with_heldout_set(tmp_path):

@@ -100,14 +100,23 @@ def test_store_transposed_keeps_outputs_bit_identical_and_skips_the_copies(local
     lm = load_model(str(local_folder))
     ids = torch.tensor([[1, 5, 9, 22, 7]])
     # load_model already re-laid the weights: their transposes are contiguous, and again is a no-op.
-    assert all(p.T.is_contiguous() for n, p in lm.tl.named_parameters()
-               if n.rsplit(".", 1)[-1] in ("W_in", "W_gate", "W_out", "W_U"))
+    leaf = lambda n: n.rsplit(".", 1)[-1]  # noqa: E731
+    params = dict(lm.tl.named_parameters())
+    assert all(p.T.is_contiguous() for n, p in params.items()
+               if leaf(n) in ("W_in", "W_gate", "W_out", "W_U"))
+    # attention: the re-arrangements "h m d -> (h d) m" and "h d m -> m (h d)" are views
+    assert all(p.permute(0, 2, 1).is_contiguous() for n, p in params.items()
+               if leaf(n) in ("W_Q", "W_K", "W_V", "_W_K", "_W_V"))
+    assert all(p.permute(2, 0, 1).is_contiguous() for n, p in params.items() if leaf(n) == "W_O")
     assert store_transposed(lm.tl) == 0
     with torch.no_grad():
         relaid = lm.tl(ids)
         for _, p in lm.tl.named_parameters():  # back to TransformerLens's own layout
             p.data = p.data.contiguous()
-        assert store_transposed(lm.tl) == 3 * 3 + 1  # gate/in/out per block, and W_U
+        n_attn = sum(leaf(n) in ("W_Q", "W_K", "W_V", "_W_K", "_W_V", "W_O") for n in params)
+        assert n_attn >= 3 * 4  # Q, K, V and O per block (GQA: its unrepeated K and V)
+        # gate/in/out and the attention weights per block, and W_U
+        assert store_transposed(lm.tl) == 3 * 3 + n_attn + 1
         assert torch.equal(lm.tl(ids), relaid)
 
 

@@ -96,6 +96,11 @@ class CalibrationResult:
     band: tuple[float, float]
     trace: list[Probe] = field(default_factory=list)
     from_cache: bool = False
+    #: the best probe's trained SAE (a :class:`~saelib.sae.train.TrainResult`) when the search ran
+    #: in this call: probes train exactly as the final SAE would (same data, seed, centring,
+    #: token budget), so the caller can keep it instead of training the same SAE again. ``None``
+    #: from the cache or for TopK/BatchTopK. Never serialised.
+    trained: Any = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"key": asdict(self.key), "knob_name": self.knob_name,
@@ -239,6 +244,11 @@ def calibrate_sparsity(arch: str, target_l0: float, *, model: str, layer: int, d
     else:
         cache = {}
 
+    def miss(l0: float) -> float:
+        return abs(math.log(max(l0, 1e-2) / target_l0))
+
+    kept: dict[str, Any] = {}
+
     def measure(knob: float) -> Probe:
         t0 = time.perf_counter()
         res = train_sae(spec.name, d_in, d_sae, knob, make_batches(), probe_tokens, tcfg,
@@ -248,17 +258,21 @@ def calibrate_sparsity(arch: str, target_l0: float, *, model: str, layer: int, d
             l0, ev = m.l0, m.explained_variance
         else:
             l0, ev = res.l0, res.explained_variance
-        return Probe(knob=knob, realised_l0=l0, explained_variance=ev,
-                     seconds=time.perf_counter() - t0)
+        probe = Probe(knob=knob, realised_l0=l0, explained_variance=ev,
+                      seconds=time.perf_counter() - t0)
+        if not kept or miss(l0) < miss(kept["probe"].realised_l0):
+            kept.update(probe=probe, trained=res)  # only the best so far stays in memory
+        return probe
 
     start = _initial_knob(key, spec.sparsity_knob, cache, fingerprint, ccfg)
     trace = bracket_search(measure, start, float(target_l0),
                     increasing=spec.sparsity_knob == "l0_target", cfg=ccfg)
-    best = min(trace, key=lambda p: abs(math.log(max(p.realised_l0, 1e-2) / target_l0)))
+    best = min(trace, key=lambda p: miss(p.realised_l0))
     result = CalibrationResult(key=key, knob_name=spec.sparsity_knob, knob_value=best.knob,
                                realised_l0=best.realised_l0,
                                within_band=band[0] <= best.realised_l0 <= band[1], band=band,
-                               trace=trace)
+                               trace=trace,
+                               trained=kept["trained"] if kept.get("probe") is best else None)
     if path is not None:
         with _locked(path):
             cache = _read_cache(path)
