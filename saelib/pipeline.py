@@ -379,7 +379,8 @@ def run_train(profile: Profile | str, model: str, arch: str, level: int,
                             total, cfg, checkpoint_dir=out / "checkpoints", mean_D=mean_D,
                             seed=profile.seed, metadata=metadata)
         else:  # the calibration's best probe is this SAE, trained on the same data and seed
-            res.sae.cfg.metadata.update(metadata)
+            for key, item in metadata.items():  # as train_sae sets them (SAEMetadata)
+                res.sae.cfg.metadata[key] = item
             how["final_from_probe"] = True
     save_sae(res.sae, out / "sae")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)

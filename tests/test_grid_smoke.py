@@ -61,6 +61,13 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
         assert core["l0"] > 0, r["arch"]
         assert math.isfinite(core["explained_variance"]) and math.isfinite(core["mse"]), r["arch"]
         assert r["provenance"]["seed"] == profile.seed and r["provenance"]["profile"] == "smoke"
+        job = pipeline.SAEJob(r["model"], r["arch"], r["level"])
+        saved = json.loads((pipeline.sae_dir(profile, job) / "sae" / "cfg.json").read_text())["metadata"]
+        assert saved["hook_name"] == f"blocks.{r['layer']}.hook_resid_post", r["arch"]
+        assert saved["model_name"] == r["model"] and saved["saelib_arch"], r["arch"]
+        # ReLU/Gated/JumpReLU keep their calibration's best probe (no second training)
+        assert r["sparsity_method"].get("final_from_probe", False) == (
+            r["sparsity_method"]["method"] == "calibrated"), r["arch"]
         steer = r["steering"]
         assert steer["g"] is not None and 0 <= steer["g"] <= 2, r["arch"]
         rows = read_jsonl(pipeline.sae_dir(profile, pipeline.SAEJob(r["model"], r["arch"], r["level"]))

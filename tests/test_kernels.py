@@ -238,6 +238,8 @@ def test_latent_topk_rejects_bad_input():
 @pytest.mark.slow
 @needs_interp
 def test_latent_topk_triton_larger_k_and_many_tiles():
-    """k = 33 (a 64-slot list), 300 tokens in 10 tiles: ~1 min under the interpreter."""
-    acts_NF = torch.randn(300, 70, generator=torch.Generator().manual_seed(9))
+    """k = 33 (a 64-slot list), 300 tokens in 5 tiles of 64 (the last ones partial) over 40
+    latents (one 64-latent block, its tail masked): one program, ~half a minute under the
+    interpreter."""
+    acts_NF = torch.randn(300, 40, generator=torch.Generator().manual_seed(9))
     _check_latent_topk(acts_NF, 33, [128, 172], backend="triton")
