@@ -32,8 +32,13 @@ def stage_notebooks(profile) -> Path:
 
 
 def build(profile, builder: str = "html") -> Path:
+    """Build the book of ``profile`` from scratch. ``_build/`` goes first: Sphinx never deletes a
+    page whose source is gone, so a book built after another profile's (e.g. the smoke profile's
+    after the default's) would still hold the other grid's pages; the executed notebooks are
+    copied anew each time, so an incremental build would redo every page anyway."""
     profile = as_profile(profile)
     stage_notebooks(profile)
+    shutil.rmtree(ROOT / "_build", ignore_errors=True)
     cmd = [sys.executable, "-m", "jupyter_book", "build", str(ROOT), "--builder", builder]
     jb = shutil.which("jupyter-book", path=str(Path(sys.executable).parent))
     if jb:

@@ -55,12 +55,16 @@ def interp_stage_done(profile: Profile, job: pipeline.SAEJob) -> bool:
     return pipeline.interp_done(profile, job) and pipeline.descriptive_done(profile, job)
 
 
-def build_jobs(profile: Profile) -> list[Job]:
-    """The job DAG of a profile, in a valid execution order."""
+def build_jobs(profile: Profile, capture_threads: int | None = None) -> list[Job]:
+    """The job DAG of a profile, in a valid execution order. ``capture_threads``: torch threads
+    for each capture job (None: the kernel's default)."""
     jobs: list[Job] = []
     for entry in profile.models:
         slug = pipeline.model_dir(profile, entry).parent.name
-        jobs.append(Job(f"capture-{slug}", "capture", {"profile": profile.name, "model": entry.name},
+        params = {"profile": profile.name, "model": entry.name}
+        if capture_threads:
+            params["threads"] = int(capture_threads)
+        jobs.append(Job(f"capture-{slug}", "capture", params,
                         lambda e=entry: pipeline.capture_done(profile, e)))
     #: Per-SAE stages in order: (job-name prefix, stage, "done" check); each depends on the one before.
     per_sae = [("", "train", pipeline.train_done), ("interp-", "interp", interp_stage_done),
@@ -147,7 +151,7 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
     t0 = time.perf_counter()
     pipeline.prepare(profile)
     report.seconds["prepare"] = time.perf_counter() - t0
-    jobs = {j.name: j for j in build_jobs(profile)}
+    jobs = {j.name: j for j in build_jobs(profile, capture_threads(profile, workers, scheduler))}
     if only:
         jobs = {n: j for n, j in jobs.items() if j.stage == only or n == only}
     pending = dict(jobs)
@@ -274,6 +278,18 @@ def share_cores(workers: int) -> None:
         per = str(max(1, (os.cpu_count() or 1) // workers))
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, per)
+
+
+def capture_threads(profile: Profile, workers: int, scheduler: str | None = None) -> int | None:
+    """Threads for each capture kernel: this machine's cores shared among the profile's captures,
+    which run first and together (they are the DAG's roots), instead of the 1/``workers`` share
+    every kernel gets (:func:`share_cores`). None on a remote scheduler (its workers' cores are
+    not this machine's) or with one worker (the kernel has every core already)."""
+    import os
+
+    if scheduler is not None or workers <= 1:
+        return None
+    return max(1, (os.cpu_count() or 1) // max(1, min(workers, len(profile.models))))
 
 
 def _timed(fn, *args) -> float:

@@ -201,10 +201,24 @@ def capture_done(profile: Profile, entry: ModelEntry) -> bool:
     return True
 
 
-def run_capture(profile: Profile | str, model: str, progress: bool = True) -> dict[str, Any]:
+def run_capture(profile: Profile | str, model: str, progress: bool = True,
+                threads: int | None = None) -> dict[str, Any]:
     """Capture train and eval residual activations for one model (protocol §2: one pass per
     model/layer, shared by all its SAEs), and the inputs of its SAEs' descriptive metrics.
-    Resumes an interrupted capture."""
+    Resumes an interrupted capture.
+
+    ``threads``: torch threads for this call (restored after). The grid passes all its cores
+    here: a model's capture is the root of its part of the DAG, so it usually runs alone while
+    the kernel's share of the cores (``grid.share_cores``) would leave the others idle."""
+    import torch
+
+    if threads:
+        before = torch.get_num_threads()
+        torch.set_num_threads(int(threads))
+        try:
+            return run_capture(profile, model, progress)
+        finally:
+            torch.set_num_threads(before)
     from .activations import capture, residual_at
     from .evals.descriptive import capture_inputs, inputs_current
     from .data.corpus import load_token_splits
@@ -236,6 +250,7 @@ def run_capture(profile: Profile | str, model: str, progress: bool = True) -> di
                            progress=progress)
     n_tok = sum(a.size for a in (splits.train_NL, splits.eval_NL))
     record = {"model": entry.name, "layer": entry.layer, "splits": summary,
+              "threads": torch.get_num_threads(),
               "tokens_per_s": n_tok / max(1e-9, timer.timings["capture_train"] + timer.timings["capture_eval"]),
               "load_seconds": lm.load_seconds,
               "provenance": provenance(asdict(profile.corpus), profile.seed, timer.timings,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from saelib import grid, pipeline
@@ -54,8 +55,8 @@ def test_failure_blocks_dependants_only_and_resume_skips_done(tmp_path, monkeypa
     monkeypatch.setattr(grid, "run_notebook", fake_run)
     original = grid.build_jobs
 
-    def jobs_with_fake_done(p):
-        jobs = original(p)
+    def jobs_with_fake_done(p, capture_threads=None):
+        jobs = original(p, capture_threads)
         for j in jobs:
             j.done = (lambda name=j.name: (marks / name).exists())
         return jobs
@@ -226,3 +227,27 @@ def test_a_jsonl_log_cut_at_a_line_boundary_is_caught_by_its_checksum(tmp_path, 
     rows.write_text("".join(lines[:3]))
     assert not pipeline.block_is_current(profile, job, "interp", settings, pipeline.INTERP_ROWS)
     assert str(rows) in capsys.readouterr().err
+
+
+def test_capture_jobs_get_the_machines_cores_and_give_them_back(tmp_path, monkeypatch):
+    """Captures are the DAG's roots and run alone: with 2 workers each kernel has half the cores
+    (share_cores), so the grid hands the capture kernel all of them (none on a remote scheduler,
+    whose workers' cores are not this machine's), and run_capture restores torch's threads."""
+    import torch
+
+    profile = _profile(tmp_path)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert grid.capture_threads(profile, workers=2) == 8  # one model: every core
+    assert grid.capture_threads(profile, workers=1) is None
+    assert grid.capture_threads(profile, workers=2, scheduler="tcp://h:8786") is None
+    captures = [j for j in grid.build_jobs(profile, capture_threads=8) if j.stage == "capture"]
+    assert [j.parameters["threads"] for j in captures] == [8]
+    assert all("threads" not in j.parameters for j in grid.build_jobs(profile))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with pytest.raises(Exception):
+            pipeline.run_capture(profile, "no-such-model", progress=False, threads=2)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -49,7 +49,7 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     assert {s: stages.count(s) for s in set(stages)} == {"capture": 1, "train": 5, "interp": 5, "steer": 5, "select": 5,
                                                          "analysis": 1, "observations": 1}
 
-    report = run_grid(profile, progress=False)
+    report = run_grid(profile, progress=False, workers=2)  # as `make book`: two kernels at a time
     assert report.failed == {} and report.blocked == [] and report.ok
     assert sorted(report.ran) == sorted(j.name for j in jobs)
     print("smoke grid seconds:", {k: round(v, 1) for k, v in report.seconds.items()})

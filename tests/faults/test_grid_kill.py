@@ -47,8 +47,8 @@ RUNNER = textwrap.dedent('''
     grid.run_notebook = fake_run
     original = grid.build_jobs
 
-    def jobs(p):
-        js = original(p)
+    def jobs(p, capture_threads=None):
+        js = original(p, capture_threads)
         for j in js:
             j.done = (lambda name=j.name: (marks / name).exists())
         return js
