@@ -3,7 +3,12 @@
 Both paths process the same batches of the same corpus contexts, interleaved, several repeats; the
 ratio of medians is printed. Last line: ``RESULT capture ratio=<x>``.
 
+With ``--threads N`` it instead times the stop-at-layer path on one torch thread and on N,
+alternating: what the grid gains by giving the capture kernel every core
+(``saelib.grid.capture_threads``). Last line: ``RESULT capture_threads ratio=<x>``.
+
     python bench/capture.py [--model smollm2-135m-instruct] [--layer 14] [--contexts 32] [--repeats 5]
+    python bench/capture.py --model smollm2-135m-instruct --layer 14 --threads 2
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, help="compare 1 torch thread with this many")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -48,6 +54,22 @@ def main() -> None:
             for b in batches:
                 lm.hf(b)
 
+    if args.threads:
+        times = {1: [], args.threads: []}
+        stop_at_layer()  # warm-up
+        for _ in range(args.repeats):
+            for n in times:
+                torch.set_num_threads(n)
+                t = time.perf_counter()
+                stop_at_layer()
+                times[n].append(time.perf_counter() - t)
+        med = {n: statistics.median(v) for n, v in times.items()}
+        for n, v in med.items():
+            print(f"{n} thread(s) median {v:.3f} s  ({n_tok / v:,.0f} tokens/s)  runs: "
+                  + ", ".join(f"{x:.2f}" for x in times[n]))
+        print(f"model {args.model}, layer {args.layer} of {lm.n_layers}, {n_tok} tokens per run")
+        print(f"RESULT capture_threads ratio={med[1] / med[args.threads]:.2f}")
+        return
     stop_at_layer(), full_hf()  # warm-up
     times: dict[str, list[float]] = {"stop_at_layer": [], "full_hf": []}
     for _ in range(args.repeats):

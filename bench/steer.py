@@ -8,7 +8,13 @@ residual stream's typical norm at the layer (the timing does not depend on what 
 means). Both paths run the whole work, alternating, ``--repeats`` times; medians are compared and
 the outputs checked token for token. Last line: ``RESULT steer ratio=<x>``.
 
+With ``--sweep B1 B2 …`` it instead times the batched path at each batch size, and at the first
+one with TransformerLens's own weight layout (``saelib.models.store_transposed`` undone), all
+alternating ``--repeats`` times: the profile's ``steering.batch_size`` and the re-laid weights are
+chosen from these medians. Last line: ``RESULT steer_sweep best_batch=<b> relaid_ratio=<x>``.
+
     python bench/steer.py [--model smollm2-135m-instruct] [--layer 14] [--repeats 3]
+    python bench/steer.py --sweep 36 24 72 --factors 1 1.5 2 --instructions 6 --repeats 2
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sweep", type=int, nargs="+", help="batch sizes to compare (see above)")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -65,6 +72,9 @@ def main() -> None:
         cfg = GenerationConfig(max_new_tokens=args.new_tokens, batch_size=batch)
         return generate(lm.tl, prompts, cfg, hooks_for=hooks_for, stop_ids=stop, pad_id=pad)
 
+    if args.sweep:
+        sweep(lm, run, args, len(plan))
+        return
     times: dict[str, list[float]] = {"batched": [], "one_at_a_time": []}
     outputs = {}
     for _ in range(args.repeats):
@@ -83,6 +93,40 @@ def main() -> None:
           f"{n_tok} new tokens; batch {args.batch}; {torch.get_num_threads()} threads")
     print(f"identical greedy outputs (batched vs one at a time): {same}/{len(plan)}")
     print(f"RESULT steer ratio={med['one_at_a_time'] / med['batched']:.2f}")
+
+
+def sweep(lm, run, args, n_generations: int) -> None:
+    """Batch sizes, and the first one without the re-laid weights; outputs must match."""
+    from saelib.models import store_transposed
+
+    relaid = {n: p.data for n, p in lm.tl.named_parameters()}
+    plain = {n: d.contiguous() for n, d in relaid.items()}  # TransformerLens's own layout
+
+    def layout(weights) -> None:
+        for n, p in lm.tl.named_parameters():
+            p.data = weights[n]
+
+    cases = [(f"batch {b}", b, relaid) for b in args.sweep]
+    cases.append((f"batch {args.sweep[0]}, TL layout", args.sweep[0], plain))
+    times: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+    outputs = {}
+    for _ in range(args.repeats):
+        for name, batch, weights in cases:
+            layout(weights)
+            t = time.perf_counter()
+            outputs[name] = run(batch)
+            times[name].append(time.perf_counter() - t)
+    layout(relaid)
+    assert store_transposed(lm.tl) == 0
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in med.items():
+        same = sum(a == b for a, b in zip(outputs[k], outputs[cases[0][0]]))
+        print(f"{k:22s} median {v:7.2f} s  runs: " + ", ".join(f"{x:.2f}" for x in times[k])
+              + f"  outputs identical to {cases[0][0]}: {same}/{n_generations}")
+    best = min(args.sweep, key=lambda b: med[f"batch {b}"])
+    ratio = med[f"batch {args.sweep[0]}, TL layout"] / med[f"batch {args.sweep[0]}"]
+    print(f"{n_generations} generations, {args.new_tokens} new tokens, {torch.get_num_threads()} threads")
+    print(f"RESULT steer_sweep best_batch={best} relaid_ratio={ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def parse_detection(answer: str, n_windows: int) -> list[int] | None:
     """
     pieces = (answer.strip().rstrip(".").replace("and", ",").replace("None", "").split(","))
     pieces = [p.strip() for p in pieces if p.strip()]
-    if not all(p.isdigit() for p in pieces):
+    if not all(p.isdecimal() for p in pieces):  # not isdigit: "²" is a digit int() rejects
         return None
     return sorted({int(p) - 1 for p in pieces if 1 <= int(p) <= n_windows})
 
