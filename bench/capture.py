@@ -54,37 +54,34 @@ def main() -> None:
             for b in batches:
                 lm.hf(b)
 
-    if args.threads:
-        times = {1: [], args.threads: []}
-        stop_at_layer()  # warm-up
+    def timed(cases: dict, width: int) -> dict:
+        """Run the cases interleaved ``--repeats`` times; print and return their medians."""
+        times: dict = {name: [] for name in cases}
         for _ in range(args.repeats):
-            for n in times:
-                torch.set_num_threads(n)
+            for name, fn in cases.items():
                 t = time.perf_counter()
-                stop_at_layer()
-                times[n].append(time.perf_counter() - t)
-        med = {n: statistics.median(v) for n, v in times.items()}
-        for n, v in med.items():
-            print(f"{n} thread(s) median {v:.3f} s  ({n_tok / v:,.0f} tokens/s)  runs: "
-                  + ", ".join(f"{x:.2f}" for x in times[n]))
+                fn()
+                times[name].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for k, v in med.items():
+            print(f"{k:{width}s} median {v:.3f} s  ({n_tok / v:,.0f} tokens/s)  runs: "
+                  + ", ".join(f"{x:.2f}" for x in times[k]))
+        return med
+
+    def on_threads(n: int):
+        return lambda: (torch.set_num_threads(n), stop_at_layer())
+
+    if args.threads:
+        stop_at_layer()  # warm-up
+        med = timed({"1 thread(s)": on_threads(1), f"{args.threads} thread(s)": on_threads(args.threads)}, 0)
         print(f"model {args.model}, layer {args.layer} of {lm.n_layers}, {n_tok} tokens per run")
-        print(f"RESULT capture_threads ratio={med[1] / med[args.threads]:.2f}")
+        print(f"RESULT capture_threads ratio={med['1 thread(s)'] / med[f'{args.threads} thread(s)']:.2f}")
         return
     stop_at_layer(), full_hf()  # warm-up
-    times: dict[str, list[float]] = {"stop_at_layer": [], "full_hf": []}
-    for _ in range(args.repeats):
-        for name, fn in (("stop_at_layer", stop_at_layer), ("full_hf", full_hf)):
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    for k, v in med.items():
-        print(f"{k:14s} median {v:.3f} s  ({n_tok / v:,.0f} tokens/s)  runs: "
-              + ", ".join(f"{x:.2f}" for x in times[k]))
+    med = timed({"stop_at_layer": stop_at_layer, "full_hf": full_hf}, 14)
     print(f"model {args.model}, layer {args.layer} of {lm.n_layers}, {n_tok} tokens per run, "
           f"{torch.get_num_threads()} threads")
     print(f"RESULT capture ratio={med['full_hf'] / med['stop_at_layer']:.2f}")
-
 
 if __name__ == "__main__":
     main()
