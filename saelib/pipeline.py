@@ -13,6 +13,7 @@ import resource
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -106,14 +107,10 @@ def block_is_current(profile: Profile, job: SAEJob, block: str, settings: dict[s
     if not (bool(record) and record.get("sae_sha256") == _sae_weights_sha(profile, job)
             and record.get("settings") == settings):
         return False
-    from .results import first_mismatch
+    from .results import files_match
 
-    bad = first_mismatch(out, record.get("files_sha256") or {})
-    if bad is not None:
-        print(f"warning: {bad} is missing or differs from the checksum in {out / RESULT} "
-              "(truncated or corrupt); its stage will be recomputed", file=sys.stderr)
-        return False
-    return True
+    return files_match(out, record.get("files_sha256") or {}, out / RESULT,
+                       "its stage will be recomputed")
 
 
 def finish_block(profile: Profile, job: SAEJob, block: str, record: dict[str, Any],
@@ -210,15 +207,29 @@ def run_capture(profile: Profile | str, model: str, progress: bool = True,
     ``threads``: torch threads for this call (restored after). The grid passes all its cores
     here: a model's capture is the root of its part of the DAG, so it usually runs alone while
     the kernel's share of the cores (``grid.share_cores``) would leave the others idle."""
+    with torch_threads(threads):
+        return _capture(profile, model, progress)
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op threads set to ``threads`` inside the block and restored after (None or
+    0: unchanged)."""
     import torch
 
+    before = torch.get_num_threads()
     if threads:
-        before = torch.get_num_threads()
         torch.set_num_threads(int(threads))
-        try:
-            return run_capture(profile, model, progress)
-        finally:
-            torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _capture(profile: Profile | str, model: str, progress: bool) -> dict[str, Any]:
+    """:func:`run_capture`'s work, on the threads it set."""
+    import torch
+
     from .activations import capture, residual_at
     from .evals.descriptive import capture_inputs, inputs_current
     from .data.corpus import load_token_splits

@@ -172,6 +172,19 @@ def first_mismatch(folder: str | Path, sha256s: dict[str, str]) -> Path | None:
     return None
 
 
+def files_match(folder: str | Path, sha256s: dict[str, str], recorded_in: str | Path,
+                then: str) -> bool:
+    """:func:`first_mismatch` for a caller that recomputes what fails: a missing or differing
+    file is named on stderr with where its checksum was recorded and what happens ``then``."""
+    import sys
+
+    bad = first_mismatch(folder, sha256s)
+    if bad is not None:
+        print(f"warning: {bad} is missing or differs from its checksum in {recorded_in} "
+              f"(truncated or corrupt); {then}", file=sys.stderr)
+    return bad is None
+
+
 def write_npy(path: str | Path, arr: Any) -> str:
     """Save an array as ``.npy`` (never pickled), atomically; return its sha256 for a manifest."""
     import numpy as np

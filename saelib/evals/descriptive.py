@@ -83,7 +83,7 @@ def inputs_current(folder: Path, config: DescriptiveConfig, layer: int) -> bool:
     (a damaged one is named on stderr; the capture stage then recomputes the inputs)."""
     import sys
 
-    from ..results import first_mismatch
+    from ..results import files_match
 
     folder = Path(folder)
     if not (folder / MANIFEST).exists():
@@ -96,12 +96,8 @@ def inputs_current(folder: Path, config: DescriptiveConfig, layer: int) -> bool:
     if not (manifest.get("complete") is True and manifest.get("layer") == layer
             and manifest.get("settings") == config.inputs_record()):
         return False
-    bad = first_mismatch(folder, manifest["files"])
-    if bad is not None:
-        print(f"warning: {bad} is missing or differs from its checksum in {folder / MANIFEST}; "
-              "the capture stage will recompute it", file=sys.stderr)
-        return False
-    return True
+    return files_match(folder, manifest["files"], folder / MANIFEST,
+                       "the capture stage will recompute it")
 
 
 def _probe_tokens(tokenizer, texts: Iterable[str], context: int) -> tuple[np.ndarray, np.ndarray]:

@@ -54,7 +54,7 @@ from sae_lens.saes.sae import TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
-from saelib.results import CorruptFileError, first_mismatch, read_json, sha256_file, write_json
+from saelib.results import CorruptFileError, files_match, read_json, sha256_file, write_json
 from saelib.sae.registry import ArchSpec, get_arch
 
 #: The paper's step counts (protocol §2): ~5e8 tokens / 2,048-token batches.
@@ -404,10 +404,8 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     target = Path(folder) / record["dir"]
     if not (target / _WEIGHTS).exists() or not (target / _STATE).exists():
         return None
-    bad = first_mismatch(target, record.get("sha256") or {})
-    if bad is not None:
-        print(f"warning: checkpoint file {bad} differs from its checksum in {pointer} "
-              "(truncated or corrupt); training restarts from scratch", file=sys.stderr)
+    if not files_match(target, record.get("sha256") or {}, pointer,
+                       "training restarts from scratch"):
         return None
     return target
 
