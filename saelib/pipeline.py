@@ -26,6 +26,8 @@ from .profiles import ModelEntry, Profile, load_profile
 from .results import Timer, provenance, read_json, write_json
 
 RESULT = "result.json"
+#: The zero-ablated run's CE and KL sums, shared by a model's SAEs (:func:`saelib.evals.core.lm_metrics`).
+ZERO_ABLATION = "zero_ablation.json"
 
 
 @dataclass(frozen=True)
@@ -332,7 +334,9 @@ def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int |
     L0 target handed to sae-lens, calibrated (sae-lens's target-L0 penalty lands well above its
     target here: 10.9 and 16.2 for targets 6 and 10 in the default profile); for ReLU/Gated a
     calibrated L1 coefficient. With ``grid.calibrate: false`` the profile's values are used as
-    they are.
+    they are. The search starts at ``grid.calibration_start`` where the profile gives it (an
+    earlier run's calibrated knobs: one probe each, the same SAEs), else from a calibrated
+    neighbour or the profile's ``l1``.
 
     Calibration probes train on ``train_tokens``, the tokens the final SAE trains on (an L1 SAE's
     L0 keeps falling as it trains, so shorter probes would overshoot): the cache's token count
@@ -356,13 +360,15 @@ def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int |
 
             raise ProfileError(f"grid.l1.{job.arch} is needed when grid.calibrate is false")
         return float(start[job.level]), {"method": method}, None
+    first = profile.grid.calibration_start.get(job.arch)
     entry = profile.model(job.model)
     store_tokens = train_tokens if train_tokens is not None else profile.corpus.train_tokens
     res = calibrate_sparsity(
         spec.name, float(target), model=entry.name, layer=entry.layer, d_in=d_in,
         d_sae=profile.grid.width, make_batches=make_batches, probe_tokens=store_tokens,
         cache_path=model_dir(profile, entry) / "calibration.json", train_cfg=train_cfg,
-        calib_cfg=CalibrationConfig(initial_l1=float(start[job.level]) if start else 1.0),
+        calib_cfg=CalibrationConfig(initial_l1=float(start[job.level]) if start else 1.0,
+                                    start=float(first[job.level]) if first else None),
         heldout_acts_ND=heldout, seed=profile.seed, mean_D=mean_D)
     return float(res.knob_value), {"method": "calibrated", "trace": res.to_json()}, res.trained
 
@@ -417,7 +423,8 @@ def run_train(profile: Profile | str, model: str, arch: str, level: int,
         tokens = load_token_splits(tokens_dir(profile, entry)).eval_NL
         n_ctx = min(core_cfg.lm_contexts, len(tokens))
         acts = np.concatenate([a for _, a in eval_store.iter_contexts(n_ctx)][:1])[:n_ctx]
-        lmm = lm_metrics(lm.tl, lambda x: reconstruct(res.sae, x), acts, tokens[:n_ctx], entry.layer)
+        lmm = lm_metrics(lm.tl, lambda x: reconstruct(res.sae, x), acts, tokens[:n_ctx], entry.layer,
+                         zero_cache=model_dir(profile, entry) / ZERO_ABLATION)
     disk = sum(p.stat().st_size for p in (out / "sae").rglob("*") if p.is_file())
     record = {
         "model": entry.name, "model_label": entry.display, "layer": entry.layer, "arch": arch,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 import types
 import typing
@@ -29,6 +30,8 @@ RUNS_ENV = "SAELIB_RUNS"
 
 #: The five architectures of the paper (protocol §2), in its order.
 PAPER_ARCHITECTURES = ("standard", "gated", "jumprelu", "topk", "batchtopk")
+#: Architectures whose sparsity knob is searched for (L1 coefficient, JumpReLU's L0 target).
+CALIBRATED_ARCHITECTURES = ("standard", "gated", "jumprelu")
 
 
 #: Profile sections validated by the config dataclass of the stage that owns them ("module:Class").
@@ -117,7 +120,12 @@ class GridConfig:
 
     ``targets`` are the target L0s (TopK/BatchTopK: k; JumpReLU: its L0 target; ReLU/Gated: the
     target their L1 coefficient is calibrated to). ``l1`` gives, per L1 architecture, the starting
-    coefficients (the paper's grids on its profiles), one per level.
+    coefficients (the paper's grids on its profiles), one per level. ``calibration_start`` gives,
+    per calibrated architecture (standard, gated, jumprelu), the knob each level's calibration
+    tries first, ahead of both ``l1`` and the nearest calibrated neighbour
+    (:func:`saelib.sae.calibrate.calibrate_sparsity`): an earlier run's calibrated knobs for the
+    same setting, so that a fresh run's search lands in the band at its first probe (one training
+    instead of three or four) while still measuring, and searching again if the band is missed.
     """
 
     width: int = 2048
@@ -125,6 +133,7 @@ class GridConfig:
     targets: tuple[int, ...] = (8, 13, 26, 51, 83, 131)
     l1: dict[str, tuple[float, ...]] = field(default_factory=dict)
     calibrate: bool = True
+    calibration_start: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.width < 1:
@@ -149,6 +158,15 @@ class GridConfig:
                                    f"({len(self.targets)}), got {len(coeffs)}")
             if any(c <= 0 for c in coeffs):
                 raise ProfileError(f"grid.l1.{arch}: coefficients must be positive")
+        for arch, knobs in self.calibration_start.items():
+            if arch not in CALIBRATED_ARCHITECTURES:
+                raise ProfileError(f"grid.calibration_start is for {', '.join(CALIBRATED_ARCHITECTURES)} "
+                                   f"only (the others need no search), not {arch!r}")
+            if len(knobs) != len(self.targets):
+                raise ProfileError(f"grid.calibration_start.{arch} needs one knob per target "
+                                   f"({len(self.targets)}), got {len(knobs)}")
+            if not all(math.isfinite(k) and k > 0 for k in knobs):
+                raise ProfileError(f"grid.calibration_start.{arch}: knobs must be positive and finite")
 
 
 @dataclass(frozen=True)

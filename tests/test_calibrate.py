@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+import yaml
 
+from saelib.profiles import PARAMS_DIR
 from saelib.results import read_json
-from saelib.sae.calibrate import (CalibrationConfig, Probe, bracket_search,
-                                  calibrate_sparsity)
+from saelib.sae.calibrate import (CalibrationConfig, CalibrationKey, CalibrationResult, Probe,
+                                  bracket_search, calibrate_sparsity)
 from saelib.sae.train import TrainConfig
 
 D_IN, D_SAE = 16, 32
@@ -114,6 +116,54 @@ def test_neighbouring_target_seeds_the_next_search(tmp_path):
     # starts from λ(3) * L0(3) / 6 rather than the default λ = 1
     assert second.trace[0].knob == pytest.approx(first.knob_value * first.realised_l0 / 6)
     assert second.within_band
+
+
+def test_an_explicit_start_is_tried_first_and_costs_one_probe_when_in_band(tmp_path):
+    """The profile's ``grid.calibration_start`` (an earlier run's calibrated knob): a fresh search
+    from it trains once, gives the earlier run's SAE, and wins over a neighbour in the cache."""
+    kw = dict(model="synthetic", layer=0, d_in=D_IN, d_sae=D_SAE, make_batches=stream,
+              probe_tokens=256 * 300, train_cfg=CFG)
+    earlier = calibrate_sparsity("relu", 3, cache_path=tmp_path / "earlier.json", **kw)
+    assert len(earlier.trace) > 1  # from λ = 1 the search needs several probes
+    cache = tmp_path / "fresh.json"
+    calibrate_sparsity("relu", 6, cache_path=cache, **kw)  # a neighbour the start must beat
+    again = calibrate_sparsity("relu", 3, cache_path=cache,
+                               calib_cfg=CalibrationConfig(start=earlier.knob_value), **kw)
+    assert [p.knob for p in again.trace] == [earlier.knob_value]
+    assert again.realised_l0 == earlier.realised_l0 and again.within_band
+    for name, tensor in earlier.trained.sae.state_dict().items():
+        assert torch.equal(again.trained.sae.state_dict()[name], tensor), name
+    # a start outside the band is only a start: the search goes on and lands in the band
+    off = calibrate_sparsity("relu", 3, calib_cfg=CalibrationConfig(start=earlier.knob_value / 50),
+                             **kw)
+    assert off.trace[0].knob == pytest.approx(earlier.knob_value / 50)
+    assert len(off.trace) > 1 and off.within_band
+
+
+def test_profile_calibration_start_reaches_the_search(monkeypatch):
+    """``grid.calibration_start`` travels from the profile to the search of each level; ``l1``
+    still sets the fallback start."""
+    from saelib import pipeline
+    from saelib.profiles import profile_from_dict
+
+    data = yaml.safe_load((PARAMS_DIR / "smoke.yaml").read_text())
+    data["grid"]["calibrate"] = True
+    data["grid"]["calibration_start"] = {"gated": [0.123], "jumprelu": [7.5]}
+    profile = profile_from_dict(data, name="start")
+    seen = {}
+
+    def fake_calibrate(arch, target, **kwargs):
+        seen[arch] = kwargs["calib_cfg"]
+        key = CalibrationKey(kwargs["model"], kwargs["layer"], arch, target, kwargs["d_sae"], 0)
+        return CalibrationResult(key=key, knob_name="x", knob_value=1.0, realised_l0=target,
+                                 within_band=True, band=(0, 1))
+
+    monkeypatch.setattr("saelib.sae.calibrate.calibrate_sparsity", fake_calibrate)
+    for arch in ("gated", "jumprelu", "standard"):
+        pipeline.sparsity_value(profile, pipeline.SAEJob(profile.models[0].name, arch, 0),
+                                d_in=D_IN)
+    assert seen["gated"].start == 0.123 and seen["jumprelu"].start == 7.5
+    assert seen["relu"].start is None  # sae-lens's name for the paper's "standard"
 
 
 def test_topk_needs_no_search_and_jumprelu_starts_at_target():

@@ -41,6 +41,9 @@ class CalibrationConfig:
     max_probes: int = 8
     #: first λ for ReLU / Gated when the cache has no neighbouring target to start from.
     initial_l1: float = 1.0
+    #: the knob to try first, ahead of any neighbour in the cache (the profile's
+    #: ``grid.calibration_start``: an earlier run's calibrated knob for this very cell).
+    start: float | None = None
     #: largest factor by which one step may move the knob before the target is bracketed.
     max_step_factor: float = 8.0
 
@@ -52,6 +55,8 @@ class CalibrationConfig:
             raise ValueError(f"CalibrationConfig: max_probes must be >= 1, got {self.max_probes}")
         if not self.initial_l1 > 0:
             raise ValueError(f"CalibrationConfig: initial_l1 must be > 0, got {self.initial_l1}")
+        if self.start is not None and not (math.isfinite(self.start) and self.start > 0):
+            raise ValueError(f"CalibrationConfig: start must be positive and finite, got {self.start}")
         if not self.max_step_factor > 1:
             raise ValueError(f"CalibrationConfig: max_step_factor must be > 1, "
                              f"got {self.max_step_factor}")
@@ -143,7 +148,10 @@ def _read_cache(path: Path | None) -> dict[str, Any]:
 
 def _initial_knob(key: CalibrationKey, knob_name: str, cache: dict[str, Any],
                   fingerprint: dict[str, Any], cfg: CalibrationConfig) -> float:
-    """Start from the nearest calibrated target of the same cell, scaled by a power law."""
+    """``cfg.start`` when given; else the nearest calibrated target of the same cell, scaled by a
+    power law; else the target (JumpReLU) or ``cfg.initial_l1`` (ReLU / Gated)."""
+    if cfg.start is not None:
+        return cfg.start
     best: tuple[float, float, float] | None = None
     for entry in cache.values():
         k = entry["result"]["key"]
