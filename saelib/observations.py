@@ -95,7 +95,10 @@ def _tau_observation(number: int, claim: str, paper_table, table, missing: str,
     if table is None:
         return Observation(number, claim, paper, missing, NO_DATA, 0)
     p = table.pooled
-    return Observation(number, claim, paper, _fmt_tau(p.tau, p.ci_low, p.ci_high, p.n),
+    ours = _fmt_tau(p.tau, p.ci_low, p.ci_high, p.n)
+    if p.ci_method != "BCa" and math.isfinite(p.tau):  # stats: heavily tied scores, BCa undefined
+        ours += f" ({p.ci_method} interval: BCa undefined on tied scores)"
+    return Observation(number, claim, paper, ours,
                        interval_verdict(p.ci_low, p.ci_high, expect=expect), p.n)
 
 

@@ -16,7 +16,10 @@ What is computed, and the choices the paper leaves open (documented here and in 
   seeded); exact when n! ≤ the number of permutations. scipy's two-sided p is
   2·min(P(T ≥ t), P(T ≤ t)), capped at 1.
 * Pooled CI: BCa (``scipy.stats.bootstrap``, paired resampling of SAEs, ``method='BCa'``), as the
-  paper reports.
+  paper reports. BCa needs every resample's τ_b; when some resamples have all-tied scores (small
+  or heavily tied tables, e.g. lifts where many SAEs sit at −100 %), it is undefined, and the
+  pooled CI falls back to the percentile interval of the defined resamples, as the groups' CIs
+  are made (``ci_method`` and ``reason`` say so).
 * Group CIs and all standard errors: a stratified bootstrap over SAEs. For a group, SAEs are
   resampled within the group; for Ψ_A / Ψ_B / Ψ_C, within each of that axis's groups (so every
   group keeps its size); for Ψ, within each model (the three axes share SAEs, so they must see the
@@ -292,15 +295,19 @@ def _group_tau(axis: str, group: str, x: np.ndarray, y: np.ndarray, cfg: Agreeme
     tau = kendall_tau_b(x, y)
     label = f"{axis}={group}"
     p = _permutation_p(x, y, cfg, label)
+    prefix = ""
     if pooled:
         se, low, high, reason = _pooled_bca(x, y, cfg)
-        return GroupTau(group, n, pairs, tau, p, low, high, axis=axis, se=se, ci_method="BCa",
-                        reason=reason)
+        if reason is None:
+            return GroupTau(group, n, pairs, tau, p, low, high, axis=axis, se=se, ci_method="BCa")
+        prefix = f"{reason.split('. ')[0]}; percentile interval instead. "
     w = _stratified_weights([np.arange(n)], n, cfg.n_bootstrap, _rng(cfg.seed, "boot", label))
     reps = _tau_b_weighted(_signs(x), _signs(y), w)
     se, low, high, dropped = _percentile_ci(reps, cfg.confidence_level)
     reason = (f"{dropped} of {cfg.n_bootstrap} bootstrap resamples had all-tied scores and were "
               f"dropped") if dropped else None
+    if prefix:
+        reason = prefix + (reason or "")
     return GroupTau(group, n, pairs, tau, p, low, high, axis=axis, se=se,
                     ci_method="percentile", reason=reason)
 

@@ -136,6 +136,33 @@ def test_pooled_bca_matches_scipy_bootstrap_on_same_stream():
     assert table.pooled.se > 0
 
 
+def test_pooled_ci_falls_back_to_percentile_when_bca_is_undefined():
+    """Heavily tied scores (the default's Table 3: 13 of 15 lifts at −100 %): some resamples are
+    all tied, BCa is NaN, and the pooled CI is the percentile interval of the defined resamples,
+    saying so, instead of no interval at all."""
+    rng = np.random.default_rng(8)
+    lift = np.r_[np.full(13, -100.0), 33.3, 71.4]
+    frame = pd.DataFrame({"mu": rng.uniform(size=15), "lift": lift, "architecture": "a",
+                          "sparsity": np.arange(15) % 5, "model": "m"})
+    cfg = S.AgreementConfig(n_permutations=99, n_bootstrap=999, seed=2)
+    pooled = S.rank_agreement(frame, "mu", "lift", config=cfg).pooled
+    x, y = frame.mu.to_numpy(), frame.lift.to_numpy()
+    with np.errstate(invalid="ignore"):
+        bca = sps.bootstrap((x, y), lambda a, b, axis=-1: S._tau_b_vectorised(a, b, axis=axis),
+                            paired=True, vectorized=True, n_resamples=999, batch=S._BATCH,
+                            method="BCa", rng=S._rng(2, "boot", "pooled"))
+    assert math.isnan(bca.confidence_interval.low)  # the case this fallback exists for
+    assert pooled.ci_method == "percentile" and "BCa interval undefined" in pooled.reason
+    assert "percentile interval instead" in pooled.reason
+    assert -1 <= pooled.ci_low <= pooled.tau <= pooled.ci_high <= 1 and pooled.se > 0
+    from saelib import observations as obs
+    from saelib.paper import TABLE3
+
+    seen = obs._tau_observation(3, "claim", TABLE3, S.rank_agreement(frame, "mu", "lift", config=cfg),
+                                "none", expect="null")
+    assert "percentile interval: BCa undefined" in seen.ours and seen.verdict != obs.NO_DATA
+
+
 def test_strong_association_is_significant_and_null_is_not():
     rng = np.random.default_rng(6)
     strong = S.rank_agreement(_grid(rng, slope=5.0), "mu", "g", config=FAST)
