@@ -268,20 +268,21 @@ def _permutation_p(x: np.ndarray, y: np.ndarray, cfg: AgreementConfig, label: st
 
 def _pooled_bca(x: np.ndarray, y: np.ndarray, cfg: AgreementConfig
                 ) -> tuple[float, float, float, str | None]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    """The pooled BCa interval (se, low, high, None), or, when BCa is undefined, why (the caller
+    then makes the percentile interval; scipy's degenerate-data warnings are that case)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         res = sps.bootstrap((x, y), _tau_b_vectorised, paired=True, vectorized=True,
                             n_resamples=cfg.n_bootstrap, batch=_BATCH, method="BCa",
                             confidence_level=cfg.confidence_level,
                             rng=_rng(cfg.seed, "boot", "pooled"))
     low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    reason = None
+    undefined = None
     if not (math.isfinite(low) and math.isfinite(high)):
         n_nan = int(np.isnan(res.bootstrap_distribution).sum())
-        messages = "; ".join(sorted({str(w.message) for w in caught}))
-        reason = (f"BCa interval undefined: {n_nan} of {cfg.n_bootstrap} resamples had all-tied "
-                  f"scores. {messages}").strip()
-    return float(np.nanstd(res.bootstrap_distribution, ddof=1)), low, high, reason
+        undefined = (f"BCa interval undefined: {n_nan} of {cfg.n_bootstrap} resamples had all-tied "
+                     f"scores")
+    return float(np.nanstd(res.bootstrap_distribution, ddof=1)), low, high, undefined
 
 
 def _group_tau(axis: str, group: str, x: np.ndarray, y: np.ndarray, cfg: AgreementConfig,
@@ -295,19 +296,18 @@ def _group_tau(axis: str, group: str, x: np.ndarray, y: np.ndarray, cfg: Agreeme
     tau = kendall_tau_b(x, y)
     label = f"{axis}={group}"
     p = _permutation_p(x, y, cfg, label)
-    prefix = ""
+    undefined = None
     if pooled:
-        se, low, high, reason = _pooled_bca(x, y, cfg)
-        if reason is None:
+        se, low, high, undefined = _pooled_bca(x, y, cfg)
+        if undefined is None:
             return GroupTau(group, n, pairs, tau, p, low, high, axis=axis, se=se, ci_method="BCa")
-        prefix = f"{reason.split('. ')[0]}; percentile interval instead. "
     w = _stratified_weights([np.arange(n)], n, cfg.n_bootstrap, _rng(cfg.seed, "boot", label))
     reps = _tau_b_weighted(_signs(x), _signs(y), w)
     se, low, high, dropped = _percentile_ci(reps, cfg.confidence_level)
     reason = (f"{dropped} of {cfg.n_bootstrap} bootstrap resamples had all-tied scores and were "
               f"dropped") if dropped else None
-    if prefix:
-        reason = prefix + (reason or "")
+    if undefined:
+        reason = f"{undefined}; percentile interval instead. {reason or ''}".strip()
     return GroupTau(group, n, pairs, tau, p, low, high, axis=axis, se=se,
                     ci_method="percentile", reason=reason)
 
