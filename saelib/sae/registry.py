@@ -139,7 +139,7 @@ def _batchtopk(d_in: int, d_sae: int, value: float, warm: int,
     del warm
     return BatchTopKTrainingSAEConfig(**_common(d_in, d_sae, cfg), k=float(value),
                                       aux_loss_coefficient=cfg.topk_aux_loss_coefficient,
-                                      rescale_acts_by_decoder_norm=True,
+                                      rescale_acts_by_decoder_norm=cfg.batchtopk_rescale_acts,
                                       topk_threshold_lr=cfg.batchtopk_threshold_lr)
 
 
