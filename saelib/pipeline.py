@@ -631,6 +631,7 @@ def run_descriptive(profile: Profile | str, model: str, arch: str, level: int,
 # ---------------------------------------------------------------------------------------------
 # Stage 4: steering utility g(θ) of one SAE
 
+JUDGE_CALIBRATION = "judge_calibration.json"
 STEER_ROWS = "steering.jsonl"
 
 
@@ -638,6 +639,17 @@ def unsteered_dir(profile: Profile, entry: ModelEntry) -> Path:
     """Where the unsteered answers of ``entry``'s model are cached for all its SAEs
     (:func:`saelib.steering.run.unsteered_answers`)."""
     return model_dir(profile, entry) / "unsteered"
+
+
+def model_judge_calibration(profile: Profile, entry: ModelEntry, lm, progress: bool = False):
+    """The judge's calibration for ``entry``'s model (``judge_calibration.json`` beside its
+    activations), made on first use and shared by every SAE of the model, in both the steering
+    and the selection stage (:func:`saelib.steering.run.judge_calibration`)."""
+    from .steering.run import judge_calibration
+
+    config, judge_cfg = steer_settings(profile)
+    return judge_calibration(lm, config, judge_cfg, model_dir(profile, entry) / JUDGE_CALIBRATION,
+                             unsteered_cache=unsteered_dir(profile, entry), progress=progress)
 
 
 def steer_settings(profile: Profile) -> tuple[Any, Any]:
@@ -708,7 +720,8 @@ def run_steer(profile: Profile | str, model: str, arch: str, level: int,
         lm = load_model(entry.name, device=profile.device)
         sae = load_sae(out / "sae", device=profile.device)
     run = steer_concepts(lm, sae, entry.layer, concepts, config, judge_cfg, timer, progress,
-                         unsteered_cache=unsteered_dir(profile, entry))
+                         unsteered_cache=unsteered_dir(profile, entry),
+                         calibration=model_judge_calibration(profile, entry, lm, progress))
     write_jsonl(out / STEER_ROWS, run.rows)
     record = {"g": steering_score(run.scores), "partial": partial, "reason": reason,
               **run.summary(config.factors), "rows_file": STEER_ROWS}
@@ -838,7 +851,8 @@ def _steer_tiers(profile: Profile, entry: ModelEntry, job: SAEJob, lm, sae, delt
     union = list(dict.fromkeys(f for t in (*tiers, *baselines.values()) for f in t.feature_ids))
     concepts = [{k: by_latent[f][k] for k in ("latent", "explanation", "max_act")} for f in union]
     run = steer_concepts(lm, sae, entry.layer, concepts, steer_cfg, judge_cfg, timer, progress,
-                         unsteered_cache=unsteered_dir(profile, entry))
+                         unsteered_cache=unsteered_dir(profile, entry),
+                         calibration=model_judge_calibration(profile, entry, lm, progress))
     write_jsonl(out / SELECT_ROWS, run.rows)
     held = {s.latent: s.score for s in run.scores}
     sel = {s.latent: s.select_hm[s.alpha_star] for s in run.scores}

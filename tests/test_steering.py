@@ -288,3 +288,59 @@ def test_unsteered_answers_are_cached_per_prompt_and_equal_fresh_ones(tiny_tl, t
     sampled = GenerationConfig(max_new_tokens=6, batch_size=4, temperature=1.0)
     unsteered_answers(lm, ps, sampled, stop_ids=(), pad_id=0, cache_dir=tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_one_judge_per_model_one_rating_per_generation(tiny_tokenizer, tmp_path, monkeypatch):
+    """The judge is calibrated once per model on a fixed seeded set and stored; every SAE's run
+    rates with it, so a generation that two runs share (same concept, instruction, factor) gets the
+    same ratings whatever else each run steers. Before, each call calibrated on its own concepts'
+    unsteered answers: two SAEs (and g_base vs g_sel of one lift) had two judges."""
+    import warnings
+    from types import SimpleNamespace
+
+    from transformer_lens import HookedTransformer
+
+    import saelib.steering.run as run_mod
+    from saelib.judges.factory import JudgeConfig
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tl = HookedTransformer(tiny_config(d_vocab=len(tiny_tokenizer), n_ctx=512))
+    tl.eval()
+    lm = SimpleNamespace(name="tiny", tl=tl, tokenizer=tiny_tokenizer,
+                         hook_name=lambda layer: f"blocks.{layer}.hook_resid_post")
+    sae = SimpleNamespace(W_dec=unit_rows(8, 32), encode=None)
+    cfg = SteeringConfig(n_concepts=2, n_instructions=2, n_select=1, factors=(0.0, 4.0),
+                         max_new_tokens=4, batch_size=8, calibration_instructions=4,
+                         calibration_concepts=3)
+    judge_cfg = JudgeConfig()
+    path = tmp_path / "judge_calibration.json"
+    state = run_mod.judge_calibration(lm, cfg, judge_cfg, path, unsteered_cache=tmp_path / "u")
+    assert state["thresholds"]["calibrated"] and len(state["unsteered"]) == 4 * 3
+    stored = json.loads(path.read_text())
+    assert len(stored["instructions"]) == 4 and len(stored["concepts"]) == 3
+
+    def no_generation(*a, **k):
+        raise AssertionError("a stored calibration must not generate again")
+    monkeypatch.setattr(run_mod, "unsteered_answers", no_generation)
+    assert run_mod.judge_calibration(lm, cfg, judge_cfg, path) == state
+    monkeypatch.undo()
+    other = SteeringConfig(**{**cfg.__dict__, "calibration_concepts": 2})
+    assert len(run_mod.judge_calibration(lm, other, judge_cfg, path)["unsteered"]) == 4 * 2
+
+    class Timer:
+        def __call__(self, name):
+            import contextlib
+            return contextlib.nullcontext()
+
+    shared = {"latent": 3, "explanation": 'the tokens "t3"', "max_act": 2.0}
+    runs = [run_mod.steer_concepts(lm, sae, LAYER, [shared, extra], cfg, judge_cfg, Timer(),
+                                   unsteered_cache=tmp_path / "u", calibration=state)
+            for extra in ({"latent": 5, "explanation": 'the tokens "t5"', "max_act": 1.0},
+                          {"latent": 6, "explanation": "a very different concept", "max_act": 3.0})]
+    keys = ("instruction", "alpha", "output", "concept_rating", "instruction_rating",
+            "fluency_rating", "hm")
+    rows = [[tuple(r[k] for k in keys) for r in run.rows if r["latent"] == 3] for run in runs]
+    assert rows[0] == rows[1] and len(rows[0]) == 4

@@ -93,3 +93,11 @@ class Judge(ABC):
 
     def calibrate(self, unsteered: Sequence[RatingItem]) -> None:
         """Optional: see the unsteered model's outputs first (the offline judge calibrates on them)."""
+
+    def calibration_state(self) -> dict | None:
+        """What :meth:`calibrate` learned, JSON-able, so one calibration serves every SAE of a
+        model (:func:`saelib.steering.run.judge_calibration`); None when the judge has none."""
+        return None
+
+    def load_calibration(self, state: dict | None) -> None:
+        """Take a state written by :meth:`calibration_state` (ignored by judges without one)."""

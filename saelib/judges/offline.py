@@ -57,8 +57,10 @@ Fluency rating (0–2)
     for (l₁, l₀)). Fluency = the smaller of the two. An output with no word characters gets 0 on
     all three ratings.
 
-Calibration (:meth:`OfflineJudge.calibrate`, on the unsteered model's outputs for the same
-instructions and concepts, which by construction are fluent, on-instruction and not steered)
+Calibration (:meth:`OfflineJudge.calibrate`, on the unsteered model's outputs, which by
+construction are fluent, on-instruction and not steered; made once per model on a fixed seeded
+set, :func:`saelib.steering.run.judge_calibration`, so that every SAE of a model, and g_base and
+g_sel of one lift, are rated by the same judge)
     * concept: q = 95th percentile of concept–output similarity of unsteered outputs;
       t₁ = max(default t₁, q), t₂ = max(default t₂, t₁ + (default t₂ − default t₁)): an
       unsteered output rarely earns concept credit from similarity alone;
@@ -458,6 +460,26 @@ class OfflineJudge(Judge):
         self.thresholds = OfflineThresholds(concept, instruction, repetition, loglik,
                                             calibrated=True, calibration=report)
         self.usage.extra.update(calibrated=True, thresholds=asdict(self.thresholds))
+
+    def calibration_state(self) -> dict | None:
+        """The calibrated thresholds and the unsteered outputs behind the background terms."""
+        if not self.thresholds.calibrated:
+            return None
+        return {"thresholds": asdict(self.thresholds), "unsteered": list(self._unsteered_low)}
+
+    def load_calibration(self, state: dict | None) -> None:
+        """Rate with a calibration made once per model instead of calibrating again."""
+        if state is None:
+            return
+        th = state["thresholds"]
+        self.thresholds = OfflineThresholds(
+            tuple(th["concept_sim"]), tuple(th["instruction_sim"]), tuple(th["repetition"]),
+            tuple(th["loglik"]), calibrated=bool(th["calibrated"]),
+            calibration=dict(th.get("calibration") or {}))
+        self._unsteered_low = [str(o) for o in state["unsteered"]]
+        self._df_memo = {}
+        self.usage.extra.update(calibrated=self.thresholds.calibrated,
+                                thresholds=asdict(self.thresholds))
 
 
 def _check_window(w: MarkedWindow) -> None:

@@ -42,6 +42,8 @@ class SteeringConfig:
     ``temperature`` (0 = greedy), ``seed``, ``batch_size`` rows per forward pass.
     ``instruction_source`` / ``instruction_field``: see :mod:`saelib.data.instructions`.
     ``n_examples``: concepts shown on the book's example page.
+    ``calibration_instructions`` × ``calibration_concepts``: the fixed seeded set the offline
+    judge calibrates on, once per model (:func:`saelib.steering.run.judge_calibration`).
     """
 
     n_concepts: int = 100
@@ -56,6 +58,8 @@ class SteeringConfig:
     instruction_source: str = "packaged"
     instruction_field: str = "instruction"
     n_examples: int = 3
+    calibration_instructions: int = 24
+    calibration_concepts: int = 24
 
     def validate(self) -> None:
         if self.n_concepts < 1:
@@ -76,6 +80,9 @@ class SteeringConfig:
             raise ValueError("max_new_tokens and batch_size must be >= 1, n_examples >= 0")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.calibration_instructions < 2 or self.calibration_concepts < 1:
+            raise ValueError("calibration_instructions must be >= 2 and calibration_concepts >= 1, "
+                             f"got {self.calibration_instructions}, {self.calibration_concepts}")
 
 
 def harmonic_mean(r: Ratings) -> float:

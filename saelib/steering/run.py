@@ -3,8 +3,8 @@
 Shared by the steering stage (concepts = CONCEPT100 latents, protocol §4) and the selection stage
 (concepts = the features a ΔC_k or output-score tier selects, protocol §6), so both report scores
 from the same evaluator: seeded instructions per concept, the unsteered answers (on which the
-offline judge calibrates), every (concept, instruction, factor) generation in batched cached
-passes, the judge's three ratings, HM, α* on the selection half and the held-out score.
+offline judge's calibration, made once per model, reads), every (concept, instruction, factor)
+generation in batched cached passes, the judge's three ratings, HM, α* on the selection half and the held-out score.
 """
 
 from __future__ import annotations
@@ -94,22 +94,114 @@ def unsteered_answers(lm, prompts: Sequence[Sequence[int]], gen_cfg, *, stop_ids
     return [o for o in out if o is not None]
 
 
-def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], config: SteeringConfig,
-                   judge_cfg, timer, progress: bool = False, unsteered_cache=None) -> SteeringRun:
-    """Steer and judge ``concepts`` (dicts with ``latent``, ``explanation``, ``max_act``) on the
-    loaded model ``lm`` with ``sae``'s decoder at ``layer`` (protocol §4). ``unsteered_cache``: a
-    folder shared by the SAEs of one model for the unsteered answers (:func:`unsteered_answers`)."""
+def _loglik_fn(lm, config: SteeringConfig, pad_id: int):
+    """Texts → the unsteered model's mean per-token log-prob (the offline judge's fluency rule)."""
+    from .generate import mean_logprob
+
+    tok = lm.tokenizer
+    return lambda texts: mean_logprob(
+        lm.tl, [tok(t, add_special_tokens=False)["input_ids"] for t in texts], tok.bos_token_id,
+        batch_size=config.batch_size, pad_id=pad_id)
+
+
+def _stop_and_pad(tok) -> tuple[list[int], int]:
+    stop_ids = sorted({int(i) for i in (tok.eos_token_id, tok.pad_token_id) if i is not None})
+    pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0] if stop_ids else 0)
+    return stop_ids, pad_id
+
+
+def calibration_concepts(tokenizer, n: int, seed: int) -> list[str]:
+    """``n`` seeded vocabulary entries of the model's tokenizer (ASCII letters and digits, not all
+    digits, >= 2 characters), each in the offline judge's explanation format: stand-in concepts
+    that no steering put in an answer."""
+    import hashlib
+    import random
+
+    from ..judges.offline import format_explanation
+
+    vocab = tokenizer.get_vocab()
+    words = sorted({w for w in (tokenizer.decode([i]).strip().lower() for i in vocab.values())
+                    if len(w) >= 2 and w.isascii() and w.isalnum() and not w.isdigit()})
+    if not words:
+        raise ValueError("the tokenizer has no word-like entry to calibrate the judge on")
+    rng = random.Random(int.from_bytes(hashlib.sha256(f"{seed}:judge".encode()).digest()[:8],
+                                       "little"))
+    return [format_explanation([w]) for w in rng.sample(words, min(n, len(words)))]
+
+
+def judge_calibration(lm, config: SteeringConfig, judge_cfg, path, *, unsteered_cache=None,
+                      progress: bool = False) -> dict | None:
+    """The judge's calibration for this model, made once and stored at ``path`` (JSON).
+
+    Why once per model: calibrating on each call's own unsteered answers gave every SAE, and
+    g_base and g_sel of one lift, a judge of its own. Here the set is fixed: a seeded
+    ``calibration_instructions`` instructions (their unsteered answers, from the shared cache)
+    crossed with ``calibration_concepts`` seeded vocabulary words. A stored calibration made
+    with other settings (model, judge, generation, set sizes) is recomputed. None for judges
+    that do not calibrate.
+    """
+    import json
+    from pathlib import Path
+
     from ..data.instructions import load_instructions, sample_instructions
     from ..judges.base import RatingItem
     from ..judges.factory import make_judge
-    from .generate import GenerationConfig, generate, mean_logprob
+    from ..results import CorruptFileError, read_json, write_json
+    from .generate import GenerationConfig
+
+    tok = lm.tokenizer
+    stop_ids, pad_id = _stop_and_pad(tok)
+    key = json.loads(json.dumps({
+        "model": getattr(lm, "name", ""), "judge": asdict(judge_cfg),
+        "generation": [config.max_new_tokens, config.temperature, config.seed],
+        "source": [config.instruction_source, config.instruction_field],
+        "sizes": [config.calibration_instructions, config.calibration_concepts]}))
+    path = Path(path) if path is not None else None
+    if path is not None and path.exists():
+        try:
+            stored = read_json(path)
+            if stored.get("key") == key:
+                return stored["state"]
+        except CorruptFileError:
+            pass  # unreadable: recompute and overwrite
+    judge = make_judge(judge_cfg, loglik_fn=_loglik_fn(lm, config, pad_id))
+    pool = load_instructions(config.instruction_source, config.instruction_field)
+    instructions = sample_instructions(pool, min(config.calibration_instructions, len(pool)),
+                                       config.seed, -1)
+    concepts = calibration_concepts(tok, config.calibration_concepts, config.seed)
+    gen_cfg = GenerationConfig(config.max_new_tokens, config.temperature, config.seed,
+                               config.batch_size)
+    ids = unsteered_answers(lm, [prompt_ids(tok, i) for i in instructions], gen_cfg,
+                            stop_ids=stop_ids, pad_id=pad_id, cache_dir=unsteered_cache,
+                            progress=progress)
+    answers = [tok.decode(a, skip_special_tokens=True) for a in ids]
+    judge.calibrate([RatingItem(c, i, a) for i, a in zip(instructions, answers) for c in concepts])
+    state = judge.calibration_state()
+    state = json.loads(json.dumps(state))  # as it reads back from the file (tuples as lists)
+    if state is not None and path is not None:
+        write_json(path, {"key": key, "state": state, "instructions": instructions,
+                          "concepts": concepts})
+    return state
+
+
+def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], config: SteeringConfig,
+                   judge_cfg, timer, progress: bool = False, unsteered_cache=None,
+                   calibration=None) -> SteeringRun:
+    """Steer and judge ``concepts`` (dicts with ``latent``, ``explanation``, ``max_act``) on the
+    loaded model ``lm`` with ``sae``'s decoder at ``layer`` (protocol §4). ``unsteered_cache``: a
+    folder shared by the SAEs of one model for the unsteered answers (:func:`unsteered_answers`).
+    ``calibration``: the model's judge calibration (:func:`judge_calibration`), the same for every
+    SAE; None rates with the judge's uncalibrated defaults."""
+    from ..data.instructions import load_instructions, sample_instructions
+    from ..judges.base import RatingItem
+    from ..judges.factory import make_judge
+    from .generate import GenerationConfig, generate
     from .intervene import make_hook
 
     tok = lm.tokenizer
     W_dec_FD = sae.W_dec.detach()
     hook_name = lm.hook_name(layer)
-    stop_ids = sorted({int(i) for i in (tok.eos_token_id, tok.pad_token_id) if i is not None})
-    pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0] if stop_ids else 0)
+    stop_ids, pad_id = _stop_and_pad(tok)
     gen_cfg = GenerationConfig(config.max_new_tokens, config.temperature, config.seed,
                                config.batch_size)
     pool = load_instructions(config.instruction_source, config.instruction_field)
@@ -137,15 +229,9 @@ def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], conf
                                stop_ids=stop_ids, pad_id=pad_id, progress=progress, desc="steered")
     outputs = [tok.decode(ids, skip_special_tokens=True) for ids in steered_ids]
 
-    bos = tok.bos_token_id
-    loglik_fn = lambda texts: mean_logprob(  # noqa: E731
-        lm.tl, [tok(t, add_special_tokens=False)["input_ids"] for t in texts], bos,
-        batch_size=config.batch_size, pad_id=pad_id)
-    judge = make_judge(judge_cfg, loglik_fn=loglik_fn)
+    judge = make_judge(judge_cfg, loglik_fn=_loglik_fn(lm, config, pad_id))
+    judge.load_calibration(calibration)
     with timer("judge"):
-        if concepts:
-            judge.calibrate([RatingItem(c["explanation"], i, unsteered[i])
-                             for c in concepts for i in instructions[c["latent"]]])
         ratings = judge.rate([RatingItem(p[0]["explanation"], p[2], o) for p, o in zip(plan, outputs)])
     rows = []
     for (c, k, inst, alpha), ids, text, r in zip(plan, steered_ids, outputs, ratings):
