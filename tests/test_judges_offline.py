@@ -13,6 +13,7 @@ import pytest
 from saelib.judges import JudgeConfig, MarkedWindow, RatingItem, Ratings, make_judge
 from saelib.judges.offline import (OfflineJudge, count_term_hits, explanation_terms,
                                    format_explanation, load_embedder, repetition_rate)
+from saelib.steering.axbench import harmonic_mean
 
 FLUENT_COOKING = ("Preheat the oven to 180 degrees. Cream the butter and sugar, beat in the "
                   "eggs, fold in the flour and chocolate chips, then bake the cookies for "
@@ -161,7 +162,7 @@ def test_calibration_follows_documented_rules(embed):
     on, off = rep["instruction_on_median"], rep["instruction_off_median"]
     assert on > off + 0.3
     assert th.instruction_sim == pytest.approx((off + 0.2 * (on - off), off + 0.4 * (on - off)))
-    assert th.concept_sim[0] >= 0.30 and th.concept_sim[1] - th.concept_sim[0] >= 0.15 - 1e-9
+    assert th.concept_sim[0] >= 0.25 and th.concept_sim[1] - th.concept_sim[0] >= 0.20 - 1e-9
     assert th.repetition == (0.25, 0.50)
     m, s = -2.2, 0.5   # MAD·1.4826 = 0.30 is below the 0.5-nat floor
     assert th.loglik == pytest.approx((m - 3 * s, m - 6 * s))
@@ -222,3 +223,55 @@ def test_embeddings_are_unit_norm(embed):
     e = embed(["a cat", "the stock market"])
     assert e.shape == (2, 384)
     assert np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+
+
+# --- the labelled adversarial set ---------------------------------------------------------------
+
+def adversarial_set() -> list[dict]:
+    """35 steered-looking outputs with the ratings a careful LLM judge gives (AxBench's three
+    templates), in ``tests/data/judge_adversarial.jsonl``: per concept (two quoted-token concepts,
+    one free-text, one more quoted) a natural on-concept answer, concept words inserted, appended
+    and looped, synonyms only, a single passing mention, on-concept but off-instruction text,
+    fluent unrelated text, an on-instruction answer without the concept; and broken grammar."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "judge_adversarial.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_rule_judge_does_not_reward_pasted_concept_words_and_meets_the_labels(embed):
+    """Measured before the stuffing and sentence rules (uncalibrated defaults): exact agreement
+    concept 0.51, instruction 0.94, fluency 0.77, and "cat cat" inserted into a fluent answer
+    rated HM 2.0. After: 0.89 / 0.94 / 0.94; the misses are synonyms rated 1 where the labels
+    say 2, and broken grammar, which only the likelihood rule (an LM, not used here) sees."""
+    rows = adversarial_set()
+    assert len(rows) == 35
+    judge = OfflineJudge(JudgeConfig(), embed_fn=embed)
+    got = judge.rate([RatingItem(r["concept"], r["instruction"], r["output"]) for r in rows])
+    got_CR = np.array([[g.concept, g.instruction, g.fluency] for g in got])
+    want_CR = np.array([r["labels"] for r in rows])
+    exact_R = (got_CR == want_CR).mean(0)
+    within_R = (np.abs(got_CR - want_CR) <= 1).mean(0)
+    print(f"adversarial set: exact concept/instruction/fluency {exact_R.round(3).tolist()}, "
+          f"within one {within_R.round(3).tolist()}")
+    assert exact_R[0] >= 0.85 and exact_R[1] >= 0.90 and exact_R[2] >= 0.90
+    assert within_R.min() >= 0.94
+    for r, g in zip(rows, got):
+        if r["kind"] in ("inserted", "appended", "looped"):
+            assert g.concept <= 1 and g.fluency <= 1, (r["output"], g)
+            assert harmonic_mean(g) < 1.5
+        if r["kind"] == "synonym":
+            assert g.concept >= 1, (r["output"], g)
+        if r["kind"] in ("unrelated", "no_concept"):
+            assert g.concept == 0, (r["output"], g)
+
+
+def test_stuffed_runs_need_a_repeated_word(embed):
+    from saelib.judges.offline import concept_use
+
+    terms = ["ocean", "sea", "marine", "life"]
+    use = concept_use("Marine life is rich. The ocean ocean sea is deep.", terms)
+    assert (use.natural, use.stuffed_words, use.n_words) == (2, 3, 10)
+    assert use.clean == "Marine life is rich. The is deep."
+    assert concept_use("cat, cats and dogs", ["cat"]).stuffed_words == 2

@@ -68,7 +68,7 @@ class JudgeConfig:
     local_batch_size: int = 8
     embedding_model: str = PACKAGED_EMBEDDING
     explain_top_k: int = 5
-    concept_sim: tuple[float, float] = (0.30, 0.45)
+    concept_sim: tuple[float, float] = (0.25, 0.45)
     instruction_sim: tuple[float, float] = (0.15, 0.30)
     repetition: tuple[float, float] = (0.25, 0.50)
     loglik: tuple[float, float] = (-4.0, -6.0)

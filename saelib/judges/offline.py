@@ -37,10 +37,17 @@ AutoInterp detection (:meth:`OfflineJudge.detect`)
 Concept rating (0–2)
     Concept terms as for detection, minus *background terms* (stop words, and after calibration
     the terms found in more than half of the unsteered outputs, which would say nothing about
-    steering). Term rating: 2 if the output contains ≥ 2 occurrences, 1 if one, else 0.
-    Embedding rating: cosine similarity between the sentence embeddings (all-MiniLM-L6-v2) of
-    the concept (its quoted terms joined by commas, else its text) and of the output: 2 if
-    ≥ t₂, 1 if ≥ t₁, else 0 (defaults ``concept_sim`` = (0.30, 0.45)). Concept = the larger.
+    steering). A *stuffed run* is two or more consecutive concept words with nothing but spaces,
+    commas, colons, semicolons or dashes between them, one of them repeated (plurals alike):
+    "oatmeal cat cat with", a tail of six "cat", "ocean ocean sea", a loop, but not the natural
+    phrase "marine life" of the concept "the ocean and marine life". This is what steering that only pastes the concept's tokens produces, which a careful
+    judge does not take for the concept being woven in. Term rating: 2 if the output has ≥ 2
+    occurrences outside stuffed runs, 1 if one, 1 if it has stuffed runs only, else 0.
+    Embedding rating: the largest cosine similarity between the sentence embeddings
+    (all-MiniLM-L6-v2) of the concept (its quoted terms joined by commas, else its text) and of
+    the output with its stuffed runs cut out, whole or any one sentence (a natural sentence about
+    the concept, e.g. through "kitten", "feline", counts even in a longer answer): 2 if ≥ t₂, 1 if
+    ≥ t₁, else 0 (defaults ``concept_sim`` = (0.25, 0.45)). Concept = the larger.
 
 Instruction rating (0–2)
     Cosine similarity between the embeddings of instruction and output: 2 if ≥ t₂, 1 if ≥ t₁
@@ -54,7 +61,9 @@ Fluency rating (0–2)
     one "word" (a steered model writing "WDWDWDWD…" has one word piece but repeats itself). 0 if ρ ≥ r₀, 1 if ρ ≥ r₁ (defaults ``repetition`` = (0.25, 0.50) for
     (r₁, r₀)). *Likelihood*: if a ``loglik_fn`` is given (the unsteered model's mean per-token
     log-prob of the output), 0 if below l₀, 1 if below l₁ (defaults ``loglik`` = (−4, −6) nats
-    for (l₁, l₀)). Fluency = the smaller of the two. An output with no word characters gets 0 on
+    for (l₁, l₀)). *Stuffing*: an output with a stuffed
+    concept run gets at most 1, and 0 if stuffed words are ≥ half of its words
+    (``STUFFED_TO_0``). Fluency = the smallest of the three. An output with no word characters gets 0 on
     all three ratings.
 
 Calibration (:meth:`OfflineJudge.calibrate`, on the unsteered model's outputs, which by
@@ -119,6 +128,8 @@ _WORD = re.compile(r"\w+")
 _PIECE = re.compile(r"\w+|[^\w\s]")
 #: The protocol's marking threshold (§3): tokens above 0.01 × max activation are marked.
 MARK_FRACTION = 0.01
+#: Fluency is 0 when stuffed concept words are at least this share of an output's words.
+STUFFED_TO_0 = 0.5
 
 
 def normalize_term(token: str) -> str:
@@ -174,6 +185,61 @@ def count_term_hits(text: str, terms: Sequence[str]) -> int:
     """Occurrences of any term in the text (case-insensitive; matching rule in the module doc)."""
     low = text.lower()
     return sum(len(_term_pattern(t).findall(low)) for t in terms)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
+#: What may separate two concept words for them to count as one stuffed run.
+_RUN_GAP = re.compile(r"[\s,;:\-]*")
+
+
+@dataclass(frozen=True)
+class ConceptUse:
+    """How an output uses a concept's terms (module doc, "Concept rating").
+
+    ``natural``: occurrences in running text; ``stuffed_words``: words inside runs of two or more
+    consecutive concept words with a word repeated ("cat cat", "ocean ocean sea"), which is how steering that only
+    inserts, appends or loops the concept's tokens shows; ``clean``: the output with those runs
+    cut out, which is what the concept's embedding is compared with; ``n_words``: all words.
+    """
+
+    natural: int
+    stuffed_words: int
+    clean: str
+    n_words: int
+
+
+def concept_use(text: str, terms: Sequence[str]) -> ConceptUse:
+    """Split an output's concept-term occurrences into natural ones and stuffed runs."""
+    words = list(_WORD.finditer(text))
+    single = [_term_pattern(t) for t in terms if _WORD.fullmatch(t)]
+    other = [t for t in terms if not _WORD.fullmatch(t)]
+    hit = [any(p.fullmatch(w.group().lower()) for p in single) for w in words]
+    runs: list[tuple[int, int]] = []
+    i = 0
+    while i < len(words):
+        j = i
+        while (hit[i] and j + 1 < len(words) and hit[j + 1]
+               and _RUN_GAP.fullmatch(text[words[j].end():words[j + 1].start()])):
+            j += 1
+        stems = [_stem(w.group().lower()) for w in words[i:j + 1]]
+        if j > i and len(set(stems)) < len(stems):
+            runs.append((i, j))
+        i = j + 1
+    in_run = {k for a, b in runs for k in range(a, b + 1)}
+    natural = sum(1 for k, h in enumerate(hit) if h and k not in in_run)
+    clean, pos = [], 0
+    for a, b in runs:
+        clean.append(text[pos:words[a].start()])
+        pos = words[b].end()
+    clean.append(text[pos:])
+    cleaned = " ".join("".join(clean).split())
+    natural += count_term_hits(cleaned, other) if other else 0
+    return ConceptUse(natural, len(in_run), cleaned, len(words))
+
+
+def sentences(text: str) -> list[str]:
+    """The text's sentences (split after . ! ? ; : and at line breaks), blanks dropped."""
+    return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]
 
 
 def _distinct_rate(seq: Sequence, n: int) -> float:
@@ -365,12 +431,29 @@ class OfflineJudge(Judge):
 
     def _similarities(self, items: Sequence[RatingItem]
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Cosine(concept, output) and cosine(instruction, output) per item, and the outputs'
-        embeddings (each output is embedded once)."""
+        """Concept and instruction similarity per item, and the outputs' embeddings.
+
+        Concept: the largest cosine between the concept and the output with its stuffed runs cut
+        out (:func:`concept_use`), whole or any one sentence of it, so that one natural sentence
+        about the concept in a longer answer counts and a pasted run of concept words does not.
+        Instruction: cosine between instruction and the whole output.
+        """
         out_ND = self.embed([it.output for it in items])
-        con_ND = self.embed([self._concept_embed_text(it.concept) for it in items], remember=True)
         ins_ND = self.embed([it.instruction for it in items], remember=True)
-        return (out_ND * con_ND).sum(1), (out_ND * ins_ND).sum(1), out_ND
+        con_ND = self.embed([self._concept_embed_text(it.concept) for it in items], remember=True)
+        pieces: list[list[str]] = []
+        for it in items:
+            clean = concept_use(it.output, self.concept_terms(it.concept)).clean
+            parts = [clean, *sentences(clean)] if _WORD.search(clean) else []
+            pieces.append(list(dict.fromkeys(parts)))
+        flat = [p for ps in pieces for p in ps]
+        emb = self.embed(flat) if flat else np.zeros((0, con_ND.shape[1]), np.float32)
+        sim_c, k = np.full(len(items), -1.0), 0
+        for n, ps in enumerate(pieces):
+            if ps:
+                sim_c[n] = float((emb[k:k + len(ps)] @ con_ND[n]).max())
+            k += len(ps)
+        return sim_c, (out_ND * ins_ND).sum(1), out_ND
 
     def _logliks(self, texts: list[str]) -> list[float] | None:
         if self.loglik_fn is None:
@@ -399,12 +482,13 @@ class OfflineJudge(Judge):
             if not _WORD.search(it.output):
                 out.append(Ratings(0, 0, 0))
                 continue
-            terms = self.concept_terms(it.concept)
-            hits = count_term_hits(it.output, terms)
-            c_tok = 2 if hits >= 2 else hits
-            c_emb = _band(float(sim_c[k]), *th.concept_sim) if terms or it.concept.strip() else 0
+            use = concept_use(it.output, self.concept_terms(it.concept))
+            c_tok = 2 if use.natural >= 2 else 1 if use.natural or use.stuffed_words else 0
+            c_emb = _band(float(sim_c[k]), *th.concept_sim) if it.concept.strip() else 0
             instr = _band(float(sim_i[k]), *th.instruction_sim)
             flu = _penalty(repetition_rate(it.output), *th.repetition, higher_is_worse=True)
+            if use.stuffed_words:
+                flu = min(flu, 0 if use.stuffed_words >= STUFFED_TO_0 * use.n_words else 1)
             if lls is not None:
                 flu = min(flu, _penalty(lls[k], *th.loglik, higher_is_worse=False))
             out.append(Ratings(max(c_tok, c_emb), instr, flu))
