@@ -1,23 +1,26 @@
 """The paper's three key observations, each checked against our numbers with an interval.
 
 The paper (abstract, §5–6) makes three claims; the book's "Key observations" page states, for
-each, the paper's figure, ours with a 95 % interval, and a verdict computed by a fixed rule
-written here, so no verdict is typed by hand:
+each, the paper's figure, ours with a 95 % interval, its half-width and n, and a verdict computed
+by a fixed rule written here, so no verdict is typed by hand. A verdict the data cannot support
+says so: *inconclusive (underpowered)*, never a guess.
 
 1. **μ and g agree weakly and positively**: pooled Kendall τ_b(μ, g) ≈ 0.30, BCa CI [0.16, 0.42]
    (Table 1). *Reproduces* when our pooled τ_b's CI lies above 0; *contradicted* when it lies
-   below 0; otherwise *not shown at this scale* (the CI includes 0).
+   below 0; otherwise *inconclusive (underpowered)*.
 2. **ΔC_k selection raises steering, more than the output score**: Table 2, lifts of 104–147 %
    over no selection, and 52.52 percentage points more than the output score's. The test is the
    paired per-SAE difference of steering scores (ΔC_k tier minus no selection; ΔC_k minus the
    output-score baseline of the same size), mean with a percentile bootstrap CI
    (``scipy.stats.bootstrap``, resampling SAEs). *Reproduces* when both CIs lie above 0;
-   *contradicted* when either lies below 0; otherwise *not shown at this scale*. Reported for the
-   paper's tier pick (best held-out tier, as the paper) and for the honest pick.
+   *contradicted* when either lies below 0; otherwise *inconclusive (underpowered)*. Reported
+   for the paper's tier pick (best held-out tier, as the paper) and for the honest pick.
 3. **After selection, μ no longer tracks the gain**: τ_b(μ, lift) ≈ −0.07, CI [−0.20, 0.07]
-   (Table 3). *Reproduces* when our CI includes 0 (no association); *contradicted* when it
-   excludes 0. A CI that includes 0 is weak evidence with few SAEs; the page says so through its
-   width.
+   (Table 3). "No association" is an equivalence claim, so it needs an equivalence band: a CI
+   that merely contains 0 is what any small sample gives. *Reproduces* only when our CI lies
+   inside (−b, b) with b = :data:`EQUIVALENCE_BAND` = 0.2 (the paper's own CI, [−0.20, 0.07],
+   just fits); *contradicted* when the CI excludes 0 and does not fit in the band (a real
+   association); otherwise *inconclusive (underpowered)*.
 """
 
 from __future__ import annotations
@@ -30,13 +33,19 @@ import numpy as np
 
 REPRODUCES = "reproduces"
 CONTRADICTED = "contradicted"
-NOT_SHOWN = "not shown at this scale"
+INCONCLUSIVE = "inconclusive (underpowered)"
 NO_DATA = "no data"
+#: Half-width of the band of τ_b values that count as "no association" (observation 3).
+EQUIVALENCE_BAND = 0.2
 
 
 @dataclass(frozen=True)
 class Observation:
-    """One claim: the paper's figure, ours with its interval, and the verdict."""
+    """One claim: the paper's figure, ours with its interval, and the verdict.
+
+    ``half_width``: half the width of the interval the verdict reads (the widest, for
+    observation 2's two differences); NaN when there is none.
+    """
 
     number: int
     claim: str
@@ -44,22 +53,34 @@ class Observation:
     ours: str
     verdict: str
     n: int
+    half_width: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return {"observation": self.number, "claim": self.claim, "paper": self.paper,
-                "ours": self.ours, "verdict": self.verdict, "n_saes": self.n}
+                "ours": self.ours, "verdict": self.verdict, "n_saes": self.n,
+                "ci_half_width": self.half_width}
 
 
-def interval_verdict(low: float, high: float, *, expect: str) -> str:
-    """``expect='positive'``: reproduces if the interval lies above 0. ``expect='null'``: reproduces
-    if it contains 0. NaN bounds give :data:`NO_DATA`."""
+def interval_verdict(low: float, high: float, *, expect: str,
+                     band: float = EQUIVALENCE_BAND) -> str:
+    """``expect='positive'``: reproduces if the interval lies above 0, contradicted if below,
+    else inconclusive. ``expect='null'``: reproduces if it lies inside (−band, band),
+    contradicted if it excludes 0 outside that band, else inconclusive. NaN bounds give
+    :data:`NO_DATA`."""
     if not (math.isfinite(low) and math.isfinite(high)):
         return NO_DATA
     if expect == "positive":
-        return REPRODUCES if low > 0 else CONTRADICTED if high < 0 else NOT_SHOWN
+        return REPRODUCES if low > 0 else CONTRADICTED if high < 0 else INCONCLUSIVE
     if expect == "null":
-        return REPRODUCES if low <= 0 <= high else CONTRADICTED
+        if -band < low and high < band:
+            return REPRODUCES
+        return CONTRADICTED if (low > 0 or high < 0) else INCONCLUSIVE
     raise ValueError(f"expect must be 'positive' or 'null', got {expect!r}")
+
+
+def half_width(low: float, high: float) -> float:
+    """Half the width of an interval (NaN when a bound is missing)."""
+    return (high - low) / 2 if math.isfinite(low) and math.isfinite(high) else math.nan
 
 
 def mean_ci(values: Sequence[float], *, n_resamples: int = 9999, level: float = 0.95,
@@ -83,7 +104,7 @@ def mean_ci(values: Sequence[float], *, n_resamples: int = 9999, level: float = 
 def _fmt_tau(tau: float, low: float, high: float, n: int) -> str:
     if not math.isfinite(tau):
         return f"undefined (n = {n})"
-    return f"τ_b = {tau:.3f} [{low:.3f}, {high:.3f}], n = {n}"
+    return f"τ_b = {tau:.3f} [{low:.3f}, {high:.3f}] (± {half_width(low, high):.3f}), n = {n}"
 
 
 def _tau_observation(number: int, claim: str, paper_table, table, missing: str,
@@ -98,8 +119,11 @@ def _tau_observation(number: int, claim: str, paper_table, table, missing: str,
     ours = _fmt_tau(p.tau, p.ci_low, p.ci_high, p.n)
     if p.ci_method != "BCa" and math.isfinite(p.tau):  # stats: heavily tied scores, BCa undefined
         ours += f" ({p.ci_method} interval: BCa undefined on tied scores)"
+    if expect == "null":
+        ours += f"; equivalence band |τ_b| < {EQUIVALENCE_BAND}"
     return Observation(number, claim, paper, ours,
-                       interval_verdict(p.ci_low, p.ci_high, expect=expect), p.n)
+                       interval_verdict(p.ci_low, p.ci_high, expect=expect), p.n,
+                       half_width(p.ci_low, p.ci_high))
 
 
 def observation_1(table1) -> Observation:
@@ -129,11 +153,13 @@ def observation_2(table, way: str = "paper", *, n_resamples: int = 9999, seed: i
     m2, l2, h2 = mean_ci(d_out, n_resamples=n_resamples, seed=seed + 1)
     v1 = interval_verdict(l1, h1, expect="positive")
     v2 = interval_verdict(l2, h2, expect="positive")
-    order = [CONTRADICTED, NO_DATA, NOT_SHOWN, REPRODUCES]
+    order = [CONTRADICTED, NO_DATA, INCONCLUSIVE, REPRODUCES]
     verdict = min((v1, v2), key=order.index)
-    ours = (f"g_ΔC − g = {m1:+.3f} [{l1:+.3f}, {h1:+.3f}]; g_ΔC − g_out = {m2:+.3f} "
-            f"[{l2:+.3f}, {h2:+.3f}] (mean g = {done['g'].mean():.3f}), n = {len(done)}")
-    return Observation(2, claim, paper, ours, verdict, len(done))
+    w1, w2 = half_width(l1, h1), half_width(l2, h2)
+    ours = (f"g_ΔC − g = {m1:+.3f} [{l1:+.3f}, {h1:+.3f}] (± {w1:.3f}); g_ΔC − g_out = "
+            f"{m2:+.3f} [{l2:+.3f}, {h2:+.3f}] (± {w2:.3f}) (mean g = {done['g'].mean():.3f}), "
+            f"n = {len(done)}")
+    return Observation(2, claim, paper, ours, verdict, len(done), max(w1, w2))
 
 
 def observation_3(table3) -> Observation:

@@ -116,7 +116,7 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
         assert len(list((index.parent / "book" / "executed" / stage).glob("*.html"))) == 5, stage
     verdicts = json.loads((root / "executed" / "observations" / "key_observations.json").read_text())
     assert [o["observation"] for o in verdicts["observations"]] == [1, 2, 2, 3]
-    assert all(o["verdict"] in {"reproduces", "contradicted", "not shown at this scale", "no data"}
+    assert all(o["verdict"] in {"reproduces", "contradicted", "inconclusive (underpowered)", "no data"}
                for o in verdicts["observations"])
     assert "Key observations" in (index.parent / "book" / "executed" / "observations" / "observations.html").read_text()
     agreement = json.loads((root / "judge_agreement.json").read_text())

@@ -13,9 +13,12 @@ from saelib.stats import AgreementConfig, rank_agreement
 
 
 @pytest.mark.parametrize("low, high, expect, verdict", [
-    (0.1, 0.4, "positive", obs.REPRODUCES), (-0.1, 0.4, "positive", obs.NOT_SHOWN),
-    (-0.4, -0.1, "positive", obs.CONTRADICTED), (-0.2, 0.1, "null", obs.REPRODUCES),
+    (0.1, 0.4, "positive", obs.REPRODUCES), (-0.1, 0.4, "positive", obs.INCONCLUSIVE),
+    (-0.4, -0.1, "positive", obs.CONTRADICTED), (-0.15, 0.1, "null", obs.REPRODUCES),
     (0.05, 0.3, "null", obs.CONTRADICTED), (math.nan, 0.3, "null", obs.NO_DATA),
+    # a CI that holds 0 but is wider than the band says nothing: 30 SAEs usually give this
+    (-0.2, 0.1, "null", obs.INCONCLUSIVE), (-0.526, 0.334, "null", obs.INCONCLUSIVE),
+    (0.02, 0.15, "null", obs.REPRODUCES),  # a trivially small association is still "none"
 ])
 def test_interval_verdicts(low, high, expect, verdict):
     assert obs.interval_verdict(low, high, expect=expect) == verdict
@@ -60,7 +63,9 @@ def test_observations_1_and_3_read_the_pooled_interval():
     t3 = rank_agreement(frame, "mu", "lift", config=cfg)
     o1, o3 = obs.observation_1(t1), obs.observation_3(t3)
     assert o1.verdict == obs.REPRODUCES and o1.ours.startswith("τ_b = 0.8") and o1.n == 30
-    assert o3.verdict == obs.REPRODUCES  # an unrelated lift: the CI holds 0
+    # an unrelated lift over 30 SAEs: the CI holds 0 but is wider than the band
+    assert o3.verdict == obs.INCONCLUSIVE and o3.half_width > 0.1 and "band" in o3.ours
+    assert o1.to_dict()["ci_half_width"] == pytest.approx(o1.half_width) and "±" in o1.ours
     assert obs.observation_1(None).verdict == obs.NO_DATA
     rows = obs.observations_frame(obs.key_observations(frame.assign(paper_g_delta_conf=1.0), t1, t3,
                                                        n_resamples=199))
