@@ -19,7 +19,7 @@ says so: *inconclusive (underpowered)*, never a guess.
    (Table 3). "No association" is an equivalence claim, so it needs an equivalence band: a CI
    that merely contains 0 is what any small sample gives. *Reproduces* only when our CI lies
    inside (−b, b) with b = :data:`EQUIVALENCE_BAND` = 0.2 (the paper's own CI, [−0.20, 0.07],
-   just fits); *contradicted* when the CI excludes 0 and does not fit in the band (a real
+   touches its lower edge); *contradicted* when the CI excludes 0 and does not fit in the band (a real
    association); otherwise *inconclusive (underpowered)*.
 """
 
@@ -112,7 +112,9 @@ def _tau_observation(number: int, claim: str, paper_table, table, missing: str,
     """Observations 1 and 3: the pooled τ_b of ``table`` (an :class:`saelib.stats.AgreementTable`
     or None) against the paper's, judged by :func:`interval_verdict`."""
     lo, hi = paper_table.pooled_ci
-    paper = f"τ_b = {paper_table.pooled:.3f} [{lo:.3f}, {hi:.3f}], 90 SAEs"
+    paper = f"τ_b = {paper_table.pooled:.3f} [{lo:.3f}, {hi:.3f}], 90 SAEs ({paper_table.source})"
+    for source, values in paper_table.other_versions.items():
+        paper += f"; τ_b = {values['pooled']:.3f} ({source})"
     if table is None:
         return Observation(number, claim, paper, missing, NO_DATA, 0)
     p = table.pooled

@@ -6,6 +6,12 @@ specification (``shared/protocol.md``; section numbers below are the protocol's,
 figure numbers the paper's). Nothing here is measured by this project: these are the values to
 compare against, never inputs to our pipeline.
 
+Versions: the numbers are arXiv v1's unless a table's ``other_versions`` says otherwise; where
+versions differ, both are kept with their source (Table 3's pooled τ_b and Ψ), and the book shows
+both. The τ the paper prints as a formula, (concordant − discordant) / (n(n−1)/2), is Kendall's
+τ_a, while its numbers are scipy's ``kendalltau`` default, τ_b (ties corrected): this project
+computes τ_b (:data:`TAU_NOTE`).
+
 Also here: :func:`improvement_over_output_score`, the two readings of "how much better than the
 output score" that Table 2 supports (the abstract's 52.52 % is one of them), computed from any
 three-method steering table, the paper's or ours.
@@ -13,13 +19,13 @@ three-method steering table, the paper's or ours.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
 __all__ = [
     "MODELS", "ARCHITECTURES", "PaperTauTable", "PaperSteeringTable", "ImprovementFigures",
-    "TABLE1", "TABLE2", "TABLE3", "ABSTRACT_POOLED_TAU", "ABSTRACT_IMPROVEMENT_PCT",
+    "TABLE1", "TABLE2", "TABLE3", "TAU_NOTE", "ABSTRACT_POOLED_TAU", "ABSTRACT_IMPROVEMENT_PCT",
     "LAYERS", "WIDTH", "TRAINING_TOKENS", "TARGET_L0", "RELU_L1", "GATED_L1",
     "TRAINING_HOURS", "TRAINING_GPU", "SAES_PER_MODEL", "SAEBENCH_HOURS_PER_SAE",
     "AXBENCH_STEERING_HOURS_PER_SAE", "JUDGE_FEES_USD_PER_SAE", "improvement_over_output_score",
@@ -38,7 +44,9 @@ def _frozen(d: Mapping) -> Mapping:
 @dataclass(frozen=True)
 class PaperTauTable:
     """A τ_b table of the paper: pooled τ_b with its BCa CI, Ψ by axis, and per-model τ_b where
-    the paper gives them (empty mapping where it does not)."""
+    the paper gives them (empty mapping where it does not). ``source``: the paper version these
+    numbers come from; ``other_versions``: source → {"pooled", "psi", ...} where another version
+    of the paper reports different values."""
 
     pooled: float
     pooled_ci: tuple[float, float]
@@ -47,6 +55,9 @@ class PaperTauTable:
     psi_c: float
     psi: float
     per_model: Mapping[str, float]
+    source: str = "arXiv v1"
+    other_versions: Mapping[str, Mapping[str, float]] = field(
+        default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -67,12 +78,19 @@ TABLE1 = PaperTauTable(
     per_model=_frozen({"Gemma-2-2B": 0.2184, "Qwen-2.5-3B": 0.4575, "Gemma-2-9B": 0.3057}),
 )
 
-# Table 3: τ_b between μ and the steering gain L after ΔC_k selection (protocol §5).
+# Table 3: τ_b between μ and the steering gain L after ΔC_k selection (protocol §5). The ICLR
+# version reports a different pooled τ_b and Ψ (sign flipped); no CI or per-axis values for it.
 TABLE3 = PaperTauTable(
     pooled=-0.0692, pooled_ci=(-0.2019, 0.0666),
     psi_a=-0.0719, psi_b=0.0127, psi_c=-0.1111, psi=-0.0568,
     per_model=_frozen({}),
+    other_versions=_frozen({"ICLR 2026": _frozen({"pooled": 0.0823, "psi": 0.0681})}),
 )
+
+#: Why the τ formula printed in the paper and the numbers it reports differ (module doc).
+TAU_NOTE: str = ("The paper prints Kendall's τ as (concordant − discordant) / (n(n−1)/2), which is "
+                 "τ_a; its reported numbers are scipy.stats.kendalltau's default, τ_b, which "
+                 "corrects for ties. This book computes τ_b throughout.")
 
 # Table 2: steering score by selection method, and ΔC_k's lift over no selection (protocol §6).
 TABLE2 = PaperSteeringTable(

@@ -135,13 +135,23 @@ def example_generations(rows: pd.DataFrame, steering: dict, n_concepts: int = 3)
 def agreement_table(agreement, paper_table):
     """An :class:`~saelib.stats.AgreementTable` in the paper's layout (group, n, pairs, τ_b, p, CI)
     with the paper's value beside ours where it reports one (pooled τ_b and the four Ψ; its
-    per-model τ_b's are for its own models, which this profile does not have)."""
+    per-model τ_b's are for its own models, which this profile does not have), one column per
+    paper version where versions differ (:attr:`saelib.paper.PaperTauTable.other_versions`)."""
     frame = agreement.to_frame()
     paper_psi = {"Ψ_A": paper_table.psi_a, "Ψ_B": paper_table.psi_b, "Ψ_C": paper_table.psi_c,
                  "Ψ": paper_table.psi}
-    frame["paper τ_b"] = [paper_table.pooled if g == "all" and a == "pooled" else paper_psi.get(g)
-                          for a, g in zip(frame["axis"], frame["group"])]
-    cols = ["axis", "group", "n", "pairs", "tau_b", "p", "ci_low", "ci_high", "paper τ_b", "reason"]
+    frame[f"paper τ_b ({paper_table.source})"] = [
+        paper_table.pooled if g == "all" and a == "pooled" else paper_psi.get(g)
+        for a, g in zip(frame["axis"], frame["group"])]
+    cols = ["axis", "group", "n", "pairs", "tau_b", "p", "ci_low", "ci_high",
+            f"paper τ_b ({paper_table.source})"]
+    for source, values in paper_table.other_versions.items():
+        frame[f"paper τ_b ({source})"] = [
+            values.get("pooled") if g == "all" and a == "pooled"
+            else values.get("psi") if g == "Ψ" else None
+            for a, g in zip(frame["axis"], frame["group"])]
+        cols.append(f"paper τ_b ({source})")
+    cols.append("reason")
     return frame[cols].style.format(precision=4, na_rep="–").hide(axis="index")
 
 

@@ -70,3 +70,27 @@ def test_setup_and_cost_constants():
     assert paper.AXBENCH_STEERING_HOURS_PER_SAE == (15.0, 23.0)
     with pytest.raises(TypeError):
         paper.TABLE2.delta_ck["Gemma-2-2B"] = 1.0  # read-only
+
+
+def test_table3_keeps_both_versions_and_the_agreement_table_shows_them():
+    import numpy as np
+    import pandas as pd
+
+    from saelib import paper
+    from saelib.report import agreement_table
+    from saelib.stats import AgreementConfig, rank_agreement
+
+    assert paper.TABLE3.source == "arXiv v1" and paper.TABLE3.pooled == -0.0692
+    assert dict(paper.TABLE3.other_versions["ICLR 2026"]) == {"pooled": 0.0823, "psi": 0.0681}
+    assert "τ_a" in paper.TAU_NOTE and "τ_b" in paper.TAU_NOTE
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"mu": rng.uniform(size=10), "lift": rng.normal(size=10),
+                          "architecture": ["a", "b"] * 5, "sparsity": np.repeat(range(5), 2),
+                          "model": "m"})
+    shown = agreement_table(rank_agreement(frame, "mu", "lift",
+                                           config=AgreementConfig(n_permutations=99, n_bootstrap=99)),
+                            paper.TABLE3).data
+    pooled = shown[shown["axis"] == "pooled"].iloc[0]
+    assert pooled["paper τ_b (arXiv v1)"] == -0.0692 and pooled["paper τ_b (ICLR 2026)"] == 0.0823
+    psi = shown[shown["group"] == "Ψ"].iloc[0]
+    assert psi["paper τ_b (arXiv v1)"] == -0.0568 and psi["paper τ_b (ICLR 2026)"] == 0.0681
