@@ -71,6 +71,9 @@ def test_config_validate_rejects_bad_values():
         AutoInterpConfig(n_top=11).validate()
     with pytest.raises(ValueError, match="mark_threshold"):
         AutoInterpConfig(mark_threshold=1.5).validate()
+    with pytest.raises(ValueError, match="min_firings"):
+        AutoInterpConfig(n_top=2, window_radius=1, n_top_gen=1, n_top_score=1,
+                         min_firings=6).validate()
 
 
 def test_counts_marks_and_unmarked_detection():
@@ -249,10 +252,26 @@ def test_rare_latent_splits_its_few_windows_and_says_so():
     acts = np.zeros((N, L, 1), np.float32)
     acts[3, 20, 0], acts[7, 30, 0], acts[12, 5, 0] = 2.0, 5.0, 1.0
     res = run_autointerp(ArrayCodes(acts), tokens, decode, FakeJudge(lambda ws: []),
-                         AutoInterpConfig(n_latents=1, n_concepts=1), special_ids=[BOS])
+                         AutoInterpConfig(n_latents=1, n_concepts=1, min_firings=0),
+                         special_ids=[BOS])
     (rec,) = res.records
     # 3 top windows: min(2, 3 // 2) = 1 to detection, 2 to explanation; no IW candidates.
     assert [w.role for w in rec.explain_windows] == ["top", "top"]
     assert sorted(w.role for w in rec.score_windows) == ["random"] * 10 + ["top"]
     assert "top 3/12" in rec.note and "iw 0/7" in rec.note
     assert rec.score == pytest.approx(np.mean([not t for t in rec.truth]))
+
+
+def test_latents_firing_15_times_or_fewer_are_not_live_and_are_counted():
+    """SAEBench's rule: a latent must fire more than ``min_firings`` (15) times on the eval
+    corpus to be scored; rarer ones are counted in ``n_rare``, never given a score."""
+    tokens, _ = make_corpus()
+    acts = np.zeros((N, L, 3), np.float32)
+    rng = np.random.default_rng(0)
+    for latent, n in ((0, 3), (1, 15), (2, 16)):
+        flat = rng.choice(np.arange(N * L).reshape(N, L)[:, 1:].ravel(), size=n, replace=False)
+        acts.reshape(N * L, 3)[flat, latent] = rng.uniform(1, 2, size=n)
+    res = run_autointerp(ArrayCodes(acts), tokens, decode, FakeJudge(lambda ws: []),
+                         AutoInterpConfig(n_latents=3, n_concepts=1), special_ids=[BOS])
+    assert res.scored == (2,) and res.n_live == 1 and res.n_rare == 2
+    assert res.summary()["n_rare"] == 2 and res.partial

@@ -88,8 +88,10 @@ def test_run_interp_records_mu_rows_and_keeps_train_keys(tiny_run):
     with torch.no_grad():
         codes_NLF = torch.cat([sae.encode(torch.from_numpy(np.array(a)).reshape(-1, store.d_model))
                                .reshape(len(a), CONTEXT, WIDTH) for _, a in store.iter_contexts(7)])
+    fires_F = (codes_NLF[:, 1:] > 0).sum(dim=(0, 1))
+    assert rec["n_live"] == int((fires_F > 15).sum())  # SAEBench: more than 15 firings
+    assert rec["n_rare"] == int(((fires_F > 0) & (fires_F <= 15)).sum())
     max_F = codes_NLF[:, 1:].amax(dim=(0, 1))
-    assert rec["n_live"] == int((max_F > 0).sum())
     assert 0 < rec["n_live"] <= WIDTH
     assert rec["n_scored"] == min(24, rec["n_live"])
     assert rec["eval_tokens"] == splits.eval_NL.size

@@ -14,9 +14,13 @@ latent's maximum activation m_f. Per scored latent:
 
 Choices where the protocol is silent (documented in the book):
 
-* live = fires (activation > 0 at a non-special position) on the eval corpus, unless the caller
-  passes ``live_mask`` (e.g. from training); a latent live by the mask but silent on the eval
-  corpus is recorded unscored and makes the result partial.
+* live = fires (activation > 0 at a non-special position) more than ``min_firings`` = 15 times on
+  the eval corpus: SAEBench's rule (its ``dead_latent_threshold``, "minimum number of required
+  activations"), so that a latent scored has its top and importance-weighted windows, and a
+  latent that fired once never gets a near-trivial detection score from 0-1 top windows. The
+  latents that fire but too rarely are counted in the result (``n_rare``), not scored. A caller's
+  ``live_mask`` (e.g. from training) overrides the rule; a latent live by the mask but silent on
+  the eval corpus is recorded unscored and makes the result partial.
 * which top/IW windows go to explanation vs detection: a seeded random split (as SAEBench).
   A rarely firing latent with k < 12 top windows gives min(2, k // 2) to detection and the rest
   (≤ 10) to explanation; the same for IW; its Score is the accuracy over the windows it has, and
@@ -60,7 +64,8 @@ class AutoInterpConfig:
     explanation uses ``n_top_gen`` + ``n_iw_gen`` and detection ``n_top_score`` + ``n_iw_score``
     + ``n_random_score``; ``window_radius`` tokens each side of the centre.
     ``mark_threshold`` × max activation is both the explainer's highlight and the detection
-    truth threshold.
+    truth threshold. ``min_firings``: a latent is live, and scored, when it fires more often
+    than this on the eval corpus (SAEBench's ``dead_latent_threshold``, 15).
     """
 
     n_latents: int = 1000
@@ -76,11 +81,12 @@ class AutoInterpConfig:
     n_random: int = 10
     mark_threshold: float = 0.01
     seed: int = 0
+    min_firings: int = 15
 
     def validate(self) -> None:
         positive = ("n_latents", "n_concepts", "n_top", "n_top_gen")
         non_negative = ("n_iw_gen", "n_top_score", "n_iw_score", "n_random_score",
-                        "window_radius", "n_iw", "n_random", "seed")
+                        "window_radius", "n_iw", "n_random", "seed", "min_firings")
         for name in positive + non_negative:
             value = getattr(self, name)
             low = 1 if name in positive else 0
@@ -97,6 +103,11 @@ class AutoInterpConfig:
         if self.n_random < self.n_random_score:
             raise ValueError(f"AutoInterpConfig.n_random ({self.n_random}) must be >= "
                              f"n_random_score ({self.n_random_score})")
+        capacity = self.n_top * (2 * self.window_radius + 1)
+        if self.min_firings >= capacity:
+            raise ValueError(f"AutoInterpConfig.min_firings ({self.min_firings}) must be below the "
+                             f"firings the first pass keeps per latent, n_top·(2·radius+1) = "
+                             f"{capacity}")
         if not 0.0 <= float(self.mark_threshold) < 1.0:
             raise ValueError(f"AutoInterpConfig.mark_threshold must be in [0, 1), "
                              f"got {self.mark_threshold!r}")
@@ -153,7 +164,9 @@ class AutoInterpResult:
     """μ(θ) and everything behind it (protocol §3).
 
     ``mu`` is the mean Score over ``concept100`` (None when nothing could be scored);
-    ``partial``/``reason`` flag an SAE with no or too few live latents. ``timings`` in seconds.
+    ``partial``/``reason`` flag an SAE with no or too few live latents. ``n_rare``: latents that
+    fire on the eval corpus, but no more than ``min_firings`` times (not live, not scored).
+    ``timings`` in seconds.
     """
 
     config: AutoInterpConfig
@@ -168,6 +181,7 @@ class AutoInterpResult:
     timings: dict[str, float] = field(default_factory=dict)
     judge_name: str = ""
     judge_usage: dict[str, Any] = field(default_factory=dict)
+    n_rare: int = 0
 
     @property
     def mean_score_all(self) -> float | None:
@@ -186,6 +200,7 @@ class AutoInterpResult:
             "mean_score_all": self.mean_score_all,
             "width": self.width,
             "n_live": self.n_live,
+            "n_rare": self.n_rare,
             "n_scored": len(self.scored),
             "n_concept100": len(self.concept100),
             "concept100": list(self.concept100),
@@ -316,8 +331,10 @@ def run_autointerp(codes_source: CodesSource, tokens_NL: np.ndarray,
     with timer("total"):
         with timer("scan_top"):
             top = scan_top(codes_source, valid_NL, config.window_spec(), backend=backend)
-        fires = (top.vals_KF[0] > 0).cpu().numpy()
-        live = live_mask if live_mask is not None else fires
+        # the first pass keeps n_top·(2r+1) > min_firings values per latent: exact counts here
+        n_fires = (top.vals_KF[:config.min_firings + 1] > 0).sum(0).cpu().numpy()
+        live = live_mask if live_mask is not None else n_fires > config.min_firings
+        n_rare = int(((n_fires > 0) & ~live).sum()) if live_mask is None else 0
         live_ids = np.flatnonzero(live)
         scored = choose_latents(live_ids, config)
         if len(live_ids) == 0:
@@ -357,7 +374,7 @@ def run_autointerp(codes_source: CodesSource, tokens_NL: np.ndarray,
     usage = {k: v - usage_before[k] for k, v in usage_after.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return AutoInterpResult(
-        config=config, width=width, n_live=int(len(live_ids)),
+        config=config, width=width, n_live=int(len(live_ids)), n_rare=n_rare,
         scored=tuple(int(x) for x in scored), concept100=tuple(int(x) for x in concept100),
         records=records, mu=mu, partial=bool(reasons), reason="; ".join(reasons) or None,
         timings=dict(timer.timings), judge_name=getattr(judge, "name", type(judge).__name__),
