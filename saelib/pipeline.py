@@ -778,7 +778,8 @@ def run_select(profile: Profile | str, model: str, arch: str, level: int,
        pick (tier chosen on the selection half, reported held out) are both recorded with the
        output-score baseline of the same size and the lifts over g(θ) of the steering stage.
     """
-    from .models import ids_with_bos, load_model
+    from .data.corpus import load_token_splits
+    from .models import load_model
     from .sae.io import load_sae
     from .selection.amplify import amplified_logits_fast, describe, logit_lens_tokens, prefix_state
     from .selection.confidence import output_score, topk_confidence
@@ -795,7 +796,8 @@ def run_select(profile: Profile | str, model: str, arch: str, level: int,
     with timer("load"):
         lm = load_model(entry.name, device=profile.device)
         sae = load_sae(out / "sae", device=profile.device)
-    ids = ids_with_bos(lm.tokenizer, config.prefix)
+    captured_bos = load_token_splits(tokens_dir(profile, entry)).bos_id
+    ids = config.prefix_ids(lm.tokenizer, captured_bos)
     W_dec_FD, b_dec_D = sae.W_dec.detach(), sae.b_dec.detach()
     n_feat = W_dec_FD.shape[0]
     with timer("delta_conf"):

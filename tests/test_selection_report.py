@@ -13,10 +13,25 @@ def test_selection_config_validation():
     SelectionConfig().validate()
     for bad, match in [(dict(variant="clamp"), "variant"), (dict(alpha=0.0), "alpha"),
                        (dict(top_ks=(0,)), "top_ks"), (dict(quantiles=(1.0,)), "quantiles"),
-                       (dict(top_ks=(), quantiles=()), "at least one tier"), (dict(prefix=" "), "prefix")]:
+                       (dict(top_ks=(), quantiles=()), "at least one tier"), (dict(prefix=" "), "prefix"),
+                       (dict(prefix_bos="yes"), "prefix_bos")]:
         with pytest.raises(ValueError, match=match):
             SelectionConfig(**bad).validate()
     SelectionConfig(top_ks=(), quantiles=(), steer_tiers=False).validate()
+
+
+def test_prefix_is_opened_as_the_activations_were_captured(tiny_tokenizer):
+    """``prefix_bos``: the captured contexts' opening token by default (SmolLM2's ``<|im_start|>``
+    is not its tokenizer's own addition), the tokenizer's BOS, or nothing; never doubled."""
+    body = tiny_tokenizer("t1 t2", add_special_tokens=False)["input_ids"]
+    opening = 2  # e.g. a corpus whose contexts open with EOS (no BOS in the tokenizer)
+    cfg = SelectionConfig(prefix="t1 t2")
+    assert cfg.prefix_ids(tiny_tokenizer, opening) == [opening] + body
+    assert SelectionConfig(prefix="t1 t2", prefix_bos="bos").prefix_ids(tiny_tokenizer, opening) \
+        == [tiny_tokenizer.bos_token_id] + body
+    assert SelectionConfig(prefix="t1 t2", prefix_bos="none").prefix_ids(tiny_tokenizer, opening) \
+        == body
+    assert SelectionConfig(prefix="t1 t2").prefix_ids(tiny_tokenizer, body[0]) == body
 
 
 def test_steering_by_method_means_lifts_and_relative_gain():

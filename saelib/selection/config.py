@@ -7,13 +7,20 @@ from dataclasses import dataclass
 
 from .amplify import VARIANTS
 
+#: The valid values of ``SelectionConfig.prefix_bos``.
+PREFIX_BOS = ("as_captured", "bos", "none")
+
 
 @dataclass(frozen=True)
 class SelectionConfig:
     """ΔC_k and output-score parameters.
 
     ``prefix``: the neutral prompt whose next-token distribution is read (the paper's "From my
-    experience,"; the model's BOS is put first, as in every captured context). ``k``: top-k size of
+    experience,"). ``prefix_bos``: what opens it: ``as_captured`` (default: the token that opened
+    every captured context, so the SAE sees the prefix as it saw its training data; for SmolLM2
+    that is ``<|im_start|>``, which its tokenizer does not add by itself), ``bos`` (the
+    tokenizer's BOS, if it has one) or ``none`` (the prefix's own tokens only; the paper does not
+    say, and on a random SAE the choice moves ΔC_k by up to 0.96). ``k``: top-k size of
     C_k (paper: 1). ``alpha``: amplification (paper: 10). ``variant``: ``arad`` (default),
     ``scale`` or ``decode`` (:mod:`saelib.selection.amplify`). ``lens_top``: logit-lens tokens per
     feature for the output score (Arad et al.: 20). ``batch_size``: features per forward pass.
@@ -26,6 +33,7 @@ class SelectionConfig:
     """
 
     prefix: str = "From my experience,"
+    prefix_bos: str = "as_captured"
     k: int = 1
     alpha: float = 10.0
     variant: str = "arad"
@@ -38,6 +46,9 @@ class SelectionConfig:
     def validate(self) -> None:
         if not self.prefix.strip():
             raise ValueError("prefix is empty")
+        if self.prefix_bos not in PREFIX_BOS:
+            raise ValueError(f"prefix_bos {self.prefix_bos!r} is unknown; valid: "
+                             f"{', '.join(PREFIX_BOS)}")
         if self.k < 1 or self.lens_top < 1 or self.batch_size < 1:
             raise ValueError("k, lens_top and batch_size must be >= 1")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
@@ -49,3 +60,14 @@ class SelectionConfig:
                              f"and {list(self.quantiles)}")
         if self.steer_tiers and not (self.top_ks or self.quantiles):
             raise ValueError("steer_tiers needs at least one tier: give top_ks or quantiles")
+
+    def prefix_ids(self, tokenizer, captured_bos: int | None) -> list[int]:
+        """The prefix's token ids, opened as ``prefix_bos`` says; ``captured_bos`` is the token
+        that opened every captured context (the corpus manifest's ``bos_id``). A first token that
+        already is the opening one is not doubled."""
+        ids = list(tokenizer(self.prefix, add_special_tokens=False)["input_ids"])
+        first = {"as_captured": captured_bos, "bos": tokenizer.bos_token_id,
+                 "none": None}[self.prefix_bos]
+        if first is None or (ids and ids[0] == first):
+            return ids
+        return [int(first)] + ids
