@@ -171,9 +171,10 @@ def test_topk_needs_no_search_and_jumprelu_starts_at_target():
     res = calibrate_sparsity("topk", 7, model="m", layer=1, d_in=D_IN, d_sae=D_SAE,
                              make_batches=lambda: called.append(1), probe_tokens=256, train_cfg=CFG)
     assert (res.knob_name, res.knob_value, res.trace, called) == ("k", 7.0, [], [])
-    jump = calibrate_sparsity("jumprelu", 4, model="m", layer=1, d_in=D_IN, d_sae=D_SAE,
+    # target 8: above the ~6 latents per token this undercomplete SAE floors at in 300 steps
+    jump = calibrate_sparsity("jumprelu", 8, model="m", layer=1, d_in=D_IN, d_sae=D_SAE,
                               make_batches=stream, probe_tokens=256 * 300, train_cfg=CFG)
-    assert jump.knob_name == "l0_target" and jump.trace[0].knob == 4.0
+    assert jump.knob_name == "l0_target" and jump.trace[0].knob == pytest.approx(8.0)
     assert jump.within_band
 
 
@@ -188,3 +189,21 @@ def test_calibration_input_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         calibrate_sparsity("relu", **args)
+
+
+def test_search_stops_when_the_knob_moves_l0_the_wrong_way():
+    """JumpReLU's target knob in short runs has a floor: below it, lowering the knob raises L0
+    (default activations: target 6 → L0 10.8, 3 → 16.6). The search stops at the first step that
+    moves L0 away from the target instead of spending its remaining probes; the best probe is
+    kept by the caller."""
+    response = {8.0: 12.0, 4.0: 16.0, 2.0: 30.0}
+    calls = []
+
+    def measure(knob):
+        calls.append(knob)
+        l0 = response.get(round(knob, 6), 20.0 + abs(math.log(knob / 8.0)) * 10)
+        return Probe(knob, l0, 0.9, 0.0)
+
+    trace = bracket_search(measure, 8.0, 6.0, increasing=True, cfg=CalibrationConfig())
+    assert len(trace) == 2 and trace[1].knob < trace[0].knob
+    assert trace[1].realised_l0 > trace[0].realised_l0
