@@ -305,6 +305,8 @@ def train_done(profile: Profile, job: SAEJob) -> bool:
     method = (record.get("sparsity_method") or {}).get("method")
     if method != _sparsity_method(profile, job):
         return False
+    if not _trained_as_profile_asks(profile, record):
+        return False
     saved = record["train"].get("sae_sha256")
     weights = sae_dir(profile, job) / "sae" / SAE_WEIGHTS
     if not weights.exists() or (saved is not None and _sae_weights_sha(profile, job) != saved):
@@ -312,6 +314,19 @@ def train_done(profile: Profile, job: SAEJob) -> bool:
               "the SAE will be trained again", file=sys.stderr)
         return False
     return True
+
+
+def _trained_as_profile_asks(profile: Profile, record: dict[str, Any]) -> bool:
+    """The SAE's recorded training settings are the ones the profile and this version ask for
+    (e.g. an SAE trained before JumpReLU's training changed is trained again)."""
+    from .profiles import section_config
+    from .sae.train import TrainConfig, trajectory_settings
+
+    saved = ((record.get("provenance") or {}).get("config") or {}).get("training")
+    if saved is None:
+        return False
+    now = section_config(TrainConfig, profile, "training", progress=False, device=profile.device)
+    return trajectory_settings(saved) == json.loads(json.dumps(trajectory_settings(now)))
 
 
 def _sparsity_method(profile: Profile, job: SAEJob) -> str:

@@ -108,3 +108,15 @@ def smoke_topk_root(tmp_path_factory):
             else:
                 os.environ[k] = v
     return root
+
+
+def training_provenance(profile) -> dict:
+    """The ``provenance`` block of a train record as ``pipeline.run_train`` writes it (the
+    profile's training settings), for tests that hand-make a trained SAE's ``result.json``."""
+    from dataclasses import asdict
+
+    from saelib.profiles import section_config
+    from saelib.sae.train import TrainConfig
+
+    cfg = section_config(TrainConfig, profile, "training", progress=False, device=profile.device)
+    return {"config": {"training": asdict(cfg)}}

@@ -10,6 +10,8 @@ import yaml
 from saelib import grid, pipeline
 from saelib.profiles import PARAMS_DIR, profile_from_dict
 
+from conftest import training_provenance
+
 
 def _profile(tmp_path, **grid_overrides):
     data = yaml.safe_load((PARAMS_DIR / "smoke.yaml").read_text())
@@ -121,10 +123,21 @@ def test_an_sae_whose_knob_was_chosen_another_way_is_trained_again(tmp_path):
     out = pipeline.sae_dir(calibrated, job)
     (out / "sae").mkdir(parents=True)
     (out / "sae" / pipeline.SAE_WEIGHTS).write_bytes(b"weights")
-    (out / pipeline.RESULT).write_text(json.dumps({"train": {}, "sparsity_method": {"method": "l0_target"}}))
+    (out / pipeline.RESULT).write_text(json.dumps({"train": {}, "sparsity_method": {"method": "l0_target"},
+                                                        "provenance": training_provenance(calibrated)}))
     assert not pipeline.train_done(calibrated, job)  # trained before JumpReLU was calibrated
-    (out / pipeline.RESULT).write_text(json.dumps({"train": {}, "sparsity_method": {"method": "calibrated"}}))
+    record = {"train": {}, "sparsity_method": {"method": "calibrated"},
+              "provenance": training_provenance(calibrated)}
+    (out / pipeline.RESULT).write_text(json.dumps(record))
     assert pipeline.train_done(calibrated, job)
+    # trained with other training settings (e.g. before JumpReLU's training changed): again
+    record["provenance"]["config"]["training"]["jumprelu_ste_to_input"] = True
+    (out / pipeline.RESULT).write_text(json.dumps(record))
+    assert not pipeline.train_done(calibrated, job)
+    record["provenance"]["config"]["training"].update(jumprelu_ste_to_input=False, progress=True,
+                                                      sparse_decode=False)
+    (out / pipeline.RESULT).write_text(json.dumps(record))
+    assert pipeline.train_done(calibrated, job)  # settings that change nothing trained
 
 
 def test_a_truncated_result_file_is_named_and_its_sae_recomputed(tmp_path, capsys):
@@ -135,7 +148,8 @@ def test_a_truncated_result_file_is_named_and_its_sae_recomputed(tmp_path, capsy
     out = pipeline.sae_dir(profile, job)
     (out / "sae").mkdir(parents=True)
     (out / "sae" / pipeline.SAE_WEIGHTS).write_bytes(b"weights")
-    good = json.dumps({"train": {"l0": 10}, "sparsity_method": {"method": "k"}})
+    good = json.dumps({"train": {"l0": 10}, "sparsity_method": {"method": "k"},
+                       "provenance": training_provenance(profile)})
     (out / pipeline.RESULT).write_text(good)
     assert pipeline.train_done(profile, job)
     (out / pipeline.RESULT).write_text(good[: len(good) // 2])
@@ -154,7 +168,8 @@ def test_sae_weights_that_differ_from_their_recorded_checksum_are_trained_again(
     weights = pipeline.sae_dir(profile, job) / "sae" / pipeline.SAE_WEIGHTS
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"weights" * 100)
-    record = {"train": {"l0": 10, "sae_sha256": sha256_file(weights)}, "sparsity_method": {"method": "k"}}
+    record = {"train": {"l0": 10, "sae_sha256": sha256_file(weights)}, "sparsity_method": {"method": "k"},
+              "provenance": training_provenance(profile)}
     (weights.parent.parent / pipeline.RESULT).write_text(json.dumps(record))
     assert pipeline.train_done(profile, job)
     weights.write_bytes(b"weights" * 50)
@@ -216,7 +231,8 @@ def test_a_jsonl_log_cut_at_a_line_boundary_is_caught_by_its_checksum(tmp_path, 
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"weights")
     (out / pipeline.RESULT).write_text(json.dumps(
-        {"train": {"sae_sha256": sha256_file(weights)}, "sparsity_method": {"method": "k"}}))
+        {"train": {"sae_sha256": sha256_file(weights)}, "sparsity_method": {"method": "k"},
+         "provenance": training_provenance(profile)}))
     rows = out / pipeline.INTERP_ROWS
     write_jsonl(rows, [{"latent": i, "score": 0.5} for i in range(5)])
     settings = {"interp": {"n": 1}}

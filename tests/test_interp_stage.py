@@ -20,6 +20,8 @@ from saelib.results import read_json, read_jsonl, write_json
 from saelib.sae.io import load_sae, save_sae
 from saelib.sae.train import TrainConfig, train_sae
 
+from conftest import training_provenance
+
 CONTEXT, LAYER, WIDTH, K = 16, 1, 64, 4
 
 
@@ -71,6 +73,7 @@ def tiny_run(tmp_path, tiny_tokenizer):
     save_sae(res.sae, out / "sae")
     write_json(out / pipeline.RESULT, {"model": entry.name, "arch": "topk", "level": 0,
                                        "sparsity_method": {"method": "k"},
+                                       "provenance": training_provenance(profile),
                                        "train": {"tokens_seen": total}, "core": {"l0": 4.0}})
     return profile, job, splits
 

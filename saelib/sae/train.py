@@ -331,16 +331,23 @@ class _TailStats:
         self.sum_x_D = tensors["tail.sum_x_D"].double().clone()
 
 
+def trajectory_settings(cfg: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The training settings that change what is trained (a checkpoint resumes, and a saved SAE
+    counts as current, only when they agree). ``sparse_decode`` changes float rounding only, so
+    either setting may resume the other's run; progress bars and checkpoint spacing change
+    nothing. Accepts the config or its dict as stored in a result's provenance."""
+    irrelevant = {"progress", "checkpoint_every", "sparse_decode"}
+    items = cfg.items() if isinstance(cfg, Mapping) else ((f.name, getattr(cfg, f.name))
+                                                         for f in fields(cfg))
+    return {k: v for k, v in items if k not in irrelevant}
+
+
 def _identity(arch: str, d_in: int, d_sae: int, sparsity_value: float, total_tokens: int,
               seed: int, cfg: TrainConfig) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed (knobs that change the trajectory)."""
-    # sparse_decode changes float rounding only, so either setting may resume the other's run.
-    irrelevant = {"progress", "checkpoint_every", "sparse_decode"}
     return {"format": CHECKPOINT_FORMAT, "arch": arch, "d_in": d_in, "d_sae": d_sae,
             "sparsity_value": float(sparsity_value), "total_tokens": int(total_tokens),
-            "seed": int(seed),
-            "train_cfg": {f.name: getattr(cfg, f.name) for f in fields(cfg)
-                          if f.name not in irrelevant}}
+            "seed": int(seed), "train_cfg": trajectory_settings(cfg)}
 
 
 def _make_trainer(sae: TrainingSAE[Any], cfg: TrainConfig, sched: Schedule) -> SAETrainer:
