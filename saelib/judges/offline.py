@@ -40,9 +40,10 @@ Concept rating (0–2)
     steering). A *stuffed run* is two or more consecutive concept words with nothing but spaces,
     commas, colons, semicolons or dashes between them, one of them repeated (plurals alike):
     "oatmeal cat cat with", a tail of six "cat", "ocean ocean sea", a loop, but not the natural
-    phrase "marine life" of the concept "the ocean and marine life". This is what steering that only pastes the concept's tokens produces, which a careful
-    judge does not take for the concept being woven in. Term rating: 2 if the output has ≥ 2
-    occurrences outside stuffed runs, 1 if one, 1 if it has stuffed runs only, else 0.
+    phrase "marine life" of the concept "the ocean and marine life". This is what steering that
+    only pastes the concept's tokens produces, which a careful judge does not take for the
+    concept being woven in. Term rating: 2 if the output has ≥ 2 occurrences outside stuffed
+    runs, 1 if one, 1 if it has stuffed runs only, else 0.
     Embedding rating: the largest cosine similarity between the sentence embeddings
     (all-MiniLM-L6-v2) of the concept (its quoted terms joined by commas, else its text) and of
     the output with its stuffed runs cut out, whole or any one sentence (a natural sentence about
@@ -61,10 +62,9 @@ Fluency rating (0–2)
     one "word" (a steered model writing "WDWDWDWD…" has one word piece but repeats itself). 0 if ρ ≥ r₀, 1 if ρ ≥ r₁ (defaults ``repetition`` = (0.25, 0.50) for
     (r₁, r₀)). *Likelihood*: if a ``loglik_fn`` is given (the unsteered model's mean per-token
     log-prob of the output), 0 if below l₀, 1 if below l₁ (defaults ``loglik`` = (−4, −6) nats
-    for (l₁, l₀)). *Stuffing*: an output with a stuffed
-    concept run gets at most 1, and 0 if stuffed words are ≥ half of its words
-    (``STUFFED_TO_0``). Fluency = the smallest of the three. An output with no word characters gets 0 on
-    all three ratings.
+    for (l₁, l₀)). *Stuffing*: an output with a stuffed concept run gets at most 1, and 0 if
+    stuffed words are ≥ half of its words (``STUFFED_TO_0``). Fluency = the smallest of the
+    three. An output with no word characters gets 0 on all three ratings.
 
 Calibration (:meth:`OfflineJudge.calibrate`, on the unsteered model's outputs, which by
 construction are fluent, on-instruction and not steered; made once per model on a fixed seeded
@@ -197,9 +197,10 @@ class ConceptUse:
     """How an output uses a concept's terms (module doc, "Concept rating").
 
     ``natural``: occurrences in running text; ``stuffed_words``: words inside runs of two or more
-    consecutive concept words with a word repeated ("cat cat", "ocean ocean sea"), which is how steering that only
-    inserts, appends or loops the concept's tokens shows; ``clean``: the output with those runs
-    cut out, which is what the concept's embedding is compared with; ``n_words``: all words.
+    consecutive concept words with a word repeated ("cat cat", "ocean ocean sea"), which is how
+    steering that only inserts, appends or loops the concept's tokens shows; ``clean``: the
+    output with those runs cut out, which is what the concept's embedding is compared with;
+    ``n_words``: all words.
     """
 
     natural: int
