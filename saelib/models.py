@@ -246,12 +246,18 @@ def format_prompt(tokenizer, instruction: str) -> str:
     return PLAIN_FORMAT.format(instruction=instruction)
 
 
+def opened_with(ids: list[int], first: int | None) -> list[int]:
+    """``ids`` opened with the token ``first`` (None: as they are); a first token that already
+    is ``first`` (a chat template's BOS) is not doubled."""
+    ids = list(ids)
+    return ([int(first)] if first is not None and (not ids or ids[0] != first) else []) + ids
+
+
 def ids_with_bos(tokenizer, text: str) -> list[int]:
     """``text`` as token ids starting with the tokenizer's BOS where it has one (as every captured
     context does); a BOS the text already renders (a chat template's) is not doubled."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + list(ids)
+    return opened_with(tokenizer(text, add_special_tokens=False)["input_ids"],
+                       tokenizer.bos_token_id)
 
 
 def _tl_config_dict(source: str) -> dict:

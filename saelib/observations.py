@@ -19,8 +19,8 @@ says so: *inconclusive (underpowered)*, never a guess.
    (Table 3). "No association" is an equivalence claim, so it needs an equivalence band: a CI
    that merely contains 0 is what any small sample gives. *Reproduces* only when our CI lies
    inside (−b, b) with b = :data:`EQUIVALENCE_BAND` = 0.2 (the paper's own CI, [−0.20, 0.07],
-   touches its lower edge); *contradicted* when the CI excludes 0 and does not fit in the band (a real
-   association); otherwise *inconclusive (underpowered)*.
+   touches its lower edge); *contradicted* when the CI excludes 0 and does not fit in the band
+   (a real association); otherwise *inconclusive (underpowered)*.
 """
 
 from __future__ import annotations

@@ -430,7 +430,10 @@ class OfflineJudge(Judge):
         quoted = quoted_strings(concept)
         return ", ".join(q.strip() for q in quoted) if quoted else concept
 
-    def _similarities(self, items: Sequence[RatingItem]
+    def _concept_uses(self, items: Sequence[RatingItem]) -> list[ConceptUse]:
+        return [concept_use(it.output, self.concept_terms(it.concept)) for it in items]
+
+    def _similarities(self, items: Sequence[RatingItem], uses: Sequence[ConceptUse]
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Concept and instruction similarity per item, and the outputs' embeddings.
 
@@ -443,8 +446,8 @@ class OfflineJudge(Judge):
         ins_ND = self.embed([it.instruction for it in items], remember=True)
         con_ND = self.embed([self._concept_embed_text(it.concept) for it in items], remember=True)
         pieces: list[list[str]] = []
-        for it in items:
-            clean = concept_use(it.output, self.concept_terms(it.concept)).clean
+        for use in uses:
+            clean = use.clean
             parts = [clean, *sentences(clean)] if _WORD.search(clean) else []
             pieces.append(list(dict.fromkeys(parts)))
         flat = [p for ps in pieces for p in ps]
@@ -476,14 +479,15 @@ class OfflineJudge(Judge):
         if not items:
             return []
         th = self.thresholds
-        sim_c, sim_i, _ = self._similarities(items)
+        uses = self._concept_uses(items)
+        sim_c, sim_i, _ = self._similarities(items, uses)
         lls = self._logliks([it.output for it in items])
         out = []
         for k, it in enumerate(items):
             if not _WORD.search(it.output):
                 out.append(Ratings(0, 0, 0))
                 continue
-            use = concept_use(it.output, self.concept_terms(it.concept))
+            use = uses[k]
             c_tok = 2 if use.natural >= 2 else 1 if use.natural or use.stuffed_words else 0
             c_emb = _band(float(sim_c[k]), *th.concept_sim) if it.concept.strip() else 0
             instr = _band(float(sim_i[k]), *th.instruction_sim)
@@ -503,7 +507,7 @@ class OfflineJudge(Judge):
         c = self.config
         self._unsteered_low = [it.output.lower() for it in unsteered]
         self._df_memo = {}
-        sim_c, sim_i, out_ND = self._similarities(unsteered)
+        sim_c, sim_i, out_ND = self._similarities(unsteered, self._concept_uses(unsteered))
         report: dict = {"n_items": len(unsteered)}
 
         d1, d2 = c.concept_sim

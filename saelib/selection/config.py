@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..models import opened_with
 from .amplify import VARIANTS
 
 #: The valid values of ``SelectionConfig.prefix_bos``.
@@ -65,9 +66,6 @@ class SelectionConfig:
         """The prefix's token ids, opened as ``prefix_bos`` says; ``captured_bos`` is the token
         that opened every captured context (the corpus manifest's ``bos_id``). A first token that
         already is the opening one is not doubled."""
-        ids = list(tokenizer(self.prefix, add_special_tokens=False)["input_ids"])
         first = {"as_captured": captured_bos, "bos": tokenizer.bos_token_id,
                  "none": None}[self.prefix_bos]
-        if first is None or (ids and ids[0] == first):
-            return ids
-        return [int(first)] + ids
+        return opened_with(tokenizer(self.prefix, add_special_tokens=False)["input_ids"], first)
