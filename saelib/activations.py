@@ -12,6 +12,7 @@ needs positions); the training reader drops BOS rows, because BOS activations ar
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .results import CorruptFileError, atomic_path, first_mismatch, read_json, sha256_file, write_json
+from .results import (CorruptFileError, atomic_path, first_mismatch, read_json, sha256_file,
+                      write_json)
 
 MANIFEST = "manifest.json"
 
@@ -95,8 +97,6 @@ def capture(tl, tokens_NL: np.ndarray, layer: int, out_dir: str | Path, *, batch
 
 
 def array_sha(arr: np.ndarray) -> str:
-    import hashlib
-
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 

@@ -13,11 +13,30 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .pipeline import as_profile
+from . import stages
 from .profiles import ProfileError
+from .stages.layout import as_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOK_EXECUTED = ROOT / "book" / "executed"
+TOC = ROOT / "_toc.yml"
+
+
+def toc_text() -> str:
+    """The book's table of contents, from :data:`saelib.stages.STAGES`: the profile-wide
+    summaries (observations first) as results, the methods page, then every executed notebook
+    grouped by stage in the pipeline's order."""
+    summaries = sorted((s for s in stages.STAGES if s.scope == "profile"),
+                       key=lambda s: s.name != stages.analysis.OBSERVATIONS)
+    lines = ["# Table of contents, written by `python -m saelib.book --toc` from saelib.stages.STAGES.",
+             "# book/executed/ is filled by `python -m saelib.book` from the papermill runs.",
+             "format: jb-book", "root: book/intro", "parts:", "  - caption: Results", "    chapters:"]
+    lines += [f"      - file: book/executed/{s.name}/{s.name}" for s in summaries]
+    lines += ["  - caption: Methods", "    chapters:", "      - file: book/methods",
+              "  - caption: Executed notebooks", "    chapters:", "      - file: book/runs",
+              "        sections:"]
+    lines += [f"          - glob: book/executed/{s.name}/*" for s in stages.STAGES if s.scope != "profile"]
+    return "\n".join(lines) + "\n"
 
 
 def stage_notebooks(profile) -> Path:
@@ -38,6 +57,8 @@ def build(profile, builder: str = "html") -> Path:
     copied anew each time, so an incremental build would redo every page anyway."""
     profile = as_profile(profile)
     stage_notebooks(profile)
+    if TOC.read_text() != toc_text():  # the stages changed since the committed table of contents
+        TOC.write_text(toc_text())
     shutil.rmtree(ROOT / "_build", ignore_errors=True)
     cmd = [sys.executable, "-m", "jupyter_book", "build", str(ROOT), "--builder", builder]
     jb = shutil.which("jupyter-book", path=str(Path(sys.executable).parent))
@@ -53,7 +74,12 @@ def build(profile, builder: str = "html") -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m saelib.book", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="default")
+    ap.add_argument("--toc", action="store_true", help="only write _toc.yml from the stage table")
     args = ap.parse_args(argv)
+    if args.toc:
+        TOC.write_text(toc_text())
+        print(f"wrote {TOC}")
+        return 0
     try:
         index = build(args.profile)
     except (ProfileError, FileNotFoundError) as e:

@@ -19,6 +19,7 @@ What fails a page:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
 import shutil
@@ -128,7 +129,6 @@ class _Handler(SimpleHTTPRequestHandler):
             self.send_header("Content-Type", "text/html; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            import io
 
             return io.BytesIO(body)
         return super().send_head()

@@ -1,18 +1,21 @@
 """``python -m saelib.grid --profile NAME``: run every notebook of a profile through papermill.
 
-The grid is a DAG of jobs (design.md): prepare → capture ×models → train ×SAEs → interp ×SAEs
-(AutoInterp μ, each after its SAE's training) → steer ×SAEs (AxBench g, each after its SAE's
-AutoInterp, whose explanations are its concepts) → select ×SAEs (ΔC_k and output score of every
-feature, then the selected tiers steered against g, each after its SAE's steering) → analysis.
-Each job is one papermill execution of a parameterised notebook into ``runs/<profile>/executed/<stage>/``, which the book renders.
-Resumable: a job whose outputs are complete (its stage's ``done`` check) and whose executed
-notebook exists is skipped; one failed job does not stop the others (its dependants
-are skipped and reported); a summary of failures closes the run.
+The grid is a DAG of jobs built from :data:`saelib.stages.STAGES`: capture ×models → train ×SAEs →
+interp ×SAEs (AutoInterp μ, each after its SAE's training) → steering ×SAEs (AxBench g, each after
+its SAE's AutoInterp, whose explanations are its concepts) → selection ×SAEs (ΔC_k and output
+score of every feature, then the selected tiers steered against g) → analysis, observations.
+Each job is one papermill execution of its stage's notebook into
+``runs/<profile>/executed/<stage>/``, which the book renders. Resumable: a job whose outputs are
+complete (its stage's ``done`` check) and whose executed notebook exists is skipped; one failed
+job does not stop the others (its dependants are skipped and reported); a summary of failures
+closes the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
 import traceback
@@ -21,14 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import pipeline
+import nbformat
+import papermill as pm
+from distributed import Client, LocalCluster
+from distributed import wait as dask_wait
+from tqdm.auto import tqdm
+
+from . import stages
+from .models import model_slug
 from .profiles import Profile, ProfileError, load_profile
+from .results import CorruptFileError, provenance, read_json, write_json
+from .stages.layout import GRID_RECORD
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-#: Stages whose notebook is not named ``<stage>.ipynb``.
-STAGE_NOTEBOOKS = {"interp": "interpretability", "steer": "steering", "select": "selection"}
-#: Stages that summarise all SAEs: always re-rendered (cheap; they read every result.json).
-SUMMARY_STAGES = ("analysis", "observations")
 
 
 @dataclass
@@ -44,54 +52,49 @@ class Job:
     def output(self, profile: Profile) -> Path:
         return executed_dir(profile) / self.stage / f"{self.name}.ipynb"
 
+    @property
+    def summary(self) -> bool:
+        """A profile-wide summary: re-rendered on every run (cheap; it reads every record)."""
+        return stages.stage(self.stage).done is None
+
 
 def executed_dir(profile: Profile) -> Path:
     return profile.run_root() / "executed"
 
 
-def interp_stage_done(profile: Profile, job: pipeline.SAEJob) -> bool:
-    """The interpretability notebook computes AutoInterp and the descriptive metrics; steering
-    depends only on the former (``pipeline.steer_done``), so adding the latter reruns no steering."""
-    return pipeline.interp_done(profile, job) and pipeline.descriptive_done(profile, job)
-
-
 def build_jobs(profile: Profile, capture_threads: int | None = None) -> list[Job]:
-    """The job DAG of a profile, in a valid execution order. ``capture_threads``: torch threads
-    for each capture job (None: the kernel's default)."""
+    """The job DAG of a profile from :data:`saelib.stages.STAGES`, in a valid execution order:
+    the per-model jobs, then each SAE's chain of per-SAE stages (so one worker finishes an SAE
+    before it starts the next), then the profile's summaries. ``capture_threads``: torch threads
+    for each per-model job (None: the kernel's default)."""
+    by_scope = {scope: [s for s in stages.STAGES if s.scope == scope]
+                for scope in ("model", "sae", "profile")}
     jobs: list[Job] = []
-    for entry in profile.models:
-        slug = pipeline.model_dir(profile, entry).parent.name
-        params = {"profile": profile.name, "model": entry.name}
-        if capture_threads:
-            params["threads"] = int(capture_threads)
-        jobs.append(Job(f"capture-{slug}", "capture", params,
-                        lambda e=entry: pipeline.capture_done(profile, e)))
-    #: Per-SAE stages in order: (job-name prefix, stage, "done" check); each depends on the one before.
-    per_sae = [("", "train", pipeline.train_done), ("interp-", "interp", interp_stage_done),
-               ("steer-", "steer", pipeline.steer_done), ("select-", "select", pipeline.select_done)]
-    for job in pipeline.sae_jobs(profile):
-        slug = pipeline.model_dir(profile, profile.model(job.model)).parent.name
+    for st in by_scope["model"]:
+        for entry in profile.models:
+            params = {"profile": profile.name, "model": entry.name}
+            if capture_threads:
+                params["threads"] = int(capture_threads)
+            jobs.append(Job(f"{st.name}-{model_slug(entry.name)}", st.name, params,
+                            lambda e=entry, d=st.done: d(profile, e)))
+    for job in stages.sae_jobs(profile):
         params = {"profile": profile.name, "model": job.model, "arch": job.arch, "level": job.level}
-        previous = f"capture-{slug}"
-        for prefix, stage, done in per_sae:
-            name = f"{prefix}{slug}-{job.name}"
-            jobs.append(Job(name, stage, dict(params), lambda j=job, d=done: d(profile, j),
-                            deps=[previous]))
-            previous = name
-    sae_names = [j.name for j in jobs if j.stage in {stage for _, stage, _ in per_sae}]
-    jobs.append(Job("analysis", "analysis", {"profile": profile.name}, lambda: False, deps=sae_names))
-    jobs.append(Job("observations", "observations", {"profile": profile.name}, lambda: False,
-                    deps=sae_names))
+        for st in by_scope["sae"]:
+            deps = [f"{need}-{model_slug(job.model)}" + ("" if stages.stage(need).scope == "model"
+                                                         else f"-{job.name}") for need in st.needs]
+            jobs.append(Job(f"{st.name}-{model_slug(job.model)}-{job.name}", st.name, dict(params),
+                            lambda j=job, d=st.done: d(profile, j), deps=deps))
+    for st in by_scope["profile"]:
+        deps = [j.name for j in jobs if j.stage in st.needs]
+        jobs.append(Job(st.name, st.name, {"profile": profile.name}, lambda: False, deps=deps))
     return jobs
 
 
 def run_notebook(profile: Profile, job: Job, log_output: bool = False) -> None:
-    import papermill as pm
-
     out = job.output(profile)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.partial.ipynb")  # hidden until complete; papermill wants .ipynb
-    notebook = NOTEBOOKS / f"{STAGE_NOTEBOOKS.get(job.stage, job.stage)}.ipynb"
+    notebook = NOTEBOOKS / f"{job.stage}.ipynb"
     # The kernel starts in the job's folder (so a notebook's relative writes, e.g. the analysis
     # CSV, land beside its executed copy) through nbclient's ``resources.metadata.path``, not
     # papermill's ``cwd``: that one os.chdir()s this whole process, and jobs run as threads of it
@@ -106,8 +109,6 @@ def run_notebook(profile: Profile, job: Job, log_output: bool = False) -> None:
 def _retitle(path: Path, job: Job) -> None:
     """Append the job's parameters to the notebook's title, so the book's table of contents tells
     the thirty 'Train one SAE' pages apart."""
-    import nbformat
-
     nb = nbformat.read(str(path), as_version=4)
     detail = " · ".join(f"level {v}" if k == "level" else str(v)
                         for k, v in job.parameters.items() if k != "profile")
@@ -143,13 +144,11 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
     ``LocalCluster`` with ``workers`` single-threaded workers in this process: each job's work
     runs in its own papermill kernel (a subprocess), so a worker only waits on it.
     """
-    from tqdm.auto import tqdm
-
-    profile = pipeline.as_profile(profile)
+    profile = stages.as_profile(profile)
     share_cores(workers)
     report = GridReport()
     t0 = time.perf_counter()
-    pipeline.prepare(profile)
+    stages.capture.prepare(profile)
     report.seconds["prepare"] = time.perf_counter() - t0
     jobs = {j.name: j for j in build_jobs(profile, capture_threads(profile, workers, scheduler))}
     if only:
@@ -170,7 +169,7 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
             if all(d in finished for d in deps) and len(running) < slots:
                 del pending[name]
                 is_done = job.done() and job.output(profile).exists()
-                if is_done and not (job.stage in SUMMARY_STAGES and force_analysis):
+                if is_done and not (job.summary and force_analysis):
                     report.skipped.append(name)
                     finished.add(name)
                     bar.update(1)
@@ -202,25 +201,25 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
             start_ready(client, slots)
     bar.close()
     report.seconds["total"] = time.perf_counter() - t0
-    from .results import provenance, write_json
-
-    record_path = profile.run_root() / "grid.json"
+    record_path = profile.run_root() / GRID_RECORD
+    every_job = {j.name: j.stage for j in build_jobs(profile)}
     # Wall seconds of the latest successful execution of every job, across resumed runs (a
     # resumed run skips finished jobs; their times from earlier runs stay): the book's cost table.
+    # Jobs no longer in the DAG (renamed or removed stages) are dropped.
     job_seconds = {}
     if record_path.exists():
-        from .results import CorruptFileError, read_json
-
         try:
             job_seconds = recorded_job_seconds(read_json(record_path))
         except (CorruptFileError, AttributeError):
             job_seconds = {}
     job_seconds.update({k: v for k, v in report.seconds.items() if k in report.ran})
+    job_seconds = {k: v for k, v in job_seconds.items() if k in every_job}
     write_json(record_path, {"ran": report.ran, "skipped": report.skipped,
-                                                  "failed": report.failed, "blocked": report.blocked,
-                                                  "seconds": report.seconds, "job_seconds": job_seconds,
-                                                  "engine": "dask " + (scheduler or f"LocalCluster({workers})"),
-                                                  "provenance": provenance(profile=profile.name)})
+                             "failed": report.failed, "blocked": report.blocked,
+                             "seconds": report.seconds, "job_seconds": job_seconds,
+                             "job_stages": every_job,
+                             "engine": "dask " + (scheduler or f"LocalCluster({workers})"),
+                             "provenance": provenance(profile=profile.name)})
     return report
 
 
@@ -239,10 +238,6 @@ def dask_client(workers: int, scheduler: str | None = None):
     a separate process; worker processes would only add start-up time and pickling. No dashboard
     (it would need bokeh and a free port 8787).
     """
-    import logging
-
-    from distributed import Client, LocalCluster
-
     # The grid's own progress bar and summary say what happens; Dask's INFO lines would drown them.
     logging.getLogger("distributed").setLevel(logging.WARNING)
     if scheduler:
@@ -260,8 +255,6 @@ def _cluster_threads(client, default: int) -> int:
 
 
 def _first_completed(futures: list) -> list:
-    from distributed import wait as dask_wait
-
     return list(dask_wait(futures, return_when="FIRST_COMPLETED").done)
 
 
@@ -272,8 +265,6 @@ def share_cores(workers: int) -> None:
     on the same cores oversubscribe them (each matmul's threads wait on the others'). Kernels
     inherit this process's environment; a value the user set is kept.
     """
-    import os
-
     if workers > 1:
         per = str(max(1, (os.cpu_count() or 1) // workers))
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -285,8 +276,6 @@ def capture_threads(profile: Profile, workers: int, scheduler: str | None = None
     which run first and together (they are the DAG's roots), instead of the 1/``workers`` share
     every kernel gets (:func:`share_cores`). None on a remote scheduler (its workers' cores are
     not this machine's) or with one worker (the kernel has every core already)."""
-    import os
-
     if scheduler is not None or workers <= 1:
         return None
     return max(1, (os.cpu_count() or 1) // max(1, min(workers, len(profile.models))))
@@ -304,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="notebooks executed at once (LocalCluster workers)")
     ap.add_argument("--scheduler", help="address of a running Dask scheduler (e.g. a SLURMCluster's); "
                                         "default: a LocalCluster with --workers workers")
-    ap.add_argument("--only", help="run one stage (capture, train, interp, steer, select, analysis) or one job by name")
+    ap.add_argument("--only", help=f"run one stage ({', '.join(s.name for s in stages.STAGES)}) "
+                                   "or one job by name")
     ap.add_argument("--list", action="store_true", help="list the jobs and whether each is done")
     args = ap.parse_args(argv)
     try:

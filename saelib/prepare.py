@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .pipeline import prepare
+from .stages.capture import prepare
 from .profiles import ProfileError, load_profile
 
 

@@ -5,9 +5,11 @@ A parameter travels in a straight line: profile YAML → job grid (``saelib.grid
 wrong types and out-of-range values raise :class:`ProfileError` naming the valid choices, so a typo
 fails in a second rather than after an hour of capture.
 
-Sections owned by other modules (training, AutoInterp, steering, selection, judge) are plain
-mappings here and are validated by their own config dataclasses when those stages build them
-(``section_config``), so each concept keeps its parameters in one place.
+Sections owned by other modules (training, AutoInterp, steering, selection, judge) keep their
+parameters in their own config dataclasses (``SECTION_CONFIGS``), so each concept keeps its
+parameters in one place; the profile builds each of them once, when it is loaded, and a stage reads
+the typed result with :meth:`Profile.section` (the YAML mapping stays as the profile's record of
+what the user wrote).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .models import PACKAGED, is_known_model
 
 PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
 #: Environment variable that moves every profile's run folder (see ``Profile.run_root``).
@@ -42,7 +46,7 @@ SECTION_CONFIGS = {
     "descriptive": "saelib.evals.descriptive:DescriptiveConfig",
     "steering": "saelib.steering.axbench:SteeringConfig",
     "selection": "saelib.selection.config:SelectionConfig",
-    "judge": "saelib.judges.factory:JudgeConfig",
+    "judge": "saelib.judges.config:JudgeConfig",
     "stats": "saelib.stats:AgreementConfig",
     "judge_agreement": "saelib.judges.agreement:JudgeAgreementConfig",
 }
@@ -61,8 +65,6 @@ class ModelEntry:
     label: str = ""
 
     def validate(self) -> None:
-        from .models import PACKAGED, is_known_model
-
         if not is_known_model(self.name):
             raise ProfileError(
                 f"unknown model {self.name!r}: use a packaged model ({', '.join(sorted(PACKAGED))}), "
@@ -205,9 +207,23 @@ class Profile:
         self.grid.validate()
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ProfileError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        for section, target in SECTION_CONFIGS.items():
-            module, cls_name = target.split(":")
-            section_config(getattr(importlib.import_module(module), cls_name), self, section)
+        # Frozen, so the typed sections are attached once here rather than as a field: two
+        # profiles with the same YAML compare equal whatever the load order.
+        object.__setattr__(self, "_sections", {
+            section: section_config(section_class(section), self, section)
+            for section in SECTION_CONFIGS})
+
+    def section(self, name: str) -> Any:
+        """The typed, validated config of section ``name`` (e.g. ``"steering"`` →
+        ``SteeringConfig``), built once when the profile was loaded."""
+        sections = getattr(self, "_sections", None)
+        if sections is None:
+            self.validate()
+            sections = self._sections
+        try:
+            return sections[name]
+        except KeyError:
+            raise ProfileError(f"no section {name!r}; valid: {', '.join(SECTION_CONFIGS)}") from None
 
     def run_root(self) -> Path:
         """``<runs_dir>/<name>``; ``$SAELIB_RUNS`` replaces ``runs_dir`` when set. The variable
@@ -224,6 +240,13 @@ class Profile:
                 return m
         raise ProfileError(f"profile {self.name!r} has no model {name_or_label!r}; "
                            f"valid: {', '.join(m.display for m in self.models)}")
+
+
+def section_class(section: str) -> type:
+    """The config dataclass that owns ``section`` (``SECTION_CONFIGS``); imported by name because
+    those modules import torch and this one is read before any of them."""
+    module, cls_name = SECTION_CONFIGS[section].split(":")
+    return getattr(importlib.import_module(module), cls_name)
 
 
 def available_profiles() -> list[str]:

@@ -8,16 +8,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .pipeline import as_profile, load_results
+from safetensors import safe_open
+
+from . import paper, stages
+from .grid import build_jobs, recorded_job_seconds
+from .paper import TABLE2, improvement_over_output_score
+from .stats import rank_agreement as tau_by_axis
 from .profiles import PAPER_ARCHITECTURES
+from .results import read_json
+from .stages.analysis import SAEResult, sae_results
+from .stages.records import BlockRecord
+from .stages.layout import GRID_RECORD, SAE_WEIGHTS, as_profile, sae_dir, sae_jobs
 
 #: Column order of the per-SAE table (also the downloadable CSV).
 COLUMNS = ["model", "arch", "level", "target_l0", "sparsity_value", "l0", "explained_variance", "mse",
            "dead_fraction", "ce_loss_recovered", "kl_score", "train_tokens", "train_seconds",
            "peak_rss_mb", "disk_mb"]
 
-#: Columns from the later stages, by ``result.json`` block, added when at least one SAE has them:
-#: AutoInterp μ(θ) and live latents (protocol §3), steering g(θ) (protocol §4).
+#: Columns from the later stages, by record field of :class:`~saelib.stages.analysis.SAEResult`,
+#: added when at least one SAE has them: AutoInterp μ(θ) and live latents (protocol §3), steering
+#: g(θ) (protocol §4).
 STAGE_COLUMNS = {"interp": ["mu", "n_live"], "steering": ["g"]}
 
 #: SAEBench's descriptive metrics (protocol §3, Figs. 5–7), from the ``descriptive`` block:
@@ -30,12 +40,9 @@ DESCRIPTIVE_COLUMNS = {"dense_fraction": "dense_fraction", "absorption_fraction"
                        "llm_acc": ("probing", "llm_test_accuracy")}
 
 
-def _descriptive(block: dict) -> dict:
-    out = {}
-    for col, key in DESCRIPTIVE_COLUMNS.items():
-        value = block.get(key[0], {}).get(key[1]) if isinstance(key, tuple) else block.get(key)
-        out[col] = value
-    return out
+def _descriptive(block) -> dict:
+    return {col: block[key[0]].get(key[1]) if isinstance(key, tuple) else block[key]
+            for col, key in DESCRIPTIVE_COLUMNS.items()}
 
 
 #: Selection columns (protocol §6), from the ``selection`` block, by the way the tier was picked:
@@ -45,28 +52,34 @@ SELECTION_COLUMNS = {f"{way}_{key}": (way, key) for way in ("paper", "honest")
                                  "lift_output_score_pct")}
 
 
+def _sae_row(r: SAEResult) -> dict:
+    """One SAE's row of :func:`sae_table`."""
+    t, core, train = r.train, r.train.core, r.train.train
+    row = {"model": t.model_label, "arch": t.arch, "level": t.level, "target_l0": t.target_l0,
+           "sparsity_value": t.sparsity_value, "l0": core["l0"],
+           "explained_variance": core["explained_variance"], "mse": core["mse"],
+           "dead_fraction": core["dead_fraction"], "ce_loss_recovered": core.get("ce_loss_recovered"),
+           "kl_score": core.get("kl_score"), "train_tokens": train["tokens_seen"],
+           "train_seconds": train["seconds"], "peak_rss_mb": train["peak_rss_mb"],
+           "disk_mb": train["disk_bytes"] / 1e6}
+    for block, cols in STAGE_COLUMNS.items():
+        record = getattr(r, block)
+        if record is not None:
+            row.update({k: record[k] for k in cols})
+    if r.selection is not None:
+        row.update({col: getattr(r.selection, way)[key]
+                    for col, (way, key) in SELECTION_COLUMNS.items()
+                    if getattr(r.selection, way) is not None})
+    if r.descriptive is not None:
+        row.update(_descriptive(r.descriptive))
+    return row
+
+
 def sae_table(profile) -> pd.DataFrame:
     """One row per trained SAE of the profile, plus ``STAGE_COLUMNS`` (μ(θ), live latents, g(θ))
     for the stages that have run for some SAE (empty for the others)."""
     profile = as_profile(profile)
-    rows = []
-    for r in load_results(profile):
-        if "core" not in r:
-            continue
-        core, train = r["core"], r["train"]
-        rows.append({"model": r["model_label"], "arch": r["arch"], "level": r["level"],
-                     "target_l0": r["target_l0"], "sparsity_value": r["sparsity_value"],
-                     "l0": core["l0"], "explained_variance": core["explained_variance"],
-                     "mse": core["mse"], "dead_fraction": core["dead_fraction"],
-                     "ce_loss_recovered": core.get("ce_loss_recovered"),
-                     "kl_score": core.get("kl_score"), "train_tokens": train["tokens_seen"],
-                     "train_seconds": train["seconds"], "peak_rss_mb": train["peak_rss_mb"],
-                     "disk_mb": train["disk_bytes"] / 1e6,
-                     **{k: r[block].get(k) for block, cols in STAGE_COLUMNS.items()
-                        if block in r for k in cols},
-                     **{col: r["selection"][way].get(key) for col, (way, key) in SELECTION_COLUMNS.items()
-                        if way in r.get("selection", {})},
-                     **(_descriptive(r["descriptive"]) if "descriptive" in r else {})})
+    rows = [_sae_row(r) for r in sae_results(profile)]
     if not rows:
         raise FileNotFoundError(f"profile {profile.name!r}: no result.json under {profile.run_root()}; "
                                 f"run `python -m saelib.grid --profile {profile.name}` first")
@@ -158,16 +171,13 @@ def agreement_table(agreement, paper_table):
 def delta_conf_scores(profile) -> pd.DataFrame:
     """Every feature's ΔC_k and output score, one row per (SAE, latent), from the SAEs'
     ``selection_scores.json`` (protocol §6; the paper's Fig. 3 pools them per model)."""
-    from .pipeline import SELECT_SCORES, SAEJob, sae_dir
-    from .results import read_json
-
     profile = as_profile(profile)
     frames = []
-    for r in load_results(profile):
-        path = sae_dir(profile, SAEJob(r["model"], r["arch"], r["level"])) / SELECT_SCORES
-        if "selection" in r and path.exists():
-            scores = pd.DataFrame(read_json(path))
-            scores[["model", "arch", "level"]] = r["model_label"], r["arch"], r["level"]
+    for r in sae_results(profile):
+        t = r.train
+        if r.selection is not None:
+            scores = stages.selection.scores(profile, t.model, t.arch, t.level)
+            scores[["model", "arch", "level"]] = t.model_label, t.arch, t.level
             frames.append(scores)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["latent", "delta_conf", "c_k", "output_score", "model", "arch", "level"])
@@ -178,12 +188,10 @@ def steering_by_method(table: pd.DataFrame, way: str = "paper") -> pd.DataFrame:
     output-score baseline and ΔC_k (tier picked ``way``), the lifts, and the two readings of
     "ΔC_k over the output score" (:func:`saelib.paper.improvement_over_output_score`) where the
     denominators are positive. SAEs without a selection result are left out (their count shown)."""
-    from .paper import improvement_over_output_score
-
     cols = {"g": "no selection", f"{way}_g_output_score": "output score",
             f"{way}_g_delta_conf": "ΔC_k"}
     if not set(cols) <= set(table):
-        raise ValueError("no SAE has a selection result yet: run the select jobs of the grid")
+        raise ValueError("no SAE has a selection result yet: run the selection jobs of the grid")
     done = table.dropna(subset=list(cols))
     means = done.groupby("model")[list(cols)].mean().rename(columns=cols)
     means["SAEs"] = done.groupby("model").size()
@@ -198,8 +206,6 @@ def steering_by_method(table: pd.DataFrame, way: str = "paper") -> pd.DataFrame:
 
 def paper_table2() -> pd.DataFrame:
     """The paper's Table 2 in the same layout, for the book to show beside ours."""
-    from .paper import TABLE2, improvement_over_output_score
-
     t = TABLE2
     imp = improvement_over_output_score(t.no_selection, t.output_score, t.delta_ck)
     return pd.DataFrame({"model": list(t.no_selection), "no selection": list(t.no_selection.values()),
@@ -213,25 +219,21 @@ def paper_table2() -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 # Appendix tables (protocol §7): parameter shapes, costs and runtimes, environment
 
-#: Seconds of each stage, read from a result.json: (column, block, key inside the block).
-STAGE_SECONDS = (("calibrate", "provenance", "calibrate"), ("train", "provenance", "train"),
-                 ("core metrics", "provenance", ("heldout_metrics", "lm_metrics")),
-                 ("AutoInterp", "interp", "seconds"), ("steering", "steering", "seconds"),
-                 ("selection", "selection", "seconds"))
+#: Seconds inside the train stage, from its record's timings: (column, timing keys).
+TRAIN_SECONDS = (("calibrate", ("calibrate",)), ("train", ("train",)),
+                 ("core metrics", ("heldout_metrics", "lm_metrics")))
+#: The later stages' blocks of result.json, in the pipeline's order (from the stage table).
+BLOCKS = tuple(rec.BLOCK for st in stages.STAGES if st.scope == "sae" for rec in st.records
+               if issubclass(rec, BlockRecord))
 
 
 def shapes_table(profile) -> pd.DataFrame:
     """Parameter shapes per architecture, read from the saved SAEs' safetensors headers (one SAE
     per architecture: the shapes do not depend on sparsity)."""
-    from safetensors import safe_open
-    from sae_lens.constants import SAE_WEIGHTS_FILENAME
-
-    from .pipeline import sae_dir, sae_jobs
-
     profile = as_profile(profile)
     rows, seen = [], set()
     for job in sae_jobs(profile):
-        path = sae_dir(profile, job) / "sae" / SAE_WEIGHTS_FILENAME
+        path = sae_dir(profile, job) / "sae" / SAE_WEIGHTS
         if job.arch in seen or not path.exists():
             continue
         seen.add(job.arch)
@@ -244,53 +246,51 @@ def shapes_table(profile) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["arch", "parameter", "shape", "elements"])
 
 
-def _stage_seconds(r: dict) -> dict[str, float]:
-    timings = r.get("provenance", {}).get("timings_s", {})
+def _stage_seconds(r: SAEResult) -> dict[str, float]:
+    """Seconds inside each stage of one SAE: the train stage's parts, then each block's."""
+    timings = r.train.provenance.get("timings_s", {})
     out = {}
-    for col, block, key in STAGE_SECONDS:
-        if block == "provenance":
-            keys = key if isinstance(key, tuple) else (key,)
-            vals = [timings[k] for k in keys if k in timings]
-            out[col] = float(sum(vals)) if vals else np.nan
-        else:
-            out[col] = float(r[block]["seconds"]) if block in r and "seconds" in r[block] else np.nan
+    for col, keys in TRAIN_SECONDS:
+        vals = [timings[k] for k in keys if k in timings]
+        out[col] = float(sum(vals)) if vals else np.nan
+    for block in BLOCKS:
+        record = getattr(r, block)
+        out[block] = float(record.seconds) if record is not None else np.nan
     return out
+
+
+def _judge_usd(r: SAEResult) -> float:
+    """Judge fees of one SAE: AutoInterp, steering and the selection stage's steering."""
+    usages = [r.interp.judge_usage if r.interp else None,
+              r.steering.judge_usage if r.steering else None,
+              (r.selection.steering or {}).get("judge_usage") if r.selection else None]
+    return float(sum((u or {}).get("cost_usd", 0.0) or 0.0 for u in usages))
 
 
 def cost_table(profile) -> pd.DataFrame:
     """Measured seconds per SAE and stage (compute inside each stage, from ``result.json``), with
     the judge's cost in USD; one row per SAE."""
     profile = as_profile(profile)
-    rows = []
-    for r in load_results(profile):
-        usd = sum((r.get(b, {}).get("judge_usage") or {}).get("cost_usd", 0.0) or 0.0
-                  for b in ("interp", "steering"))
-        usd += ((r.get("selection", {}).get("steering") or {}).get("judge_usage") or {}).get("cost_usd", 0.0) or 0.0
-        rows.append({"model": r["model_label"], "arch": r["arch"], "level": r["level"],
-                     **_stage_seconds(r), "judge USD": usd})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"model": r.train.model_label, "arch": r.train.arch, "level": r.train.level,
+                          **_stage_seconds(r), "judge USD": _judge_usd(r)}
+                         for r in sae_results(profile)])
 
 
 def grid_seconds(profile) -> pd.DataFrame:
     """Wall seconds of every job's latest notebook execution (``grid.json``'s ``job_seconds``,
     kept across resumed runs: papermill, kernel start, imports and model loads included), summed
     per stage."""
-    from .results import read_json
-
     profile = as_profile(profile)
-    path = profile.run_root() / "grid.json"
+    path = profile.run_root() / GRID_RECORD
     if not path.exists():
         return pd.DataFrame(columns=["stage", "jobs", "seconds", "minutes"])
-    from .grid import recorded_job_seconds
-
-    seconds = recorded_job_seconds(read_json(path))
-    stage_of = {"capture": "capture", "interp": "interp", "steer": "steer", "select": "select",
-                "analysis": "analysis", "observations": "observations"}
-    rows: dict[str, list[float]] = {}
-    for name, s in seconds.items():
-        prefix = name.split("-", 1)[0]
-        stage = stage_of.get(prefix, "train")
-        rows.setdefault(stage, []).append(float(s))
+    record = read_json(path)
+    stage_of = record.get("job_stages") or {j.name: j.stage for j in build_jobs(profile)}
+    rows: dict[str, list[float]] = {st.name: [] for st in stages.STAGES}
+    for name, s in recorded_job_seconds(record).items():
+        if name in stage_of:
+            rows[stage_of[name]].append(float(s))
+    rows = {k: v for k, v in rows.items() if v}
     out = pd.DataFrame([{"stage": k, "jobs": len(v), "seconds": sum(v)} for k, v in rows.items()])
     out["minutes"] = out["seconds"] / 60
     return out
@@ -298,8 +298,6 @@ def grid_seconds(profile) -> pd.DataFrame:
 
 def paper_costs() -> pd.DataFrame:
     """The paper's reported costs (A800 GPUs), per SAE, for the appendix beside ours."""
-    from . import paper
-
     rows = [{"stage": f"training ({m}, 30 SAEs in {h:g} h)", "hours per SAE": h / paper.SAES_PER_MODEL}
             for m, h in paper.TRAINING_HOURS.items()]
     rows.append({"stage": "SAEBench evaluation", "hours per SAE": paper.SAEBENCH_HOURS_PER_SAE})
@@ -312,12 +310,22 @@ def paper_costs() -> pd.DataFrame:
 
 def environment_table(profile) -> pd.DataFrame:
     """Library versions, git commit, Python and machine from one SAE's provenance block."""
-    results = load_results(profile)
+    results = sae_results(profile)
     if not results:
         return pd.DataFrame(columns=["item", "value"])
-    prov = results[0]["provenance"]
+    prov = results[0].train.provenance
     rows = [{"item": "git commit", "value": prov.get("git_commit")},
             {"item": "python", "value": prov.get("python")},
             {"item": "machine", "value": str(prov.get("machine"))}]
     rows += [{"item": k, "value": v} for k, v in sorted((prov.get("versions") or {}).items())]
     return pd.DataFrame(rows)
+
+
+def rank_agreement(table: pd.DataFrame, x: str, y: str, profile):
+    """Kendall τ_b of ``x`` against ``y`` over the SAEs that have both, by axis (protocol §5),
+    with the profile's ``stats`` settings; None when fewer than two SAEs have both."""
+    both = table.dropna(subset=[x, y]) if {x, y} <= set(table) else table.iloc[:0]
+    if len(both) < 2:
+        return None
+    frame = both.rename(columns={"arch": "architecture", "level": "sparsity"})
+    return tau_by_axis(frame, x, y, config=as_profile(profile).section("stats"))

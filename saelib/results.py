@@ -13,12 +13,16 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
 
 #: Libraries whose versions go into every provenance block.
 TRACKED_PACKAGES = (
@@ -103,7 +107,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """JSON for what ``json`` cannot write: arrays, tensors and numpy scalars, paths, dataclasses."""
     if hasattr(obj, "tolist"):
         return obj.tolist()
     if hasattr(obj, "item"):
@@ -111,7 +116,6 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "__dataclass_fields__"):
-        from dataclasses import asdict
         return asdict(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
@@ -120,7 +124,7 @@ def write_json(path: str | Path, obj: Any) -> Path:
     """Write JSON atomically (temp file + rename)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, default=json_default, allow_nan=True) + "\n")
     return path
 
 
@@ -139,7 +143,7 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             for row in rows:
-                f.write(json.dumps(row, default=_json_default) + "\n")
+                f.write(json.dumps(row, default=json_default) + "\n")
     return path
 
 
@@ -176,8 +180,6 @@ def files_match(folder: str | Path, sha256s: dict[str, str], recorded_in: str | 
                 then: str) -> bool:
     """:func:`first_mismatch` for a caller that recomputes what fails: a missing or differing
     file is named on stderr with where its checksum was recorded and what happens ``then``."""
-    import sys
-
     bad = first_mismatch(folder, sha256s)
     if bad is not None:
         print(f"warning: {bad} is missing or differs from its checksum in {recorded_in} "
@@ -187,8 +189,6 @@ def files_match(folder: str | Path, sha256s: dict[str, str], recorded_in: str | 
 
 def write_npy(path: str | Path, arr: Any) -> str:
     """Save an array as ``.npy`` (never pickled), atomically; return its sha256 for a manifest."""
-    import numpy as np
-
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -199,8 +199,6 @@ def write_npy(path: str | Path, arr: Any) -> str:
 def read_npy(path: str | Path, sha256: str | None = None, mmap: bool = False) -> Any:
     """Load a ``.npy`` written by :func:`write_npy`, refusing pickled objects, and one whose
     checksum differs from its manifest's ``sha256`` (a truncated or replaced file)."""
-    import numpy as np
-
     path = Path(path)
     if sha256 is not None and sha256_file(path) != sha256:
         raise CorruptFileError(f"{path}: checksum differs from its manifest; it is truncated or "

@@ -89,7 +89,7 @@ def smoke_topk_root(tmp_path_factory):
     inputs) and its trained TopK SAE (level 0), built once per session for the slow tests that
     need one real SAE (sae-bench cross-check, corrupt artefacts). Tests point ``SAELIB_RUNS`` at
     it with their own ``monkeypatch``; a test that damages a file must leave it recomputed."""
-    from saelib import pipeline
+    from saelib import stages
     from saelib.profiles import RUNS_ENV, load_profile
 
     root = tmp_path_factory.mktemp("smoke-topk")
@@ -98,9 +98,9 @@ def smoke_topk_root(tmp_path_factory):
     try:
         profile = load_profile("smoke")
         entry = profile.models[0]
-        pipeline.prepare(profile, progress=False)
-        pipeline.run_capture(profile, entry.name, progress=False)
-        pipeline.run_train(profile, entry.name, "topk", 0, progress=False)
+        stages.capture.prepare(profile, progress=False)
+        stages.capture.run(profile, entry.name, progress=False)
+        stages.train.run(profile, entry.name, "topk", 0, progress=False)
     finally:
         for k, v in before.items():
             if v is None:
@@ -111,7 +111,7 @@ def smoke_topk_root(tmp_path_factory):
 
 
 def training_provenance(profile) -> dict:
-    """The ``provenance`` block of a train record as ``pipeline.run_train`` writes it (the
+    """The ``provenance`` block of a train record as ``stages.train.run`` writes it (the
     profile's training settings), for tests that hand-make a trained SAE's ``result.json``."""
     from dataclasses import asdict
 

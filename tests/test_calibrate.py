@@ -78,7 +78,7 @@ def test_relu_calibration_hits_target_band_and_is_cached(tmp_path):
 
 
 def test_best_probe_is_the_sae_the_final_training_would_give(tmp_path):
-    """The pipeline keeps the best probe instead of training it again (pipeline.sparsity_value):
+    """The pipeline keeps the best probe instead of training it again (stages.train.sparsity_value):
     valid only because a probe trains exactly as the final SAE does. The final run also
     checkpoints; its weights must equal the probe's bit for bit."""
     from saelib.sae.train import train_sae
@@ -143,7 +143,7 @@ def test_an_explicit_start_is_tried_first_and_costs_one_probe_when_in_band(tmp_p
 def test_profile_calibration_start_reaches_the_search(monkeypatch):
     """``grid.calibration_start`` travels from the profile to the search of each level; ``l1``
     still sets the fallback start."""
-    from saelib import pipeline
+    from saelib import stages
     from saelib.profiles import profile_from_dict
 
     data = yaml.safe_load((PARAMS_DIR / "smoke.yaml").read_text())
@@ -158,9 +158,9 @@ def test_profile_calibration_start_reaches_the_search(monkeypatch):
         return CalibrationResult(key=key, knob_name="x", knob_value=1.0, realised_l0=target,
                                  within_band=True, band=(0, 1))
 
-    monkeypatch.setattr("saelib.sae.calibrate.calibrate_sparsity", fake_calibrate)
+    monkeypatch.setattr("saelib.stages.train.calibrate_sparsity", fake_calibrate)
     for arch in ("gated", "jumprelu", "standard"):
-        pipeline.sparsity_value(profile, pipeline.SAEJob(profile.models[0].name, arch, 0),
+        stages.train.sparsity_value(profile, stages.SAEJob(profile.models[0].name, arch, 0),
                                 d_in=D_IN)
     assert seen["gated"].start == 0.123 and seen["jumprelu"].start == 7.5
     assert seen["relu"].start is None  # sae-lens's name for the paper's "standard"

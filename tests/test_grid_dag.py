@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from saelib import grid, pipeline
+from saelib import grid, stages
 from saelib.profiles import PARAMS_DIR, profile_from_dict
 
 from conftest import training_provenance
@@ -26,8 +26,8 @@ def test_jobs_form_a_dag_in_order(tmp_path):
     names = [j.name for j in jobs]
     assert len([j for j in jobs if j.stage == "train"]) == 5 * 2
     assert len([j for j in jobs if j.stage == "capture"]) == 1
-    assert len([j for j in jobs if j.stage == "steer"]) == 5 * 2
-    assert len([j for j in jobs if j.stage == "select"]) == 5 * 2
+    assert len([j for j in jobs if j.stage == "steering"]) == 5 * 2
+    assert len([j for j in jobs if j.stage == "selection"]) == 5 * 2
     for i, job in enumerate(jobs):
         for dep in job.deps:
             assert names.index(dep) < i, f"{job.name} runs before its dependency {dep}"
@@ -37,7 +37,7 @@ def test_failure_blocks_dependants_only_and_resume_skips_done(tmp_path, monkeypa
     """Through the real Dask LocalCluster. Dask pickles each task, so the fake job records what it
     ran in a file (a closure's list would be a copy), and a job is done when its marker exists."""
     profile = _profile(tmp_path)
-    monkeypatch.setattr(pipeline, "prepare", lambda p: {})
+    monkeypatch.setattr(stages.capture, "prepare", lambda p: {})
     log = tmp_path / "ran.txt"
     marks = tmp_path / "done"
     marks.mkdir()
@@ -65,20 +65,20 @@ def test_failure_blocks_dependants_only_and_resume_skips_done(tmp_path, monkeypa
 
     monkeypatch.setattr(grid, "build_jobs", jobs_with_fake_done)
     report = grid.run_grid(profile, progress=False, workers=2)
-    assert list(report.failed) == ["smollm2-135m-instruct-gated-s0"]
-    assert "boom" in report.failed["smollm2-135m-instruct-gated-s0"]
+    assert list(report.failed) == ["train-smollm2-135m-instruct-gated-s0"]
+    assert "boom" in report.failed["train-smollm2-135m-instruct-gated-s0"]
     assert report.blocked == ["interp-smollm2-135m-instruct-gated-s0",
-                              "steer-smollm2-135m-instruct-gated-s0",
-                              "select-smollm2-135m-instruct-gated-s0", "analysis", "observations"]
-    assert len(report.ran) == 17  # capture + 4 trains and their interp, steer, select; the rest blocked
-    assert sorted(ran()) == sorted([*report.ran, "smollm2-135m-instruct-gated-s0"])
-    error_file = grid.executed_dir(profile) / "train" / "smollm2-135m-instruct-gated-s0.error.txt"
+                              "steering-smollm2-135m-instruct-gated-s0",
+                              "selection-smollm2-135m-instruct-gated-s0", "analysis", "observations"]
+    assert len(report.ran) == 17  # capture + 4 trains and their interp, steering, selection; the rest blocked
+    assert sorted(ran()) == sorted([*report.ran, "train-smollm2-135m-instruct-gated-s0"])
+    error_file = grid.executed_dir(profile) / "train" / "train-smollm2-135m-instruct-gated-s0.error.txt"
     assert "RuntimeError: boom" in error_file.read_text()
     assert "dask LocalCluster(2)" == json.loads((profile.run_root() / "grid.json").read_text())["engine"]
 
     log.unlink()
     report2 = grid.run_grid(profile, progress=False)
-    assert ran() == ["smollm2-135m-instruct-gated-s0"], "a rerun must redo only the unfinished job"
+    assert ran() == ["train-smollm2-135m-instruct-gated-s0"], "a rerun must redo only the unfinished job"
     assert len(report2.skipped) == 17
 
 
@@ -88,7 +88,7 @@ def test_the_grid_runs_on_a_running_scheduler_by_address(tmp_path, monkeypatch):
     from distributed import LocalCluster
 
     profile = _profile(tmp_path)
-    monkeypatch.setattr(pipeline, "prepare", lambda p: {})
+    monkeypatch.setattr(stages.capture, "prepare", lambda p: {})
     marks = tmp_path / "done"
     marks.mkdir()
 
@@ -114,48 +114,48 @@ def test_an_sae_whose_knob_was_chosen_another_way_is_trained_again(tmp_path):
     fixed = _profile(tmp_path / "b", calibrate=False)
     expect = {"standard": "calibrated", "gated": "calibrated", "jumprelu": "calibrated",
               "topk": "k", "batchtopk": "k"}
-    for job in pipeline.sae_jobs(calibrated):
-        assert pipeline._sparsity_method(calibrated, job) == expect[job.arch]
-    assert {j.arch: pipeline._sparsity_method(fixed, j) for j in pipeline.sae_jobs(fixed)} == {
+    for job in stages.sae_jobs(calibrated):
+        assert stages.train.sparsity_method(calibrated, job) == expect[job.arch]
+    assert {j.arch: stages.train.sparsity_method(fixed, j) for j in stages.sae_jobs(fixed)} == {
         "standard": "profile l1 (uncalibrated)", "gated": "profile l1 (uncalibrated)",
         "jumprelu": "l0_target", "topk": "k", "batchtopk": "k"}
-    job = next(j for j in pipeline.sae_jobs(calibrated) if j.arch == "jumprelu")
-    out = pipeline.sae_dir(calibrated, job)
+    job = next(j for j in stages.sae_jobs(calibrated) if j.arch == "jumprelu")
+    out = stages.sae_dir(calibrated, job)
     (out / "sae").mkdir(parents=True)
-    (out / "sae" / pipeline.SAE_WEIGHTS).write_bytes(b"weights")
-    (out / pipeline.RESULT).write_text(json.dumps({"train": {}, "sparsity_method": {"method": "l0_target"},
+    (out / "sae" / stages.layout.SAE_WEIGHTS).write_bytes(b"weights")
+    (out / stages.layout.RESULT).write_text(json.dumps({"train": {}, "sparsity_method": {"method": "l0_target"},
                                                         "provenance": training_provenance(calibrated)}))
-    assert not pipeline.train_done(calibrated, job)  # trained before JumpReLU was calibrated
+    assert not stages.train.done(calibrated, job)  # trained before JumpReLU was calibrated
     record = {"train": {}, "sparsity_method": {"method": "calibrated"},
               "provenance": training_provenance(calibrated)}
-    (out / pipeline.RESULT).write_text(json.dumps(record))
-    assert pipeline.train_done(calibrated, job)
+    (out / stages.layout.RESULT).write_text(json.dumps(record))
+    assert stages.train.done(calibrated, job)
     # trained with other training settings (e.g. before JumpReLU's training changed): again
     record["provenance"]["config"]["training"]["jumprelu_ste_to_input"] = True
-    (out / pipeline.RESULT).write_text(json.dumps(record))
-    assert not pipeline.train_done(calibrated, job)
+    (out / stages.layout.RESULT).write_text(json.dumps(record))
+    assert not stages.train.done(calibrated, job)
     record["provenance"]["config"]["training"].update(jumprelu_ste_to_input=False, progress=True,
                                                       sparse_decode=False)
-    (out / pipeline.RESULT).write_text(json.dumps(record))
-    assert pipeline.train_done(calibrated, job)  # settings that change nothing trained
+    (out / stages.layout.RESULT).write_text(json.dumps(record))
+    assert stages.train.done(calibrated, job)  # settings that change nothing trained
 
 
 def test_a_truncated_result_file_is_named_and_its_sae_recomputed(tmp_path, capsys):
     """A result.json cut short (a crash mid-copy, a full disk) must not crash the grid's done
     checks: the SAE counts as not trained, so every stage of it runs again, and stderr names it."""
     profile = _profile(tmp_path, calibrate=True)
-    job = next(j for j in pipeline.sae_jobs(profile) if j.arch == "topk")
-    out = pipeline.sae_dir(profile, job)
+    job = next(j for j in stages.sae_jobs(profile) if j.arch == "topk")
+    out = stages.sae_dir(profile, job)
     (out / "sae").mkdir(parents=True)
-    (out / "sae" / pipeline.SAE_WEIGHTS).write_bytes(b"weights")
+    (out / "sae" / stages.layout.SAE_WEIGHTS).write_bytes(b"weights")
     good = json.dumps({"train": {"l0": 10}, "sparsity_method": {"method": "k"},
                        "provenance": training_provenance(profile)})
-    (out / pipeline.RESULT).write_text(good)
-    assert pipeline.train_done(profile, job)
-    (out / pipeline.RESULT).write_text(good[: len(good) // 2])
-    assert not pipeline.train_done(profile, job)
-    assert not pipeline.interp_done(profile, job) and not pipeline.steer_done(profile, job)
-    assert str(out / pipeline.RESULT) in capsys.readouterr().err
+    (out / stages.layout.RESULT).write_text(good)
+    assert stages.train.done(profile, job)
+    (out / stages.layout.RESULT).write_text(good[: len(good) // 2])
+    assert not stages.train.done(profile, job)
+    assert not stages.interp.autointerp_done(profile, job) and not stages.steering.done(profile, job)
+    assert str(out / stages.layout.RESULT) in capsys.readouterr().err
 
 
 def test_sae_weights_that_differ_from_their_recorded_checksum_are_trained_again(tmp_path, capsys):
@@ -164,19 +164,19 @@ def test_sae_weights_that_differ_from_their_recorded_checksum_are_trained_again(
     from saelib.results import sha256_file
 
     profile = _profile(tmp_path, calibrate=True)
-    job = next(j for j in pipeline.sae_jobs(profile) if j.arch == "topk")
-    weights = pipeline.sae_dir(profile, job) / "sae" / pipeline.SAE_WEIGHTS
+    job = next(j for j in stages.sae_jobs(profile) if j.arch == "topk")
+    weights = stages.sae_dir(profile, job) / "sae" / stages.layout.SAE_WEIGHTS
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"weights" * 100)
     record = {"train": {"l0": 10, "sae_sha256": sha256_file(weights)}, "sparsity_method": {"method": "k"},
               "provenance": training_provenance(profile)}
-    (weights.parent.parent / pipeline.RESULT).write_text(json.dumps(record))
-    assert pipeline.train_done(profile, job)
+    (weights.parent.parent / stages.layout.RESULT).write_text(json.dumps(record))
+    assert stages.train.done(profile, job)
     weights.write_bytes(b"weights" * 50)
-    assert not pipeline.train_done(profile, job)
+    assert not stages.train.done(profile, job)
     assert str(weights) in capsys.readouterr().err
     weights.unlink()
-    assert not pipeline.train_done(profile, job)
+    assert not stages.train.done(profile, job)
 
 
 def test_concurrent_jobs_each_run_in_their_own_folder(tmp_path, monkeypatch):
@@ -225,23 +225,27 @@ def test_a_jsonl_log_cut_at_a_line_boundary_is_caught_by_its_checksum(tmp_path, 
     from saelib.results import sha256_file, write_jsonl
 
     profile = _profile(tmp_path, calibrate=True)
-    job = next(j for j in pipeline.sae_jobs(profile) if j.arch == "topk")
-    out = pipeline.sae_dir(profile, job)
-    weights = out / "sae" / pipeline.SAE_WEIGHTS
+    job = next(j for j in stages.sae_jobs(profile) if j.arch == "topk")
+    out = stages.sae_dir(profile, job)
+    weights = out / "sae" / stages.layout.SAE_WEIGHTS
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"weights")
-    (out / pipeline.RESULT).write_text(json.dumps(
+    (out / stages.layout.RESULT).write_text(json.dumps(
         {"train": {"sae_sha256": sha256_file(weights)}, "sparsity_method": {"method": "k"},
          "provenance": training_provenance(profile)}))
-    rows = out / pipeline.INTERP_ROWS
+    rows = out / stages.interp.INTERP_ROWS
     write_jsonl(rows, [{"latent": i, "score": 0.5} for i in range(5)])
     settings = {"interp": {"n": 1}}
-    pipeline.finish_block(profile, job, "interp", {"mu": 0.5, "rows_file": pipeline.INTERP_ROWS},
-                          settings, 0, {"autointerp": 1.0})
-    assert pipeline.block_is_current(profile, job, "interp", settings, pipeline.INTERP_ROWS)
+    body = {"mu": 0.5, "mean_score_all": 0.5, "width": 5, "n_live": 5, "n_rare": 0, "n_scored": 5,
+            "n_concept100": 5, "concept100": list(range(5)), "partial": False, "reason": None,
+            "timings_s": {}, "judge": "offline", "judge_usage": {}, "config": {}, "eval_tokens": 10,
+            "rows_file": stages.interp.INTERP_ROWS}
+    stages.records.finish_block(profile, job, stages.interp.InterpRecord, body, settings, 0,
+                                {"autointerp": 1.0})
+    assert stages.records.block_is_current(profile, job, stages.interp.InterpRecord, settings)
     lines = rows.read_text().splitlines(keepends=True)
     rows.write_text("".join(lines[:3]))
-    assert not pipeline.block_is_current(profile, job, "interp", settings, pipeline.INTERP_ROWS)
+    assert not stages.records.block_is_current(profile, job, stages.interp.InterpRecord, settings)
     assert str(rows) in capsys.readouterr().err
 
 
@@ -263,7 +267,7 @@ def test_capture_jobs_get_the_machines_cores_and_give_them_back(tmp_path, monkey
     try:
         torch.set_num_threads(1)
         with pytest.raises(Exception):
-            pipeline.run_capture(profile, "no-such-model", progress=False, threads=2)
+            stages.capture.run(profile, "no-such-model", progress=False, threads=2)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -13,7 +13,8 @@ import math
 import nbformat
 import pytest
 
-from saelib import book, pipeline
+from saelib import book
+from saelib import stages as pipeline_stages
 from saelib.grid import build_jobs, executed_dir, run_grid
 from saelib.profiles import PAPER_ARCHITECTURES, PARAMS_DIR, RUNS_ENV, load_profile
 from saelib.results import read_jsonl
@@ -46,7 +47,7 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     assert root == tmp_path / "smoke"
     jobs = build_jobs(profile)
     stages = [j.stage for j in jobs]
-    assert {s: stages.count(s) for s in set(stages)} == {"capture": 1, "train": 5, "interp": 5, "steer": 5, "select": 5,
+    assert {s: stages.count(s) for s in set(stages)} == {"capture": 1, "train": 5, "interp": 5, "steering": 5, "selection": 5,
                                                          "analysis": 1, "observations": 1}
 
     report = run_grid(profile, progress=False, workers=2)  # as `make book`: two kernels at a time
@@ -54,15 +55,15 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     assert sorted(report.ran) == sorted(j.name for j in jobs)
     print("smoke grid seconds:", {k: round(v, 1) for k, v in report.seconds.items()})
 
-    results = pipeline.load_results(profile)
+    results = pipeline_stages.analysis.load_results(profile)
     assert sorted(r["arch"] for r in results) == sorted(PAPER_ARCHITECTURES)
     for r in results:
         core = r["core"]
         assert core["l0"] > 0, r["arch"]
         assert math.isfinite(core["explained_variance"]) and math.isfinite(core["mse"]), r["arch"]
         assert r["provenance"]["seed"] == profile.seed and r["provenance"]["profile"] == "smoke"
-        job = pipeline.SAEJob(r["model"], r["arch"], r["level"])
-        saved = json.loads((pipeline.sae_dir(profile, job) / "sae" / "cfg.json").read_text())["metadata"]
+        job = pipeline_stages.SAEJob(r["model"], r["arch"], r["level"])
+        saved = json.loads((pipeline_stages.sae_dir(profile, job) / "sae" / "cfg.json").read_text())["metadata"]
         assert saved["hook_name"] == f"blocks.{r['layer']}.hook_resid_post", r["arch"]
         assert saved["model_name"] == r["model"] and saved["saelib_arch"], r["arch"]
         # ReLU/Gated/JumpReLU keep their calibration's best probe (no second training)
@@ -70,8 +71,8 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
             r["sparsity_method"]["method"] == "calibrated"), r["arch"]
         steer = r["steering"]
         assert steer["g"] is not None and 0 <= steer["g"] <= 2, r["arch"]
-        rows = read_jsonl(pipeline.sae_dir(profile, pipeline.SAEJob(r["model"], r["arch"], r["level"]))
-                          / pipeline.STEER_ROWS)
+        rows = read_jsonl(pipeline_stages.sae_dir(profile, pipeline_stages.SAEJob(r["model"], r["arch"], r["level"]))
+                          / pipeline_stages.steering.STEER_ROWS)
         n_factors = len(profile.steering["factors"])
         assert len(rows) == steer["n_concepts"] * 4 * n_factors and steer["n_concepts"] >= 1, r["arch"]
         assert {row["split"] for row in rows} == {"select", "heldout"}
@@ -104,7 +105,7 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     summaries = ["analysis", "observations"]
     assert sorted(again.skipped) == sorted(j.name for j in jobs if j.stage not in summaries)
     assert sorted(again.ran) == summaries  # the summaries are always re-rendered
-    assert [r["train"] for r in pipeline.load_results(profile)] == [r["train"] for r in results]
+    assert [r["train"] for r in pipeline_stages.analysis.load_results(profile)] == [r["train"] for r in results]
 
     index = book.build(profile)
     assert index.exists() and index.name == "index.html"
@@ -112,7 +113,7 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     html = summary.read_text()
     for arch in PAPER_ARCHITECTURES:
         assert arch in html, f"{arch} missing from the summary page"
-    for stage in ("train", "interp", "steer", "select"):
+    for stage in ("train", "interp", "steering", "selection"):
         assert len(list((index.parent / "book" / "executed" / stage).glob("*.html"))) == 5, stage
     verdicts = json.loads((root / "executed" / "observations" / "key_observations.json").read_text())
     assert [o["observation"] for o in verdicts["observations"]] == [1, 2, 2, 3]

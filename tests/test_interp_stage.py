@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from saelib import grid, pipeline
+from saelib import grid, stages
 from saelib.activations import ActivationStore, capture
-from saelib.data.corpus import build_token_splits
+from saelib.data.corpus import build_token_splits, token_frequencies
 from saelib.profiles import profile_from_dict
 from saelib.results import read_json, read_jsonl, write_json
 from saelib.sae.io import load_sae, save_sae
@@ -52,7 +52,7 @@ def tiny_run(tmp_path, tiny_tokenizer):
                                 for _ in range(120)))
     profile = _profile(tmp_path, tok_dir, corpus)
     entry = profile.models[0]
-    splits = build_token_splits(pipeline.tokens_dir(profile, entry), tiny_tokenizer,
+    splits = build_token_splits(stages.layout.tokens_dir(profile, entry), tiny_tokenizer,
                                 source=str(corpus), context=CONTEXT,
                                 train_tokens=profile.corpus.train_tokens,
                                 eval_tokens=profile.corpus.eval_tokens)
@@ -61,17 +61,17 @@ def tiny_run(tmp_path, tiny_tokenizer):
     tl.eval()
     for split, arr in (("train", splits.train_NL), ("eval", splits.eval_NL)):
         # 10 contexts per shard: the eval split (24 contexts) spans three shards
-        capture(tl, arr, LAYER, pipeline.activations_dir(profile, entry, split), batch_size=8,
+        capture(tl, arr, LAYER, stages.layout.activations_dir(profile, entry, split), batch_size=8,
                 shard_tokens=CONTEXT * 10, progress=False)
-    train_store = ActivationStore.open(pipeline.activations_dir(profile, entry, "train"))
+    train_store = ActivationStore.open(stages.layout.activations_dir(profile, entry, "train"))
     cfg = TrainConfig(batch_size=64, lr=3e-3, progress=False)
     total = 64 * 40
     res = train_sae("topk", train_store.d_model, WIDTH, K,
                     train_store.iter_batches(64, max_tokens=total), total, cfg)
-    job = pipeline.SAEJob(entry.name, "topk", 0)
-    out = pipeline.sae_dir(profile, job)
+    job = stages.SAEJob(entry.name, "topk", 0)
+    out = stages.sae_dir(profile, job)
     save_sae(res.sae, out / "sae")
-    write_json(out / pipeline.RESULT, {"model": entry.name, "arch": "topk", "level": 0,
+    write_json(out / stages.layout.RESULT, {"model": entry.name, "arch": "topk", "level": 0,
                                        "sparsity_method": {"method": "k"},
                                        "provenance": training_provenance(profile),
                                        "train": {"tokens_seen": total}, "core": {"l0": 4.0}})
@@ -80,14 +80,14 @@ def tiny_run(tmp_path, tiny_tokenizer):
 
 def test_run_interp_records_mu_rows_and_keeps_train_keys(tiny_run):
     profile, job, splits = tiny_run
-    out = pipeline.sae_dir(profile, job)
-    assert not pipeline.interp_done(profile, job)
+    out = stages.sae_dir(profile, job)
+    assert not stages.interp.autointerp_done(profile, job)
 
-    rec = pipeline.run_interp(profile, job.model, job.arch, job.level, progress=False)
+    rec = stages.interp.run(profile, job.model, job.arch, job.level, progress=False)
 
     # Independent recomputation: encode the eval store, ignore BOS (position 0, the only special).
     sae = load_sae(out / "sae")
-    store = ActivationStore.open(pipeline.activations_dir(profile, profile.models[0], "eval"))
+    store = ActivationStore.open(stages.layout.activations_dir(profile, profile.models[0], "eval"))
     with torch.no_grad():
         codes_NLF = torch.cat([sae.encode(torch.from_numpy(np.array(a)).reshape(-1, store.d_model))
                                .reshape(len(a), CONTEXT, WIDTH) for _, a in store.iter_contexts(7)])
@@ -99,7 +99,7 @@ def test_run_interp_records_mu_rows_and_keeps_train_keys(tiny_run):
     assert rec["n_scored"] == min(24, rec["n_live"])
     assert rec["eval_tokens"] == splits.eval_NL.size
 
-    rows = read_jsonl(out / pipeline.INTERP_ROWS)
+    rows = read_jsonl(out / stages.interp.INTERP_ROWS)
     assert len(rows) == rec["n_scored"]
     for row in rows:
         assert {"explanation", "max_act", "score"} <= set(row)
@@ -112,43 +112,43 @@ def test_run_interp_records_mu_rows_and_keeps_train_keys(tiny_run):
     assert rec["mu"] == pytest.approx(float(np.mean(c100)), abs=1e-12)
     assert rec["judge"] == "offline"
 
-    result = read_json(out / pipeline.RESULT)
+    result = read_json(out / stages.layout.RESULT)
     assert result["train"] == {"tokens_seen": 64 * 40} and result["core"] == {"l0": 4.0}
     assert result["interp"]["mu"] == rec["mu"]
-    assert pipeline.interp_done(profile, job)
+    assert stages.interp.autointerp_done(profile, job)
 
     # Idempotent: a second call returns the record and rewrites nothing.
-    mtime = (out / pipeline.INTERP_ROWS).stat().st_mtime_ns
-    assert pipeline.run_interp(profile, job.model, job.arch, job.level)["mu"] == rec["mu"]
-    assert (out / pipeline.INTERP_ROWS).stat().st_mtime_ns == mtime
+    mtime = (out / stages.interp.INTERP_ROWS).stat().st_mtime_ns
+    assert stages.interp.run(profile, job.model, job.arch, job.level)["mu"] == rec["mu"]
+    assert (out / stages.interp.INTERP_ROWS).stat().st_mtime_ns == mtime
 
     # Other interp settings, or other SAE weights, make the record stale.
     other = _profile(profile.run_root().parent.parent, profile.models[0].name,
                      profile.corpus.source, n_concepts=4)
-    assert not pipeline.interp_done(other, job)
+    assert not stages.interp.autointerp_done(other, job)
     save_sae(sae, out / "sae")  # same weights re-saved: still done
-    assert pipeline.interp_done(profile, job)
+    assert stages.interp.autointerp_done(profile, job)
     with torch.no_grad():
         sae.W_enc.mul_(2.0)
     save_sae(sae, out / "sae")
-    assert not pipeline.interp_done(profile, job)
+    assert not stages.interp.autointerp_done(profile, job)
 
 
 def test_run_interp_needs_a_trained_sae(tiny_run):
     profile, job, _ = tiny_run
-    (pipeline.sae_dir(profile, job) / pipeline.RESULT).unlink()
+    (stages.sae_dir(profile, job) / stages.layout.RESULT).unlink()
     with pytest.raises(FileNotFoundError, match="run the train stage"):
-        pipeline.run_interp(profile, job.model, job.arch, job.level)
+        stages.interp.run(profile, job.model, job.arch, job.level)
 
 
 def test_token_frequencies_skip_bos_and_specials_and_merge_same_text():
     tokens_NL = np.array([[1, 5, 6, 5, 2], [1, 7, 5, 0, 0]])  # 1 = BOS, 2 = EOS, 0 = PAD
     names = {5: " a", 6: "b", 7: "b"}
-    freq = pipeline.token_frequencies(tokens_NL, lambda ids: [names[i] for i in ids],
+    freq = token_frequencies(tokens_NL, lambda ids: [names[i] for i in ids],
                                       special_ids=[0, 1, 2])
     assert freq == pytest.approx({" a": 3 / 5, "b": 2 / 5})
     with pytest.raises(ValueError, match="no ordinary token"):
-        pipeline.token_frequencies(np.array([[1, 0, 0]]), lambda ids: [], special_ids=[0, 1])
+        token_frequencies(np.array([[1, 0, 0]]), lambda ids: [], special_ids=[0, 1])
 
 
 def test_grid_runs_interp_after_its_train_job_and_before_analysis(tmp_path):

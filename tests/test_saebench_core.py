@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelib import pipeline
+from saelib import stages
 from saelib.profiles import RUNS_ENV, load_profile
 
 pytestmark = pytest.mark.slow
@@ -70,12 +70,12 @@ def test_core_metrics_agree_with_sae_bench(smoke_topk_root, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     profile = load_profile("smoke")
     entry = profile.models[0]
-    job = pipeline.SAEJob(entry.name, "topk", 0)
-    sae = load_sae(pipeline.sae_dir(profile, job) / "sae")
+    job = stages.SAEJob(entry.name, "topk", 0)
+    sae = load_sae(stages.sae_dir(profile, job) / "sae")
     lm = load_model(entry.name)
     n_ctx = 8
-    tokens = load_token_splits(pipeline.tokens_dir(profile, entry)).eval_NL[:n_ctx]
-    store = ActivationStore.open(pipeline.activations_dir(profile, entry, "eval"))
+    tokens = load_token_splits(stages.layout.tokens_dir(profile, entry)).eval_NL[:n_ctx]
+    store = ActivationStore.open(stages.layout.activations_dir(profile, entry, "eval"))
     acts = np.concatenate([a for _, a in store.iter_contexts(n_ctx)][:1])[:n_ctx]
 
     ours_rec = reconstruction_metrics(sae, torch.as_tensor(acts[:, 1:].reshape(-1, acts.shape[-1])))

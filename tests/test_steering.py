@@ -13,7 +13,7 @@ import torch
 
 from saelib.data.instructions import InstructionError, load_instructions, sample_instructions
 from saelib.judges.base import Ratings
-from saelib.pipeline import steering_concepts
+from saelib.steering.run import steering_concepts
 from saelib.steering.axbench import SteeringConfig, concept_scores, harmonic_mean, split_of, steering_score
 from saelib.steering.generate import GenerationConfig, generate, generate_batch, mean_logprob
 from saelib.steering.intervene import clamp_hook, make_hook, steering_vectors

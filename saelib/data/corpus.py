@@ -81,7 +81,7 @@ def load_documents(source: str, text_field: str = "text", max_documents: int = 0
     if source == "packaged":
         docs = packaged_documents()
     elif source.startswith("hf:"):
-        from datasets import load_dataset
+        from datasets import load_dataset  # hub sources only; slow to import
 
         try:
             ds = load_dataset(source[3:], split="train", streaming=True)
@@ -210,3 +210,21 @@ def load_token_splits(out_dir: str | Path) -> TokenSplits:
             raise CorruptFileError(f"{path}: missing or checksum differs from its manifest")
         arrays[split] = np.load(path, allow_pickle=False)
     return TokenSplits(arrays["train"], arrays["eval"], manifest)
+
+
+def token_frequencies(tokens_NL: np.ndarray, decode_ids, special_ids, bos_at_start: bool = True
+                      ) -> dict[str, float]:
+    """Relative frequency of each decoded token over the corpus ``tokens_NL``, special tokens and
+    the opening position excluded: the offline judge's background p(t) (its module doc,
+    "AutoInterp explanation"). ``decode_ids(list[int]) -> list[str]`` renders each id alone;
+    ids that decode alike are summed."""
+    body_NL = np.asarray(tokens_NL)[:, int(bos_at_start):]
+    keep = ~np.isin(body_NL, np.asarray(list(special_ids), dtype=body_NL.dtype))
+    ids, counts = np.unique(body_NL[keep], return_counts=True)
+    if len(ids) == 0:
+        raise ValueError("the eval split holds no ordinary token to count frequencies over")
+    freq: dict[str, float] = {}
+    for text, c in zip(decode_ids([int(i) for i in ids]), counts.tolist()):
+        freq[text] = freq.get(text, 0.0) + c
+    total = float(counts.sum())
+    return {t: c / total for t, c in freq.items()}

@@ -59,7 +59,7 @@ def load_instructions(source: str = "packaged", field: str = "instruction") -> l
         texts = [q for rel in PACKAGED_FILES
                  for q in _jsonl_field(_package_file("inspect_evals", rel), "query")]
     elif source.startswith("hf:"):
-        from datasets import load_dataset
+        from datasets import load_dataset  # hub sources only; slow to import
 
         try:
             ds = load_dataset(source[3:], split="eval" if "alpaca_eval" in source else "train")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .corpus import CorpusError
 
@@ -60,8 +61,6 @@ def _resolve(name: str) -> Path:
 
 def load_probe_set(name: str) -> tuple[list[str], np.ndarray]:
     """Texts and 0/1 labels of one binary set (``prompt`` and ``target`` columns)."""
-    import pandas as pd
-
     path = _resolve(name)
     try:
         df = pd.read_csv(path)

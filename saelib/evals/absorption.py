@@ -45,6 +45,9 @@ from typing import Callable
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from tqdm.auto import tqdm
 
 LETTERS = string.ascii_lowercase
 TEMPLATE = " has the first letter:"
@@ -145,8 +148,6 @@ def build_data(residual: Callable[[torch.Tensor], torch.Tensor], tokenizer,
                config: AbsorptionConfig, progress: bool = False) -> AbsorptionData:
     """Run every prompt to the layer (``residual(tokens_BT) -> [B, T, D]``) and keep the word's
     residual. The in-context examples come from vocabulary words outside the sample."""
-    from tqdm.auto import tqdm
-
     vocab = vocab_words(tokenizer, config.min_chars)
     words = sample_words(vocab, config.n_words, config.seed)
     rest = sorted(set(vocab) - set(words))
@@ -179,9 +180,6 @@ class LetterProbe:
 
 def fit_letter_probe(data: AbsorptionData, seed: int = 0) -> LetterProbe:
     """The ground-truth multinomial probe (SAEBench trains a linear probe on the same task)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score
-
     train = ~data.is_test_W
     X = data.acts_WD.astype(np.float64)
     scale = X[train].std() or 1.0
@@ -200,9 +198,6 @@ def fit_letter_probe(data: AbsorptionData, seed: int = 0) -> LetterProbe:
 def main_latents(codes_WF: np.ndarray, letter_W: np.ndarray, train_W: np.ndarray, letter: int,
                  config: AbsorptionConfig) -> list[int]:
     """The letter's main latents: top-k by class-mean difference, k grown while F1 jumps."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score
-
     X, y = codes_WF[train_W], (letter_W[train_W] == letter).astype(int)
     if y.sum() == 0 or y.sum() == len(y):
         return []

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..results import CorruptFileError, read_json, write_json
+
 
 @dataclass(frozen=True)
 class CoreConfig:
@@ -83,8 +85,6 @@ def zero_ablation_key(tl, acts_NLD: np.ndarray, tokens_NL: np.ndarray, layer: in
 
 
 def _read_zero_cache(path: Path | None, key: str) -> dict[str, float] | None:
-    from ..results import CorruptFileError, read_json
-
     if path is None or not path.exists():
         return None
     try:
@@ -106,8 +106,6 @@ def lm_metrics(tl, reconstruct, acts_NLD: np.ndarray, tokens_NL: np.ndarray, lay
     ``zero_cache``: a JSON file for the SAE-independent zero-ablation sums (module doc), read when
     its key matches these inputs, else computed and written.
     """
-    from ..results import write_json
-
     if acts_NLD.shape[:2] != tokens_NL.shape:
         raise ValueError(f"activations {acts_NLD.shape[:2]} and tokens {tokens_NL.shape} do not align")
     device = next(tl.parameters()).device

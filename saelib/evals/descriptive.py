@@ -22,14 +22,18 @@ manifest and are refused when a file differs from it.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from ..results import CorruptFileError, read_json, read_npy, write_json, write_npy
+from ..data.probing import balanced_split, load_probe_set
+from ..models import ids_with_bos
+from ..results import CorruptFileError, files_match, read_json, read_npy, write_json, write_npy
 from . import absorption as absorption_mod
 from . import probing as probing_mod
 from .absorption import AbsorptionConfig
@@ -81,10 +85,6 @@ class DescriptiveConfig:
 def inputs_current(folder: Path, config: DescriptiveConfig, layer: int) -> bool:
     """The inputs exist for this layer and these settings, and every file matches its checksum
     (a damaged one is named on stderr; the capture stage then recomputes the inputs)."""
-    import sys
-
-    from ..results import files_match
-
     folder = Path(folder)
     if not (folder / MANIFEST).exists():
         return False
@@ -101,8 +101,6 @@ def inputs_current(folder: Path, config: DescriptiveConfig, layer: int) -> bool:
 
 
 def _probe_tokens(tokenizer, texts: Iterable[str], context: int) -> tuple[np.ndarray, np.ndarray]:
-    from ..models import ids_with_bos
-
     rows = [ids_with_bos(tokenizer, t)[:context] for t in texts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = np.full((len(rows), context), pad, dtype=np.int64)
@@ -115,8 +113,6 @@ def _residual_padded(residual, tokens_NL: np.ndarray, lengths_N: np.ndarray, bat
                      desc: str, progress: bool) -> np.ndarray:
     """Residual of right-padded texts (causal attention: padding never reaches earlier tokens),
     batched by length so short texts do not pay for long ones; stored as float16."""
-    from tqdm.auto import tqdm
-
     N, L = tokens_NL.shape
     out = None
     order = np.argsort(lengths_N, kind="stable")
@@ -136,8 +132,6 @@ def _residual_padded(residual, tokens_NL: np.ndarray, lengths_N: np.ndarray, bat
 def capture_inputs(residual: Callable[[torch.Tensor], torch.Tensor], tokenizer, layer: int,
                    config: DescriptiveConfig, folder: str | Path, progress: bool = True) -> dict:
     """Compute and save the per-model inputs of absorption and probing; return the manifest."""
-    from ..data.probing import balanced_split, load_probe_set
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
@@ -229,8 +223,6 @@ def run(encode: Callable[[torch.Tensor], torch.Tensor], W_dec_FD: np.ndarray, in
         eval_acts: Iterable[np.ndarray], config: DescriptiveConfig, progress: bool = False
         ) -> tuple[dict[str, Any], dict[str, Any]]:
     """All descriptive metrics of one SAE: (summary for ``result.json``, per-letter/per-set detail)."""
-    from tqdm.auto import tqdm
-
     width = W_dec_FD.shape[0]
     dense, n_tok = dense_fraction(encode, eval_acts, config.dense_tokens, config.dense_threshold, width)
     probe = inputs.probe or absorption_mod.fit_letter_probe(inputs.absorption, config.absorption.seed)

@@ -23,6 +23,9 @@ from typing import Callable
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 
 @dataclass(frozen=True)
@@ -64,10 +67,6 @@ def top_k_mean_diff(X_NF: np.ndarray, y_N: np.ndarray, k: int) -> np.ndarray:
 def probe_accuracy(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray,
                    y_test: np.ndarray, seed: int = 0) -> float:
     """Test accuracy of a logistic-regression probe fit on standardised training features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     if len(np.unique(y_train)) < 2:
         raise ValueError("a probe needs both classes in its training half")
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))

@@ -7,7 +7,8 @@ The back-end modules are imported lazily by :func:`make_judge` (the local one ne
 
 from saelib.judges.agreement import AgreementReport, KindAgreement, judge_agreement
 from saelib.judges.base import Judge, JudgeUsage, MarkedWindow, RatingItem, Ratings
-from saelib.judges.factory import BACKENDS, JudgeConfig, make_judge
+from saelib.judges.config import BACKENDS, JudgeConfig
+from saelib.judges.factory import make_judge
 
 __all__ = [
     "AgreementReport", "BACKENDS", "Judge", "JudgeConfig", "JudgeUsage", "KindAgreement",

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 from scipy.stats import kendalltau
 
 from saelib.judges.base import Ratings
@@ -103,8 +104,6 @@ class JudgeAgreementConfig:
 
 def sample_items(rows: Sequence[dict], n: int, seed: int) -> list[dict]:
     """``n`` rows drawn without replacement with a seeded generator, in their original order."""
-    import numpy as np
-
     if n >= len(rows):
         return list(rows)
     idx = np.sort(np.random.default_rng(seed).choice(len(rows), size=n, replace=False))

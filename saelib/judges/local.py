@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from saelib.judges.factory import JudgeConfig
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from saelib.judges.config import JudgeConfig
 from saelib.judges.prompts import Completion, Messages, PromptedJudge
 
 
@@ -34,7 +37,6 @@ class LocalLMJudge(PromptedJudge):
             if not config.local_model:
                 raise ValueError("judge.local_model must name a folder or hub id "
                                  "for the local judge")
-            from transformers import AutoModelForCausalLM, AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(config.local_model)
             model = AutoModelForCausalLM.from_pretrained(config.local_model)
             model.to(config.local_device)
@@ -60,8 +62,6 @@ class LocalLMJudge(PromptedJudge):
             raise
 
     def complete(self, requests: Sequence[tuple[Messages, int]]) -> list[Completion]:
-        import torch
-
         out: list[Completion] = []
         bs = self.config.local_batch_size
         for start in range(0, len(requests), bs):

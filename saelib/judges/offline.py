@@ -100,7 +100,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from saelib.judges.base import Judge, MarkedWindow, RatingItem, Ratings
-from saelib.judges.factory import PACKAGED_EMBEDDING, JudgeConfig
+from saelib.judges.config import PACKAGED_EMBEDDING, JudgeConfig
 
 #: English function words never used as concept/explanation terms (they say nothing of a concept).
 STOP_WORDS = frozenset("""
@@ -276,7 +276,7 @@ def load_embedder(name: str = PACKAGED_EMBEDDING) -> Callable[[list[str]], np.nd
     ``name`` is the packaged model's name (loaded from site-packages, no network) or a folder /
     hub id for sentence-transformers.
     """
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer  # heavy; loaded once, on first use
 
     where = str(packaged_embedding_path()) if name == PACKAGED_EMBEDDING else name
     model = SentenceTransformer(where, device="cpu")

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
-from saelib.judges.factory import JudgeConfig
+from saelib.judges.config import JudgeConfig
 from saelib.judges.prompts import Completion, Messages, PromptedJudge
 from saelib.results import CorruptFileError, read_json, write_json
 

@@ -25,7 +25,7 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 def triton_available() -> bool:
     """True when the optional ``triton`` package imports (a broken install counts as absent)."""
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (the probe itself: is Triton installed?)
     except Exception:
         return False
     return True

@@ -95,7 +95,7 @@ class LatentTopK:
         positions_N = positions_N.to(device=device, dtype=torch.int64)
         kk = min(self.k, n_chunk)
         if resolve_backend(self.backend, acts_NF) == "triton" and self.k <= _triton_max_k():
-            from saelib.kernels.triton_latent_topk import chunk_topk
+            from saelib.kernels.triton_latent_topk import chunk_topk  # Triton exists only with CUDA
 
             cand_vals_KF, rows_KF = chunk_topk(acts_NF, kk)
             rows_KF = rows_KF.to(torch.int64)
@@ -129,6 +129,6 @@ def _tie_break_keys(vals_RF: torch.Tensor) -> torch.Tensor:
 
 
 def _triton_max_k() -> int:
-    from saelib.kernels.triton_latent_topk import MAX_KP
+    from saelib.kernels.triton_latent_topk import MAX_KP  # Triton exists only with CUDA
 
     return MAX_KP

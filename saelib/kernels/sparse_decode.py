@@ -72,7 +72,7 @@ class _TritonSparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, idx_BK, vals_BK, W_dec_FD, b_dec_D):  # type: ignore[override]
-        from saelib.kernels import triton_sparse_decode as tsd
+        from saelib.kernels import triton_sparse_decode as tsd  # Triton exists only with CUDA
 
         idx_BK = idx_BK.contiguous()
         vals_cast_BK = vals_BK.to(W_dec_FD.dtype).contiguous()
@@ -85,7 +85,7 @@ class _TritonSparseDecode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_BD):  # type: ignore[override]
-        from saelib.kernels import triton_sparse_decode as tsd
+        from saelib.kernels import triton_sparse_decode as tsd  # Triton exists only with CUDA
 
         idx_BK, vals_BK, W_dec_FD = ctx.saved_tensors
         grad_BD = grad_BD.to(W_dec_FD.dtype).contiguous()

@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 VARIANTS: tuple[str, ...] = ("arad", "scale", "decode")
 
@@ -100,8 +103,6 @@ def amplified_logits_naive(tl, state: PrefixState, W_dec_FD: torch.Tensor, b_dec
 def _frozen_cache(tl, tokens_L: torch.Tensor):
     """Keys/values of every block for all prefix positions but the last, frozen (reused, never
     extended, by every batch of features)."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
     cache = TransformerLensKeyValueCache.init_cache(tl.cfg, tl.cfg.device, 1)
     if len(tokens_L) > 1:
         prefix_1L = tokens_L[None, :-1]
@@ -111,9 +112,6 @@ def _frozen_cache(tl, tokens_L: torch.Tensor):
 
 
 def _expanded(cache, batch: int):
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
     entries = [TransformerLensKeyValueCacheEntry(e.past_keys.expand(batch, -1, -1, -1),
                                                  e.past_values.expand(batch, -1, -1, -1), frozen=True)
                for e in cache.entries]
@@ -128,8 +126,6 @@ def amplified_logits_fast(tl, state: PrefixState, W_dec_FD: torch.Tensor, b_dec_
     """The same logits as :func:`amplified_logits_naive`, recomputing only the last position from
     block ``layer + 1`` up, ``batch_size`` features at a time against the prefix's frozen cache
     (built once, in :func:`prefix_state`)."""
-    from tqdm.auto import tqdm
-
     feats = torch.as_tensor(list(features), dtype=torch.long, device=W_dec_FD.device)
     out = []
     for s in tqdm(range(0, len(feats), batch_size), desc="ΔC_k features", unit="batch",

@@ -37,7 +37,7 @@ import numpy as np
 __all__ = [
     "DIRECTIONS", "DEFAULT_TOP_KS", "DEFAULT_QUANTILES", "Tier", "TierChoice", "HonestTierChoice",
     "build_tiers", "output_score_tier", "output_score_baselines", "tier_score", "pick_best_tier",
-    "pick_tier_honest",
+    "pick_tier_honest", "tier_table_and_picks",
 ]
 
 Direction = Literal["pos", "neg"]
@@ -282,3 +282,39 @@ def pick_tier_honest(selection_scores_by_tier: Mapping[str, float],
         raise ValueError(f"held-out score of the chosen tier {chosen.name!r} is NaN")
     oracle = pick_best_tier(heldout_scores_by_tier)
     return HonestTierChoice(chosen.name, chosen.score, heldout, oracle.name, oracle.score)
+
+
+def lift_pct(g: float, g_base: float) -> float | None:
+    """Relative lift of a selected tier's score over the SAE's g(θ), in % (Table 2); undefined
+    (None) when g(θ) is 0."""
+    return (g - g_base) / g_base * 100.0 if g_base else None
+
+
+def tier_table_and_picks(tiers: Sequence[Tier], baselines: Mapping[str, Tier],
+                         heldout: Mapping[int, float], selection: Mapping[int, float],
+                         g_base: float) -> dict:
+    """Every tier's held-out and selection-half scores, and both picks with their lifts.
+
+    ``tiers`` are the ΔC_k tiers and ``baselines`` the output-score tier of each one's size (by
+    tier name); ``heldout`` / ``selection`` each feature's held-out score and selection-half score
+    at its α*. The paper's pick is the best held-out ΔC_k tier; the honest pick is chosen on the
+    selection half and reported held out; each is compared with the output-score baseline of the
+    same size and with g(θ) = ``g_base`` (protocol §6)."""
+    all_tiers = {t.name: t for t in (*tiers, *baselines.values())}
+    table = [{"name": t.name, "kind": t.kind, "direction": t.direction, "size": t.size,
+              "features": list(t.feature_ids), "heldout": tier_score(t, heldout),
+              "selection": tier_score(t, selection)} for t in all_tiers.values()]
+    paper = pick_best_tier({t.name: tier_score(t, heldout) for t in tiers})
+    honest = pick_tier_honest({t.name: tier_score(t, selection) for t in tiers},
+                              {t.name: tier_score(t, heldout) for t in tiers})
+    g_out = tier_score(baselines[paper.name], heldout)
+    g_out_honest = tier_score(baselines[honest.name], heldout)
+    return {"g_base": g_base, "tiers": table,
+            "paper": {"tier": paper.name, "g_delta_conf": paper.score, "g_output_score": g_out,
+                      "lift_pct": lift_pct(paper.score, g_base),
+                      "lift_output_score_pct": lift_pct(g_out, g_base)},
+            "honest": {"tier": honest.name, "selection_score": honest.selection_score,
+                       "g_delta_conf": honest.heldout_score, "g_output_score": g_out_honest,
+                       "lift_pct": lift_pct(honest.heldout_score, g_base),
+                       "lift_output_score_pct": lift_pct(g_out_honest, g_base),
+                       "optimism": honest.optimism}}

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.utilities.activation_functions import apply_softcap
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,6 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
 def last_logits(tl, tokens_BL: torch.Tensor, **forward_kwargs) -> torch.Tensor:
     """Next-token logits at the last position, ``(B, V)``: TransformerLens's forward up to the last
     block, then its own final norm, unembedding and logit soft-cap on that position alone."""
-    from transformer_lens.utilities.activation_functions import apply_softcap
-
     resid_B1D = tl(tokens_BL, stop_at_layer=tl.cfg.n_layers, **forward_kwargs)[:, -1:]
     if tl.cfg.normalization_type is not None:
         resid_B1D = tl.ln_final(resid_B1D)
@@ -72,8 +73,6 @@ def generate_batch(tl, prompts: Sequence[Sequence[int]], config: GenerationConfi
                    pad_id: int = 0) -> list[list[int]]:
     """New token ids for each prompt (token-id lists, BOS included where wanted), generated in one
     batch with ``fwd_hooks`` active on every forward pass (prompt and each new token)."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = tl.cfg.device
@@ -115,8 +114,6 @@ def generate(tl, prompts: Sequence[Sequence[int]], config: GenerationConfig, *,
     hooks for one batch given the indices of its rows in ``prompts`` (None: no hook). The result
     is in the order of ``prompts``.
     """
-    from tqdm.auto import tqdm
-
     config.validate()
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     out: list[list[int]] = [[] for _ in prompts]

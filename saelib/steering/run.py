@@ -9,12 +9,24 @@ generation in batched cached passes, the judge's three ratings, HM, α* on the s
 
 from __future__ import annotations
 
+import hashlib
+import json
+import random
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from ..data.instructions import load_instructions, sample_instructions
+from ..judges.base import RatingItem
+from ..judges.factory import make_judge
+from ..judges.offline import format_explanation
+from ..models import format_prompt, ids_with_bos
+from ..results import CorruptFileError, read_json, write_json
 from .axbench import ConceptScore, SteeringConfig, concept_scores, harmonic_mean, split_of
+from . import generate as generation
+from .intervene import make_hook
 
 
 @dataclass
@@ -42,15 +54,10 @@ class SteeringRun:
 def prompt_ids(tokenizer, instruction: str) -> list[int]:
     """The instruction in the model's prompt format (chat template or ``PLAIN_FORMAT``), as token
     ids starting with the tokenizer's BOS where it has one (as every captured context does)."""
-    from ..models import format_prompt, ids_with_bos
-
     return ids_with_bos(tokenizer, format_prompt(tokenizer, instruction))
 
 
 def _unsteered_key(model: str, prompt: Sequence[int], cfg) -> str:
-    import hashlib
-    import json
-
     blob = json.dumps([model, list(prompt), cfg.max_new_tokens, cfg.temperature, cfg.seed])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -67,11 +74,6 @@ def unsteered_answers(lm, prompts: Sequence[Sequence[int]], gen_cfg, *, stop_ids
     never cached. A batch-composition change can flip a greedy near-tie token, so a cached answer
     may differ from a fresh one in rare cases; it is always a real answer of the same model.
     """
-    from pathlib import Path
-
-    from ..results import CorruptFileError, read_json, write_json
-    from .generate import generate
-
     use_cache = cache_dir is not None and gen_cfg.temperature == 0
     keys = [_unsteered_key(getattr(lm, "name", ""), p, gen_cfg) for p in prompts]
     out: list[list[int] | None] = [None] * len(prompts)
@@ -85,7 +87,7 @@ def unsteered_answers(lm, prompts: Sequence[Sequence[int]], gen_cfg, *, stop_ids
                     out[i] = None  # unreadable: regenerate and overwrite
     todo = [i for i, o in enumerate(out) if o is None]
     if todo:
-        fresh = generate(lm.tl, [prompts[i] for i in todo], gen_cfg, stop_ids=stop_ids,
+        fresh = generation.generate(lm.tl, [prompts[i] for i in todo], gen_cfg, stop_ids=stop_ids,
                          pad_id=pad_id, progress=progress, desc="unsteered")
         for i, ids in zip(todo, fresh):
             out[i] = ids
@@ -96,10 +98,8 @@ def unsteered_answers(lm, prompts: Sequence[Sequence[int]], gen_cfg, *, stop_ids
 
 def _loglik_fn(lm, config: SteeringConfig, pad_id: int):
     """Texts → the unsteered model's mean per-token log-prob (the offline judge's fluency rule)."""
-    from .generate import mean_logprob
-
     tok = lm.tokenizer
-    return lambda texts: mean_logprob(
+    return lambda texts: generation.mean_logprob(
         lm.tl, [tok(t, add_special_tokens=False)["input_ids"] for t in texts], tok.bos_token_id,
         batch_size=config.batch_size, pad_id=pad_id)
 
@@ -114,11 +114,6 @@ def calibration_concepts(tokenizer, n: int, seed: int) -> list[str]:
     """``n`` seeded vocabulary entries of the model's tokenizer (ASCII letters and digits, not all
     digits, >= 2 characters), each in the offline judge's explanation format: stand-in concepts
     that no steering put in an answer."""
-    import hashlib
-    import random
-
-    from ..judges.offline import format_explanation
-
     vocab = tokenizer.get_vocab()
     words = sorted({w for w in (tokenizer.decode([i]).strip().lower() for i in vocab.values())
                     if len(w) >= 2 and w.isascii() and w.isalnum() and not w.isdigit()})
@@ -140,15 +135,6 @@ def judge_calibration(lm, config: SteeringConfig, judge_cfg, path, *, unsteered_
     with other settings (model, judge, generation, set sizes) is recomputed. None for judges
     that do not calibrate.
     """
-    import json
-    from pathlib import Path
-
-    from ..data.instructions import load_instructions, sample_instructions
-    from ..judges.base import RatingItem
-    from ..judges.factory import make_judge
-    from ..results import CorruptFileError, read_json, write_json
-    from .generate import GenerationConfig
-
     tok = lm.tokenizer
     stop_ids, pad_id = _stop_and_pad(tok)
     key = json.loads(json.dumps({
@@ -169,7 +155,7 @@ def judge_calibration(lm, config: SteeringConfig, judge_cfg, path, *, unsteered_
     instructions = sample_instructions(pool, min(config.calibration_instructions, len(pool)),
                                        config.seed, -1)
     concepts = calibration_concepts(tok, config.calibration_concepts, config.seed)
-    gen_cfg = GenerationConfig(config.max_new_tokens, config.temperature, config.seed,
+    gen_cfg = generation.GenerationConfig(config.max_new_tokens, config.temperature, config.seed,
                                config.batch_size)
     ids = unsteered_answers(lm, [prompt_ids(tok, i) for i in instructions], gen_cfg,
                             stop_ids=stop_ids, pad_id=pad_id, cache_dir=unsteered_cache,
@@ -192,17 +178,11 @@ def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], conf
     folder shared by the SAEs of one model for the unsteered answers (:func:`unsteered_answers`).
     ``calibration``: the model's judge calibration (:func:`judge_calibration`), the same for every
     SAE; None rates with the judge's uncalibrated defaults."""
-    from ..data.instructions import load_instructions, sample_instructions
-    from ..judges.base import RatingItem
-    from ..judges.factory import make_judge
-    from .generate import GenerationConfig, generate
-    from .intervene import make_hook
-
     tok = lm.tokenizer
     W_dec_FD = sae.W_dec.detach()
     hook_name = lm.hook_name(layer)
     stop_ids, pad_id = _stop_and_pad(tok)
-    gen_cfg = GenerationConfig(config.max_new_tokens, config.temperature, config.seed,
+    gen_cfg = generation.GenerationConfig(config.max_new_tokens, config.temperature, config.seed,
                                config.batch_size)
     pool = load_instructions(config.instruction_source, config.instruction_field)
     instructions = {c["latent"]: sample_instructions(pool, config.n_instructions,
@@ -225,7 +205,7 @@ def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], conf
                                       alphas_B=[plan[r][3] for r in rows], encode=sae.encode))]
 
     with timer("generate_steered"):
-        steered_ids = generate(lm.tl, [prompt_of[p[2]] for p in plan], gen_cfg, hooks_for=hooks_for,
+        steered_ids = generation.generate(lm.tl, [prompt_of[p[2]] for p in plan], gen_cfg, hooks_for=hooks_for,
                                stop_ids=stop_ids, pad_id=pad_id, progress=progress, desc="steered")
     outputs = [tok.decode(ids, skip_special_tokens=True) for ids in steered_ids]
 
@@ -244,3 +224,12 @@ def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], conf
     return SteeringRun(rows, concept_scores(rows) if rows else [], len(distinct),
                        sum(len(i) for i in steered_ids) + sum(len(i) for i in base_ids),
                        judge.name, asdict(judge.usage))
+
+
+def steering_concepts(rows: list[dict[str, Any]], concept100: list[int], n: int) -> list[dict[str, Any]]:
+    """The first ``n`` CONCEPT100 latents (in CONCEPT100's seeded order) that have an explanation:
+    each one's AutoInterp row (``latent``, ``explanation``, ``max_act``) is a concept (protocol §4)."""
+    by_latent = {int(r["latent"]): r for r in rows}
+    usable = [by_latent[f] for f in concept100
+              if f in by_latent and by_latent[f].get("explanation") and by_latent[f]["max_act"] > 0]
+    return usable[:n]

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from saelib import pipeline
+from saelib import stages
 from saelib.profiles import RUNS_ENV, load_profile
 from saelib.results import sha256_file
 from saelib.sae.train import TrainConfig, latest_checkpoint, train_sae
@@ -64,36 +64,36 @@ def test_corrupt_shard_sae_and_inputs_are_recomputed_on_the_smoke_profile(smoke_
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     profile = load_profile("smoke")
     entry = profile.models[0]
-    assert pipeline.capture_done(profile, entry)
-    train_dir = pipeline.activations_dir(profile, entry, "train")
+    assert stages.capture.done(profile, entry)
+    train_dir = stages.layout.activations_dir(profile, entry, "train")
     manifest = json.loads((train_dir / "manifest.json").read_text())
     shard = train_dir / manifest["shards"][1]["file"]
     before = sha256_file(shard)
 
     flip_bytes(shard, at=4096)
-    assert not pipeline.capture_done(profile, entry)
+    assert not stages.capture.done(profile, entry)
     assert shard.name in capsys.readouterr().err
-    pipeline.run_capture(profile, entry.name, progress=False)
-    assert pipeline.capture_done(profile, entry) and sha256_file(shard) == before
+    stages.capture.run(profile, entry.name, progress=False)
+    assert stages.capture.done(profile, entry) and sha256_file(shard) == before
 
-    inputs = pipeline.descriptive_dir(profile, entry)
+    inputs = stages.layout.descriptive_dir(profile, entry)
     victim = inputs / "absorption_acts.npy"
     before_inputs = sha256_file(victim)
     truncate(victim)
-    job = pipeline.SAEJob(entry.name, "topk", 0)
+    job = stages.SAEJob(entry.name, "topk", 0)
     with pytest.raises(FileNotFoundError, match="absorption_acts.npy"):
-        pipeline.run_descriptive(profile, entry.name, "topk", 0, progress=False)
-    assert not pipeline.capture_done(profile, entry)
+        stages.interp.run_descriptive(profile, entry.name, "topk", 0, progress=False)
+    assert not stages.capture.done(profile, entry)
     assert victim.name in capsys.readouterr().err
-    pipeline.run_capture(profile, entry.name, progress=False)
-    assert pipeline.capture_done(profile, entry) and sha256_file(victim) == before_inputs
-    assert pipeline.run_descriptive(profile, entry.name, "topk", 0, progress=False)["probing_sets"] == 2
+    stages.capture.run(profile, entry.name, progress=False)
+    assert stages.capture.done(profile, entry) and sha256_file(victim) == before_inputs
+    assert stages.interp.run_descriptive(profile, entry.name, "topk", 0, progress=False)["probing_sets"] == 2
 
-    weights = pipeline.sae_dir(profile, job) / "sae" / pipeline.SAE_WEIGHTS
+    weights = stages.sae_dir(profile, job) / "sae" / stages.layout.SAE_WEIGHTS
     saved = sha256_file(weights)
-    assert pipeline.train_done(profile, job) and pipeline.descriptive_done(profile, job)
+    assert stages.train.done(profile, job) and stages.interp.descriptive_done(profile, job)
     truncate(weights, keep=0.9)
-    assert not pipeline.train_done(profile, job) and not pipeline.descriptive_done(profile, job)
+    assert not stages.train.done(profile, job) and not stages.interp.descriptive_done(profile, job)
     assert weights.name in capsys.readouterr().err
-    pipeline.run_train(profile, entry.name, "topk", 0, progress=False)
-    assert pipeline.train_done(profile, job) and sha256_file(weights) == saved  # same seed, same SAE
+    stages.train.run(profile, entry.name, "topk", 0, progress=False)
+    assert stages.train.done(profile, job) and sha256_file(weights) == saved  # same seed, same SAE

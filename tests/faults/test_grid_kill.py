@@ -19,7 +19,7 @@ RUNNER = textwrap.dedent('''
     import os, sys, time, random
     from pathlib import Path
     import yaml
-    from saelib import grid, pipeline
+    from saelib import grid, stages
     from saelib.profiles import PARAMS_DIR, profile_from_dict
 
     root = Path(sys.argv[1])
@@ -29,7 +29,7 @@ RUNNER = textwrap.dedent('''
     profile = profile_from_dict(data, name="smoke")
     marks = root / "done"
     marks.mkdir(exist_ok=True)
-    pipeline.prepare = lambda p: {}
+    stages.capture.prepare = lambda p: {}
 
     def fake_run(profile_, job):
         with open(root / "started.txt", "a") as f:

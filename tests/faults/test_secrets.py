@@ -15,7 +15,7 @@ import yaml
 from secrets_util import CANARY, files_containing  # tests/ (its conftest puts it on sys.path)
 from test_judges_openai import FakeOpenAIServer
 
-from saelib import pipeline
+from saelib import stages
 from saelib.profiles import PARAMS_DIR, profile_from_dict
 
 
@@ -30,16 +30,16 @@ def test_openai_judge_key_is_used_but_written_nowhere(tmp_path, monkeypatch):
                          "max_retries": 1, "backoff_base_s": 0.01, "timeout_s": 5.0}
         data["judge_agreement"] = {"n_items": 3, "backend": "openai"}
         profile = profile_from_dict(data, name="smoke")
-        job = pipeline.sae_jobs(profile)[0]
+        job = stages.sae_jobs(profile)[0]
         rows = [{"latent": i, "concept": "cats", "instruction": "Write about pets.",
                  "instruction_index": i, "alpha": 1.0, "output": f"Cats and more cats {i}.",
                  "concept_rating": 2, "instruction_rating": 1, "fluency_rating": 2}
                 for i in range(5)]
-        out = pipeline.sae_dir(profile, job)
+        out = stages.sae_dir(profile, job)
         out.mkdir(parents=True)
-        (out / pipeline.STEER_ROWS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (out / stages.steering.STEER_ROWS).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-        record = pipeline.run_judge_agreement(profile)
+        record = stages.analysis.run_judge_agreement(profile)
         assert record["n_items"] == 3 and record["judge_b"] == "openai (gpt-4o-mini)"
         assert len(server.requests) == 9 and set(server.auth) == {f"Bearer {CANARY}"}
         assert record["settings"]["judge"]["api_key_env"] == "SAELIB_CANARY_KEY"

@@ -1,0 +1,226 @@
+"""Stage ``train`` (protocol §2–3): one SAE of the grid, from the model's activation cache.
+
+Its sparsity knob is chosen (k, or a calibrated L1 coefficient / JumpReLU L0 target), the SAE is
+trained with sae-lens's training classes (``saelib.sae.train``) and saved in sae-lens's format,
+and its core metrics are measured on held-out activations and through the language model.
+Notebook ``train.ipynb``; record: the top-level keys of the SAE's ``result.json``
+(:class:`TrainRecord`; the later stages add their blocks beside them).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+from sae_lens import SAE
+
+from ..activations import ActivationStore
+from ..data.corpus import load_token_splits
+from ..evals.core import CoreConfig, lm_metrics
+from ..models import load_model
+from ..profiles import Profile, ProfileError
+from ..results import Timer, provenance, write_json
+from ..sae.calibrate import CalibrationConfig, calibrate_sparsity
+from ..sae.io import save_sae
+from ..sae.metrics import reconstruct, reconstruction_metrics
+from ..sae.registry import get_arch
+from ..sae.train import TrainConfig, train_sae, trajectory_settings
+from .layout import (RESULT, SAE_WEIGHTS, ZERO_ABLATION, SAEJob, activations_dir,
+                     model_dir, resolve_job, sae_dir, tokens_dir)
+from .records import FIRST_SCHEMA, Record, peak_rss_mb, read_result, sae_weights_sha
+
+NAME = "train"
+
+
+@dataclass(frozen=True)
+class TrainRecord(Record):
+    """The train stage's keys at the top of ``result.json``: the grid cell, the knob and how it
+    was chosen, the training summary (``train``) and the core metrics (``core``)."""
+
+    model: str
+    model_label: str
+    layer: int
+    arch: str
+    level: int
+    target_l0: int
+    width: int
+    sparsity_value: float
+    sparsity_method: dict[str, Any]
+    train: dict[str, Any]
+    core: dict[str, Any]
+    provenance: dict[str, Any]
+
+    @classmethod
+    def from_result(cls, result: dict[str, Any]) -> "TrainRecord":
+        """The train record among ``result.json``'s keys (the later stages' blocks are left out)."""
+        names = set(cls.__dataclass_fields__) | {"schema"}
+        return cls.from_json({k: v for k, v in result.items() if k in names})
+
+
+def settings(profile: Profile, progress: bool = False) -> TrainConfig:
+    """The profile's training settings on its device (``progress`` only shows a bar)."""
+    return replace(profile.section("training"), progress=progress, device=profile.device)
+
+
+def done(profile: Profile, job: SAEJob) -> bool:
+    """The SAE is saved with its training record, and its sparsity knob was chosen and it was
+    trained the way the profile and this version ask (e.g. an SAE trained uncalibrated before
+    calibration was switched on, or before JumpReLU's training changed, is trained again)."""
+    path = sae_dir(profile, job) / RESULT
+    if not (sae_dir(profile, job) / "sae").is_dir():
+        return False
+    result = read_result(path)
+    if result is None or "train" not in result:
+        return False
+    if result.get("schema", FIRST_SCHEMA) != TrainRecord.SCHEMA:
+        return False
+    # Only the keys this check needs are read: a done check must not fail on a record that a
+    # later version extends (the full record is typed where it is read, :func:`read`).
+    if (result.get("sparsity_method") or {}).get("method") != sparsity_method(profile, job):
+        return False
+    saved_settings = ((result.get("provenance") or {}).get("config") or {}).get("training")
+    if not trained_as_profile_asks(profile, saved_settings):
+        return False
+    saved = result["train"].get("sae_sha256")
+    weights = sae_dir(profile, job) / "sae" / SAE_WEIGHTS
+    if not weights.exists() or (saved is not None and sae_weights_sha(profile, job) != saved):
+        print(f"warning: {weights} is missing or differs from the checksum in {path}; "
+              "the SAE will be trained again", file=sys.stderr)
+        return False
+    return True
+
+
+def trained_as_profile_asks(profile: Profile, saved: dict[str, Any] | None) -> bool:
+    """The SAE's recorded training settings (``saved``) are the ones the profile and this version
+    ask for."""
+    if saved is None:
+        return False
+    return trajectory_settings(saved) == json.loads(json.dumps(trajectory_settings(settings(profile))))
+
+
+def sparsity_method(profile: Profile, job: SAEJob) -> str:
+    """How this SAE's knob is chosen under the profile's settings: the one decision that
+    :func:`sparsity_value` acts on and :func:`done` checks a saved SAE against."""
+    knob = get_arch(job.arch).sparsity_knob
+    if knob == "k":
+        return "k"
+    if profile.grid.calibrate:
+        return "calibrated"
+    return "profile l1 (uncalibrated)" if knob == "l1" else knob
+
+
+def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int | None = None,
+                   train_cfg=None, heldout=None, train_tokens: int | None = None,
+                   mean_D=None) -> tuple[float, dict[str, Any], Any]:
+    """The knob that targets this level's L0 (protocol §2): k for TopK/BatchTopK; for JumpReLU the
+    L0 target handed to sae-lens, calibrated (sae-lens's target-L0 penalty lands well above its
+    target here: 10.9 and 16.2 for targets 6 and 10 in the default profile); for ReLU/Gated a
+    calibrated L1 coefficient. With ``grid.calibrate: false`` the profile's values are used as
+    they are. The search starts at ``grid.calibration_start`` where the profile gives it (an
+    earlier run's calibrated knobs: one probe each, the same SAEs), else from a calibrated
+    neighbour or the profile's ``l1``.
+
+    Calibration probes train on ``train_tokens``, the tokens the final SAE trains on (an L1 SAE's
+    L0 keeps falling as it trains, so shorter probes would overshoot): the cache's token count
+    after BOS positions are dropped, not the corpus's nominal ``train_tokens``, centred with the
+    same ``mean_D``. Those probes train exactly as the final SAE does, so the third value is the
+    best probe's :class:`~saelib.sae.train.TrainResult` when the search ran now (the caller keeps
+    it rather than training the same SAE a second time: 18 of the default's 30 SAEs), else None."""
+    spec = get_arch(job.arch)
+    target = profile.grid.targets[job.level]
+    method = sparsity_method(profile, job)
+    if method in ("k", "l0_target"):
+        return float(target), {"method": method}, None
+    start = (profile.grid.l1.get(job.arch) or profile.grid.l1.get(spec.name)
+             if spec.sparsity_knob == "l1" else None)
+    if method != "calibrated":
+        if not start:
+            raise ProfileError(f"grid.l1.{job.arch} is needed when grid.calibrate is false")
+        return float(start[job.level]), {"method": method}, None
+    first = profile.grid.calibration_start.get(job.arch)
+    entry = profile.model(job.model)
+    store_tokens = train_tokens if train_tokens is not None else profile.corpus.train_tokens
+    res = calibrate_sparsity(
+        spec.name, float(target), model=entry.name, layer=entry.layer, d_in=d_in,
+        d_sae=profile.grid.width, make_batches=make_batches, probe_tokens=store_tokens,
+        cache_path=model_dir(profile, entry) / "calibration.json", train_cfg=train_cfg,
+        calib_cfg=CalibrationConfig(initial_l1=float(start[job.level]) if start else 1.0,
+                                    start=float(first[job.level]) if first else None),
+        heldout_acts_ND=heldout, seed=profile.seed, mean_D=mean_D)
+    return float(res.knob_value), {"method": "calibrated", "trace": res.to_json()}, res.trained
+
+
+def read(profile: Profile, job: SAEJob) -> TrainRecord:
+    return TrainRecord.from_result(read_result(sae_dir(profile, job) / RESULT) or {})
+
+
+def run(profile: Profile | str, model: str, arch: str, level: int,
+        progress: bool = True) -> TrainRecord:
+    """(Or, when its outputs already exist, return the recorded result of) train one SAE of the
+    grid from the shared activation cache; save it in sae-lens's format and write its
+    ``result.json`` (protocol §2–3: realised L0, explained variance, MSE, dead fraction, CE-loss
+    recovered, KL score, tokens, seconds, peak memory, disk size, provenance)."""
+    profile, entry, job, out = resolve_job(profile, model, arch, level)
+    if done(profile, job):
+        return read(profile, job)
+    timer = Timer()
+    train_store = ActivationStore.open(activations_dir(profile, entry, "train"))
+    eval_store = ActivationStore.open(activations_dir(profile, entry, "eval"))
+    cfg = settings(profile, progress=progress)
+    core_cfg: CoreConfig = profile.section("core")
+    heldout_ND = eval_store.sample(core_cfg.eval_tokens, seed=profile.seed)
+    total = train_store.n_tokens(drop_bos=True) // cfg.batch_size * cfg.batch_size
+    mean_D = train_store.mean()
+    make_batches = lambda: train_store.iter_batches(cfg.batch_size, seed=profile.seed,  # noqa: E731
+                                                     max_tokens=total)
+    with timer("calibrate"):
+        value, how, res = sparsity_value(profile, job, make_batches, train_store.d_model, cfg,
+                                         heldout_ND, train_tokens=total, mean_D=mean_D)
+    metadata = {"model_name": entry.name, "hook_name": f"blocks.{entry.layer}.hook_resid_post",
+                "hook_layer": entry.layer, "context_size": profile.corpus.context}
+    with timer("train"):
+        if res is None:
+            res = train_sae(arch, train_store.d_model, profile.grid.width, value, make_batches(),
+                            total, cfg, checkpoint_dir=out / "checkpoints", mean_D=mean_D,
+                            seed=profile.seed, metadata=metadata)
+        else:  # the calibration's best probe is this SAE, trained on the same data and seed
+            for key, item in metadata.items():  # as train_sae sets them (SAEMetadata)
+                res.sae.cfg.metadata[key] = item
+            how["final_from_probe"] = True
+    save_sae(res.sae, out / "sae")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    with timer("heldout_metrics"):
+        rec = reconstruction_metrics(res.sae, heldout_ND)
+    with timer("lm_metrics"):
+        lm = load_model(entry.name, device=profile.device)
+        tokens = load_token_splits(tokens_dir(profile, entry)).eval_NL
+        n_ctx = min(core_cfg.lm_contexts, len(tokens))
+        acts = np.concatenate([a for _, a in eval_store.iter_contexts(n_ctx)][:1])[:n_ctx]
+        lmm = lm_metrics(lm.tl, lambda x: reconstruct(res.sae, x), acts, tokens[:n_ctx], entry.layer,
+                         zero_cache=model_dir(profile, entry) / ZERO_ABLATION)
+    disk = sum(p.stat().st_size for p in (out / "sae").rglob("*") if p.is_file())
+    record = TrainRecord(
+        model=entry.name, model_label=entry.display, layer=entry.layer, arch=arch, level=level,
+        target_l0=profile.grid.targets[level], width=profile.grid.width, sparsity_value=value,
+        sparsity_method=how,
+        train={**res.summary(), "disk_bytes": disk, "sae_sha256": sae_weights_sha(profile, job)},
+        core={"l0": rec.l0, "mse": rec.mse, "explained_variance": rec.explained_variance,
+              "dead_fraction": rec.dead_fraction, "n_tokens": rec.n_tokens,
+              **{k: getattr(lmm, k) for k in ("ce_clean", "ce_sae", "ce_zero", "ce_loss_recovered",
+                                              "kl_sae", "kl_zero", "kl_score")},
+              "lm_tokens": lmm.n_tokens},
+        provenance=provenance({"grid": asdict(profile.grid), "training": asdict(cfg),
+                               "corpus": asdict(profile.corpus)}, profile.seed, timer.timings,
+                              profile=profile.name, peak_rss_mb=peak_rss_mb()))
+    write_json(out / RESULT, {**(read_result(out / RESULT) or {}), **record.to_json()})
+    return record
+
+
+def load(profile: Profile | str, model: str, arch: str, level: int) -> SAE:
+    """The saved SAE, loaded by sae-lens itself (the notebook shows its parameter shapes)."""
+    *_, out = resolve_job(profile, model, arch, level)
+    return SAE.load_from_disk(str(out / "sae"))
