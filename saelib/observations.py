@@ -21,6 +21,8 @@ says so: *inconclusive (underpowered)*, never a guess.
    inside (−b, b) with b = :data:`EQUIVALENCE_BAND` = 0.2 (the paper's own CI, [−0.20, 0.07],
    touches its lower edge); *contradicted* when the CI excludes 0 and does not fit in the band
    (a real association); otherwise *inconclusive (underpowered)*.
+
+Behind any verdict other than *inconclusive* stand at least :data:`MIN_SAES` SAEs.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
+from scipy.stats import bootstrap
+
+from .paper import TABLE1, TABLE3
 
 REPRODUCES = "reproduces"
 CONTRADICTED = "contradicted"
@@ -37,6 +43,10 @@ INCONCLUSIVE = "inconclusive (underpowered)"
 NO_DATA = "no data"
 #: Half-width of the band of τ_b values that count as "no association" (observation 3).
 EQUIVALENCE_BAND = 0.2
+#: Fewest SAEs behind a verdict other than *inconclusive*. A bootstrap over n SAEs draws from
+#: C(2n − 1, n) distinct resamples: 126 at n = 5, 3 at n = 2, where a perfectly tied τ_b gives the
+#: "interval" [−1, −1]; 6,435 at n = 8.
+MIN_SAES = 8
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,11 @@ def interval_verdict(low: float, high: float, *, expect: str,
     raise ValueError(f"expect must be 'positive' or 'null', got {expect!r}")
 
 
+def with_enough_saes(verdict: str, n: int) -> str:
+    """``verdict``, or *inconclusive* when fewer than :data:`MIN_SAES` SAEs stand behind it."""
+    return INCONCLUSIVE if verdict in (REPRODUCES, CONTRADICTED) and n < MIN_SAES else verdict
+
+
 def half_width(low: float, high: float) -> float:
     """Half the width of an interval (NaN when a bound is missing)."""
     return (high - low) / 2 if math.isfinite(low) and math.isfinite(high) else math.nan
@@ -87,8 +102,6 @@ def mean_ci(values: Sequence[float], *, n_resamples: int = 9999, level: float = 
             seed: int = 0) -> tuple[float, float, float]:
     """Mean of ``values`` with a percentile bootstrap CI (scipy.stats.bootstrap); NaNs dropped.
     Fewer than 2 values, or all equal, give a degenerate (NaN or point) interval."""
-    from scipy.stats import bootstrap
-
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     if len(x) == 0:
         return math.nan, math.nan, math.nan
@@ -123,15 +136,12 @@ def _tau_observation(number: int, claim: str, paper_table, table, missing: str,
         ours += f" ({p.ci_method} interval: BCa undefined on tied scores)"
     if expect == "null":
         ours += f"; equivalence band |τ_b| < {EQUIVALENCE_BAND}"
-    return Observation(number, claim, paper, ours,
-                       interval_verdict(p.ci_low, p.ci_high, expect=expect), p.n,
-                       half_width(p.ci_low, p.ci_high))
+    verdict = with_enough_saes(interval_verdict(p.ci_low, p.ci_high, expect=expect), p.n)
+    return Observation(number, claim, paper, ours, verdict, p.n, half_width(p.ci_low, p.ci_high))
 
 
 def observation_1(table1) -> Observation:
     """``table1``: :class:`saelib.stats.AgreementTable` of μ vs g (or None)."""
-    from .paper import TABLE1
-
     return _tau_observation(1, "Higher interpretability goes with better steering, weakly "
                                "(pooled τ_b(μ, g) > 0).", TABLE1, table1,
                             "no SAE has both μ and g", "positive")
@@ -156,7 +166,7 @@ def observation_2(table, way: str = "paper", *, n_resamples: int = 9999, seed: i
     v1 = interval_verdict(l1, h1, expect="positive")
     v2 = interval_verdict(l2, h2, expect="positive")
     order = [CONTRADICTED, NO_DATA, INCONCLUSIVE, REPRODUCES]
-    verdict = min((v1, v2), key=order.index)
+    verdict = with_enough_saes(min((v1, v2), key=order.index), len(done))
     w1, w2 = half_width(l1, h1), half_width(l2, h2)
     ours = (f"g_ΔC − g = {m1:+.3f} [{l1:+.3f}, {h1:+.3f}] (± {w1:.3f}); g_ΔC − g_out = "
             f"{m2:+.3f} [{l2:+.3f}, {h2:+.3f}] (± {w2:.3f}) (mean g = {done['g'].mean():.3f}), "
@@ -166,8 +176,6 @@ def observation_2(table, way: str = "paper", *, n_resamples: int = 9999, seed: i
 
 def observation_3(table3) -> Observation:
     """``table3``: :class:`saelib.stats.AgreementTable` of μ vs the lift (or None)."""
-    from .paper import TABLE3
-
     return _tau_observation(3, "After ΔC_k selection, interpretability no longer predicts the "
                                "steering gain (τ_b ≈ 0).", TABLE3, table3,
                             "fewer than two SAEs have a defined lift", "null")
@@ -183,6 +191,4 @@ def key_observations(table, table1=None, table3=None, *, n_resamples: int = 9999
 
 
 def observations_frame(observations: Sequence[Observation]):
-    import pandas as pd
-
     return pd.DataFrame([o.to_dict() for o in observations])

@@ -70,3 +70,18 @@ def test_observations_1_and_3_read_the_pooled_interval():
     rows = obs.observations_frame(obs.key_observations(frame.assign(paper_g_delta_conf=1.0), t1, t3,
                                                        n_resamples=199))
     assert list(rows["observation"]) == [1, 2, 2, 3]
+
+
+def test_too_few_saes_never_give_a_verdict():
+    """Two SAEs with a tied τ_b of −1 give the 'interval' [−1, −1]: no verdict stands on that."""
+    g = np.linspace(0.1, 0.3, obs.MIN_SAES - 1)
+    few = obs.observation_2(_table(g, g + 0.2, g + 0.1), "paper", n_resamples=999)
+    assert few.verdict == obs.INCONCLUSIVE and few.n == obs.MIN_SAES - 1
+    g = np.linspace(0.1, 0.3, obs.MIN_SAES)
+    assert obs.observation_2(_table(g, g + 0.2, g + 0.1), "paper", n_resamples=999).verdict == obs.REPRODUCES
+    assert obs.with_enough_saes(obs.CONTRADICTED, 2) == obs.INCONCLUSIVE
+    assert obs.with_enough_saes(obs.NO_DATA, 0) == obs.NO_DATA
+    frame = pd.DataFrame({"mu": [0.1, 0.2], "lift": [0.5, 0.1], "architecture": ["a", "b"],
+                          "sparsity": [0, 0], "model": "m"})
+    t3 = rank_agreement(frame, "mu", "lift", config=AgreementConfig(n_permutations=99, n_bootstrap=99))
+    assert obs.observation_3(t3).verdict == obs.INCONCLUSIVE
