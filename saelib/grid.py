@@ -151,6 +151,7 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
     stages.capture.prepare(profile)
     report.seconds["prepare"] = time.perf_counter() - t0
     jobs = {j.name: j for j in build_jobs(profile, capture_threads(profile, workers, scheduler))}
+    every_job = {name: j.stage for name, j in jobs.items()}  # before --only narrows the run
     if only:
         jobs = {n: j for n, j in jobs.items() if j.stage == only or n == only}
     pending = dict(jobs)
@@ -202,7 +203,6 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
     bar.close()
     report.seconds["total"] = time.perf_counter() - t0
     record_path = profile.run_root() / GRID_RECORD
-    every_job = {j.name: j.stage for j in build_jobs(profile)}
     # Wall seconds of the latest successful execution of every job, across resumed runs (a
     # resumed run skips finished jobs; their times from earlier runs stay): the book's cost table.
     # Jobs no longer in the DAG (renamed or removed stages) are dropped.

@@ -90,8 +90,12 @@ class BlockRecord(Record):
 
     def files(self) -> list[str]:
         """The row files this record points to (``rows_file``, ``scores_file`` where set)."""
-        return [name for name in (getattr(self, "rows_file", None), getattr(self, "scores_file", None))
-                if name]
+        return row_files(vars(self))
+
+
+def row_files(fields: dict[str, Any]) -> list[str]:
+    """The row files a record's fields (or a stage's body) name: ``rows_file``, ``scores_file``."""
+    return [fields[k] for k in ("rows_file", "scores_file") if fields.get(k)]
 
 
 def settings_record(**configs: Any) -> dict[str, Any]:
@@ -154,7 +158,7 @@ def finish_block(profile: Profile, job: SAEJob, cls: type[R], body: dict[str, An
     checksums, settings, seconds, provenance), write it as block ``cls.BLOCK`` of the SAE's
     ``result.json`` keeping every other key, and return it."""
     out = sae_dir(profile, job)
-    files = [body[k] for k in ("rows_file", "scores_file") if body.get(k)]
+    files = row_files(body)
     record = cls(**body, sae_sha256=sae_weights_sha(profile, job), settings=settings,
                  files_sha256={name: sha256_file(out / name) for name in files},
                  seconds=sum(timings.values()),
