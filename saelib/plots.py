@@ -155,3 +155,38 @@ def descriptive_plot(table: pd.DataFrame, model: str):
     fig.suptitle(model)
     fig.tight_layout()
     return fig
+
+
+def confusion_plot(record):
+    """The judge stage's confusion matrices, one per rating kind: rows the profile's judge, columns
+    the LLM judge, cells the number of generations."""
+    kinds = ("concept", "instruction", "fluency")
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    for ax, kind in zip(axes, kinds):
+        k = record["ratings"][kind]
+        sns.heatmap(pd.DataFrame(k["confusion"], index=[0, 1, 2], columns=[0, 1, 2]), annot=True,
+                    fmt="d", cmap="Blues", cbar=False, ax=ax)
+        ax.set(title=f"{kind} (κ_w {k['weighted_kappa']:.2f})", xlabel=f"{record['judge_b']}",
+               ylabel=f"{record['judge_a']}")
+        ax.xaxis.label.set_size(7)
+    fig.tight_layout()
+    return fig
+
+
+def judges_side_by_side(record):
+    """μ and g of the judge stage's SAEs: the LLM judge's value against the rules', one point per
+    SAE, coloured by architecture; the diagonal is perfect agreement."""
+    table = pd.DataFrame(record["per_sae"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, (a, b, label) in zip(axes, (("mu_rule", "mu_llm", "μ (sampled latents)"),
+                                        ("g_rule", "g_llm", "g (held-out at α*)"))):
+        sub = table.dropna(subset=[a, b])
+        if len(sub):
+            sns.scatterplot(data=sub, x=a, y=b, hue="arch", palette=ARCH_PALETTE, s=60, ax=ax)
+            lo = min(sub[a].min(), sub[b].min(), 0.0)
+            hi = max(sub[a].max(), sub[b].max(), 0.05)
+            ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+            ax.legend(fontsize=8)
+        ax.set(xlabel=f"{label}, {record['judge_a']}", ylabel=f"{label}, LLM", title=label)
+    fig.tight_layout()
+    return fig

@@ -329,3 +329,26 @@ def rank_agreement(table: pd.DataFrame, x: str, y: str, profile):
         return None
     frame = both.rename(columns={"arch": "architecture", "level": "sparsity"})
     return tau_by_axis(frame, x, y, config=as_profile(profile).section("stats"))
+
+
+def judge_agreement_table(record) -> pd.DataFrame:
+    """One row per rating kind (and HM) of the judge stage: how far the two judges agree."""
+    rows = []
+    for kind in ("concept", "instruction", "fluency"):
+        k = record["ratings"][kind]
+        rows.append({"rating": kind, "n": k["n"], "exact match": k["exact_match"],
+                     "weighted κ": k["weighted_kappa"], "τ_b": k["kendall_tau_b"], "p": k["p_value"]})
+    hm = record["ratings"]["hm"]
+    rows.append({"rating": "HM (aggregate)", "n": hm["n"], "exact match": np.nan,
+                 "weighted κ": np.nan, "τ_b": hm["kendall_tau_b"], "p": hm["p_value"]})
+    return pd.DataFrame(rows)
+
+
+def judge_per_sae_table(record) -> pd.DataFrame:
+    """μ and g of the judge stage's SAEs under both judges (on the sampled latents and the
+    held-out generations at α*), beside the SAE's recorded μ over CONCEPT100."""
+    cols = {"sae": "SAE", "mu": "μ (CONCEPT100, rules)", "mu_rule": "μ sample, rules",
+            "mu_llm": "μ sample, LLM", "n_latents": "latents", "g_rule": "g, rules",
+            "g_llm": "g, LLM", "n_generations": "generations", "llm_seconds": "LLM s",
+            "llm_tokens": "LLM tokens"}
+    return pd.DataFrame(record["per_sae"])[list(cols)].rename(columns=cols)

@@ -69,7 +69,8 @@ def test_failure_blocks_dependants_only_and_resume_skips_done(tmp_path, monkeypa
     assert "boom" in report.failed["train-smollm2-135m-instruct-gated-s0"]
     assert report.blocked == ["interp-smollm2-135m-instruct-gated-s0",
                               "steering-smollm2-135m-instruct-gated-s0",
-                              "selection-smollm2-135m-instruct-gated-s0", "analysis", "observations"]
+                              "selection-smollm2-135m-instruct-gated-s0", "judge", "analysis",
+                              "observations"]
     assert len(report.ran) == 17  # capture + 4 trains and their interp, steering, selection; the rest blocked
     assert sorted(ran()) == sorted([*report.ran, "train-smollm2-135m-instruct-gated-s0"])
     error_file = grid.executed_dir(profile) / "train" / "train-smollm2-135m-instruct-gated-s0.error.txt"

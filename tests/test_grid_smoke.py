@@ -48,7 +48,7 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     jobs = build_jobs(profile)
     stages = [j.stage for j in jobs]
     assert {s: stages.count(s) for s in set(stages)} == {"capture": 1, "train": 5, "interp": 5, "steering": 5, "selection": 5,
-                                                         "analysis": 1, "observations": 1}
+                                                         "judge": 1, "analysis": 1, "observations": 1}
 
     report = run_grid(profile, progress=False, workers=2)  # as `make book`: two kernels at a time
     assert report.failed == {} and report.blocked == [] and report.ok
@@ -120,10 +120,20 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     assert all(o["verdict"] in {"reproduces", "contradicted", "inconclusive (underpowered)", "no data"}
                for o in verdicts["observations"])
     assert "Key observations" in (index.parent / "book" / "executed" / "observations" / "observations.html").read_text()
-    agreement = json.loads((root / "judge_agreement.json").read_text())
-    assert agreement["n_items"] == profile.judge_agreement["n_items"] and set(agreement["per_kind"]) == {"concept", "instruction", "fluency"}
+    # The judge job: the packaged 1.5B model through llama.cpp re-judged the smoke sample.
+    judged = json.loads((root / "judge.json").read_text())
+    assert judged["n_generations"] == profile.judge_agreement["n_generations"]
+    assert judged["n_latents"] == profile.judge_agreement["n_latents"]
+    assert judged["judge_b"].startswith("llama") and judged["judge_usage"]["requests"] > 0
+    for kind in ("concept", "instruction", "fluency"):
+        conf = judged["ratings"][kind]["confusion"]
+        assert sum(map(sum, conf)) == judged["n_generations"], kind
+    assert {p["sae"] for p in judged["per_sae"]} == set(judged["saes"]) and len(judged["saes"]) == 2
+    judge_html = (index.parent / "book" / "executed" / "judge" / "judge.html").read_text()
+    for heading in ("Judge agreement", "μ and g under both judges", "Apache-2.0"):
+        assert heading in judge_html, heading
     analysis_html = summary.read_text()
-    for heading in ("Judge agreement", "Appendix: costs and runtimes", "Appendix: parameter shapes",
+    for heading in ("Appendix: costs and runtimes", "Appendix: parameter shapes",
                     "SAEBench metrics across L0"):
         assert heading in analysis_html, heading
 

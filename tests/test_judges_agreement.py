@@ -43,3 +43,18 @@ def test_mismatched_lengths_raise():
         judge_agreement([Ratings(0, 0, 0)], [], "x", "y")
     with pytest.raises(ValueError, match="no items"):
         agreement_on([], [], "concept")
+
+
+def test_weighted_kappa_and_confusion_by_hand():
+    a = [0, 0, 1, 2, 2]
+    b = [0, 1, 1, 2, 1]
+    k = agreement_on(a, b, "concept")
+    assert k.confusion == [[1, 1, 0], [0, 1, 0], [0, 1, 1]]
+    # Linear weights w = |i − j| / 2. Observed Σ w·p = (0.5 + 0.5) / 5 = 0.2. Marginals a (2, 1, 2),
+    # b (1, 3, 1): expected Σ w·e = Σ_ij w_ij a_i b_j / 25 = (0.5·2·3 + 1·2·1 + 0.5·1·1 + 0.5·1·1
+    # + 1·2·1 + 0.5·2·3) / 25 = 11 / 25. κ_w = 1 − 0.2 / 0.44.
+    assert k.weighted_kappa == pytest.approx(1 - 0.2 / 0.44, abs=1e-12)
+    assert agreement_on([0, 1, 2, 2], [0, 1, 2, 2], "x").weighted_kappa == pytest.approx(1.0)
+    assert math.isnan(agreement_on([1, 1], [1, 1], "x").weighted_kappa)
+    with pytest.raises(ValueError, match="off the scale"):
+        agreement_on([0, 3], [0, 1], "x")

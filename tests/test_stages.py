@@ -20,7 +20,7 @@ from conftest import training_provenance
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = [stages.capture.CaptureRecord, stages.train.TrainRecord, stages.interp.InterpRecord,
            stages.interp.DescriptiveRecord, stages.steering.SteerRecord, stages.selection.SelectRecord,
-           stages.analysis.JudgeAgreementRecord]
+           stages.judge.JudgeRecord]
 
 
 def _profile(tmp_path):
@@ -126,7 +126,7 @@ def test_one_spelling_per_stage(tmp_path):
     blocks = {"interp": stages.interp.InterpRecord, "steering": stages.steering.SteerRecord,
               "selection": stages.selection.SelectRecord}
     assert {s.name for s in stages.STAGES} == {"capture", "train", "interp", "steering",
-                                               "selection", "analysis", "observations"}
+                                               "selection", "judge", "analysis", "observations"}
     notebooks = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")}
     assert notebooks == {s.name for s in stages.STAGES}
     for name, cls in blocks.items():

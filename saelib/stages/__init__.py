@@ -9,7 +9,8 @@ interp         SAE         blocks ``interp``,       :mod:`saelib.stages.interp` 
                            ``descriptive``
 steering       SAE         block ``steering``       :mod:`saelib.stages.steering` (§4)
 selection      SAE         block ``selection``      :mod:`saelib.stages.selection` (§6)
-analysis       profile     ``judge_agreement.json`` :mod:`saelib.stages.analysis` (§5, §7)
+judge          profile     ``judge.json``           :mod:`saelib.stages.judge` (§3–4)
+analysis       profile     (reads the records)      :mod:`saelib.stages.analysis` (§5, §7)
 observations   profile     ``key_observations.json``  (the notebook; :mod:`saelib.observations`)
 =============  ==========  =======================  ===========================================
 
@@ -26,10 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from . import analysis, capture, interp, layout, records, selection, steering, train
+from . import analysis, capture, interp, judge, layout, records, selection, steering, train
 from .layout import SAEJob, as_profile, resolve_job, sae_dir, sae_jobs
 
-__all__ = ["STAGES", "Stage", "SAEJob", "analysis", "as_profile", "capture", "interp", "layout",
+__all__ = ["STAGES", "Stage", "SAEJob", "analysis", "as_profile", "capture", "interp", "judge", "layout",
            "records", "resolve_job", "sae_dir", "sae_jobs", "selection", "stage", "steering", "train"]
 
 
@@ -71,8 +72,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(selection.NAME, "sae", "ΔC_k, output score, selected tiers steered", (steering.NAME,),
           selection.done, (selection.SelectRecord,),
           (selection.SELECT_SCORES, selection.SELECT_ROWS)),
-    Stage(analysis.ANALYSIS, "profile", "the paper's tables and figures; judge agreement",
-          _PER_SAE, None, (analysis.JudgeAgreementRecord,)),
+    Stage(judge.NAME, "profile", "an LLM judge on a sample: agreement with the profile's judge",
+          (interp.NAME, steering.NAME), judge.done, (judge.JudgeRecord,)),
+    Stage(analysis.ANALYSIS, "profile", "the paper's tables and figures", _PER_SAE, None),
     Stage(analysis.OBSERVATIONS, "profile", "the key observations with verdicts", _PER_SAE, None),
 )
 

@@ -23,12 +23,12 @@ ZERO_ABLATION = "zero_ablation.json"
 CAPTURE = "capture.json"
 #: The judge's calibration, made once per model (:func:`saelib.steering.run.judge_calibration`).
 JUDGE_CALIBRATION = "judge_calibration.json"
-#: The analysis stage's judge-agreement record, one per profile.
-JUDGE_AGREEMENT = "judge_agreement.json"
+#: The judge stage's record (an LLM judge on a sample of what the profile's judge rated), one per profile.
+JUDGE_RECORD = "judge.json"
 #: Each job's wall seconds and outcome, one per profile (``saelib.grid``).
 GRID_RECORD = "grid.json"
 
-__all__ = ["CAPTURE", "GRID_RECORD", "JUDGE_AGREEMENT", "JUDGE_CALIBRATION", "RESULT",
+__all__ = ["CAPTURE", "GRID_RECORD", "JUDGE_CALIBRATION", "JUDGE_RECORD", "RESULT",
            "SAE_WEIGHTS", "ZERO_ABLATION", "SAEJob", "activations_dir", "as_profile",
            "descriptive_dir", "model_dir", "resolve_job", "sae_dir", "sae_jobs", "tokens_dir",
            "unsteered_dir"]

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import resource
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -100,8 +100,10 @@ def row_files(fields: dict[str, Any]) -> list[str]:
 
 def settings_record(**configs: Any) -> dict[str, Any]:
     """Stage settings as they read back from JSON (tuples become lists), so a stored record and
-    the profile's current settings compare equal exactly when nothing changed."""
-    return json.loads(json.dumps({name: asdict(cfg) for name, cfg in configs.items()}))
+    the profile's current settings compare equal exactly when nothing changed. A value that is
+    not a dataclass (e.g. input digests) is stored as it is."""
+    return json.loads(json.dumps({name: asdict(cfg) if is_dataclass(cfg) else cfg
+                                  for name, cfg in configs.items()}))
 
 
 def read_result(path: Path) -> dict[str, Any] | None:

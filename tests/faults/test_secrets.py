@@ -28,19 +28,20 @@ def test_openai_judge_key_is_used_but_written_nowhere(tmp_path, monkeypatch):
         data["judge"] = {"cache_dir": str(tmp_path / "runs" / "judge-cache"),
                          "base_url": server.base_url, "api_key_env": "SAELIB_CANARY_KEY",
                          "max_retries": 1, "backoff_base_s": 0.01, "timeout_s": 5.0}
-        data["judge_agreement"] = {"n_items": 3, "backend": "openai"}
+        data["judge_agreement"] = {"n_generations": 3, "n_latents": 0, "backend": "openai"}
         profile = profile_from_dict(data, name="smoke")
         job = stages.sae_jobs(profile)[0]
-        rows = [{"latent": i, "concept": "cats", "instruction": "Write about pets.",
+        rows = [{"latent": i, "concept": "cats", "instruction": "Write about pets.", "split": "heldout",
                  "instruction_index": i, "alpha": 1.0, "output": f"Cats and more cats {i}.",
                  "concept_rating": 2, "instruction_rating": 1, "fluency_rating": 2}
                 for i in range(5)]
         out = stages.sae_dir(profile, job)
         out.mkdir(parents=True)
         (out / stages.steering.STEER_ROWS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (out / stages.layout.RESULT).write_text(json.dumps({"steering": {"g": 0.5, "concepts": []}}))
 
-        record = stages.analysis.run_judge_agreement(profile)
-        assert record["n_items"] == 3 and record["judge_b"] == "openai (gpt-4o-mini)"
+        record = stages.judge.run(profile, progress=False)
+        assert record["n_generations"] == 3 and record["judge_b"] == "openai (gpt-4o-mini)"
         assert len(server.requests) == 9 and set(server.auth) == {f"Bearer {CANARY}"}
         assert record["settings"]["judge"]["api_key_env"] == "SAELIB_CANARY_KEY"
         assert list((tmp_path / "runs" / "judge-cache").rglob("*.json")), "the cache was written"

@@ -1,0 +1,92 @@
+"""The judge stage's sample and its figures, on planted run folders and a loopback chat server."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import yaml
+
+from saelib import stages
+from saelib.profiles import PARAMS_DIR, profile_from_dict
+from saelib.stages import judge
+from saelib.stages.layout import SAEJob
+
+from test_judges_openai import FakeOpenAIServer
+
+
+def test_chosen_saes_cover_every_architecture_before_any_repeats():
+    jobs = [SAEJob("m", arch, level) for arch in ("standard", "gated", "topk") for level in range(4)]
+    chosen = judge.choose_saes(jobs, 4, seed=0)
+    assert len(chosen) == 4 and len(set(chosen)) == 4
+    assert {j.arch for j in chosen[:3]} == {"standard", "gated", "topk"}
+    assert judge.choose_saes(jobs, 4, seed=0) == chosen  # seeded
+    assert len(judge.choose_saes(jobs, 50, seed=0)) == 12
+
+
+def test_g_rows_are_the_held_out_rows_at_each_concepts_alpha_star():
+    rows = [{"latent": lat, "split": split, "alpha": a} for lat in (1, 2)
+            for split in ("select", "heldout") for a in (1.0, 2.0)]
+    block = {"concepts": [{"latent": 1, "alpha_star": 2.0}, {"latent": 2, "alpha_star": 1.0}]}
+    assert judge.g_rows(rows, block) == [{"latent": 1, "split": "heldout", "alpha": 2.0},
+                                         {"latent": 2, "split": "heldout", "alpha": 1.0}]
+
+
+def test_fill_spreads_the_sample_evenly_over_the_factors():
+    pool = [{"alpha": a, "i": i} for a in (1.0, 1.5, 2.0) for i in range(40 if a == 1.0 else 10)]
+    got = judge.fill_by_factor(pool, 24, seed=0)
+    assert Counter(r["alpha"] for r in got) == {1.0: 8, 1.5: 8, 2.0: 8}
+    assert len({id(r) for r in got}) == 24
+
+
+def _planted_run(tmp_path, server):
+    data = yaml.safe_load((PARAMS_DIR / "smoke.yaml").read_text())
+    data["runs_dir"] = str(tmp_path / "runs")
+    data["judge"] = {"base_url": server.base_url, "api_key_env": "", "max_retries": 0}
+    data["judge_agreement"] = {"n_generations": 20, "n_latents": 0, "n_saes": 2,
+                               "backend": "openai"}
+    profile = profile_from_dict(data, name="smoke")
+    for k, job in enumerate(stages.sae_jobs(profile)[:3]):
+        rows = []
+        for lat in (10, 20):
+            for idx in range(4):
+                for a in (1.0, 2.0):
+                    # the rules agree with the server's answers (2, 1, 0) except at α = 2
+                    rate = (2, 1, 0) if a == 1.0 else (1, 1, 1)
+                    rows.append({"latent": lat, "concept": f"concept {lat}", "instruction": f"task {idx}",
+                                 "instruction_index": idx, "split": "select" if idx < 2 else "heldout",
+                                 "alpha": a, "output": f"text {k} {lat} {idx} {a}",
+                                 "concept_rating": rate[0], "instruction_rating": rate[1],
+                                 "fluency_rating": rate[2], "hm": 0.0 if a == 1.0 else 1.0})
+        out = stages.sae_dir(profile, job)
+        out.mkdir(parents=True)
+        (out / stages.steering.STEER_ROWS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        block = {"g": 1.0 if k == 0 else 0.0,
+                 "concepts": [{"latent": lat, "alpha_star": 2.0 if k == 0 else 1.0} for lat in (10, 20)]}
+        (out / stages.layout.RESULT).write_text(json.dumps({"steering": block}))
+    return profile
+
+
+def test_planted_disagreement_is_found_where_it_was_planted(tmp_path):
+    server = FakeOpenAIServer()  # answers every rating with concept 2, instruction 1, fluency 0
+    try:
+        profile = _planted_run(tmp_path, server)
+        record = judge.run(profile, progress=False)
+        assert record["n_generations"] == 20 and len(record["saes"]) == 2
+        gens = record["generations"]
+        assert all(g["llm"] == [2, 1, 0] for g in gens)
+        agree = sum(g["alpha"] == 1.0 for g in gens) / len(gens)
+        assert record["ratings"]["concept"]["exact_match"] == pytest.approx(agree)
+        assert record["ratings"]["instruction"]["exact_match"] == 1.0
+        assert sorted(g["half"] for g in gens) == [0] * 10 + [1] * 10
+        for p in record["per_sae"]:
+            assert p["n_generations"] == 4  # 2 concepts × 2 held-out instructions at α*
+            assert p["g_llm"] == 0.0  # the server's fluency 0 makes every HM 0
+            assert p["g_rule"] == pytest.approx(p["g"])  # the recorded g, recomputed from the rows
+        requests = len(server.requests)
+        assert judge.done(profile)
+        assert judge.run(profile, progress=False)["n_generations"] == 20
+        assert len(server.requests) == requests, "a current record is returned, nothing asked"
+    finally:
+        server.close()
