@@ -90,3 +90,35 @@ def test_planted_disagreement_is_found_where_it_was_planted(tmp_path):
         assert len(server.requests) == requests, "a current record is returned, nothing asked"
     finally:
         server.close()
+
+
+def test_latents_are_rescored_on_the_stored_windows_against_the_stored_truth(tmp_path):
+    server = FakeOpenAIServer()  # explains "words about cats and dogs", detects windows 2, 5 and 7
+    try:
+        profile = _planted_run(tmp_path, server)
+        profile = profile_from_dict({**yaml.safe_load((PARAMS_DIR / "smoke.yaml").read_text()),
+                                     "runs_dir": str(tmp_path / "runs"),
+                                     "judge": {"base_url": server.base_url, "api_key_env": "",
+                                               "max_retries": 0},
+                                     "judge_agreement": {"n_generations": 4, "n_latents": 2,
+                                                         "n_saes": 2, "backend": "openai"}},
+                                    name="smoke")
+        window = {"token_ids": [1, 2, 3], "acts": [0.0, 5.0, 0.0]}
+        truth = [False, True, False, False, True, False, True, True]  # 2, 5, 7 right; 8 missed
+        for job in stages.sae_jobs(profile)[:3]:
+            rows = [{"latent": lat, "max_act": 5.0, "explanation": "rule words", "score": 0.5,
+                     "in_concept100": True, "predictions": [0], "truth": truth,
+                     "explain_windows": [window] * 3, "score_windows": [window] * len(truth)}
+                    for lat in (10, 20)]
+            (stages.sae_dir(profile, job) / stages.interp.INTERP_ROWS).write_text(
+                "".join(json.dumps(r) + "\n" for r in rows))
+        record = judge.run(profile, progress=False)
+        assert record["n_latents"] == 2 and {it["sae"] for it in record["latent_items"]} == set(record["saes"])
+        for it in record["latent_items"]:
+            assert it["llm_predictions"] == [1, 4, 6]
+            assert it["llm_score"] == pytest.approx(7 / 8) and it["rule_score"] == 0.5
+            assert it["llm_explanation"] == "words about cats and dogs"
+        assert record["latents"]["detection"]["n_windows"] == 16
+        assert all(p["mu_llm"] == pytest.approx(7 / 8) for p in record["per_sae"])
+    finally:
+        server.close()

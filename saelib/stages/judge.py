@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
@@ -32,7 +33,6 @@ import numpy as np
 from scipy.stats import kendalltau
 from tqdm.auto import tqdm
 
-from ..evals.autointerp import AutoInterpConfig
 from ..judges.agreement import JudgeAgreementConfig, agreement_on, judge_agreement
 from ..judges.base import MarkedWindow, RatingItem, Ratings
 from ..judges.factory import make_judge
@@ -203,6 +203,135 @@ def _inputs(profile: Profile) -> dict[str, str]:
     return out
 
 
+class _Cost:
+    """The LLM's seconds and tokens, attributed to the SAE whose items it was judging."""
+
+    def __init__(self, llm) -> None:
+        self.llm = llm
+        self.seconds: dict[str, float] = {}
+        self.tokens: dict[str, int] = {}
+
+    @contextmanager
+    def on(self, sae: str):
+        t0 = time.perf_counter()
+        k0 = self.llm.usage.prompt_tokens + self.llm.usage.completion_tokens
+        try:
+            yield
+        finally:
+            self.seconds[sae] = self.seconds.get(sae, 0.0) + time.perf_counter() - t0
+            self.tokens[sae] = (self.tokens.get(sae, 0) + self.llm.usage.prompt_tokens
+                                + self.llm.usage.completion_tokens - k0)
+
+
+def _steered(profile: Profile) -> tuple[dict[SAEJob, list[dict[str, Any]]], dict[SAEJob, dict[str, Any]]]:
+    """Every SAE's steering rows (tagged with the SAE) and its ``result.json``, where both exist."""
+    steered, results = {}, {}
+    for job in sae_jobs(profile):
+        result = read_result(sae_dir(profile, job) / RESULT) or {}
+        path = sae_dir(profile, job) / steering.STEER_ROWS
+        if path.exists() and result.get(steering.NAME):
+            steered[job] = [{**r, "sae": _sae_key(job)} for r in read_jsonl(path)]
+            results[job] = result
+    return steered, results
+
+
+def sample_generations(steered: dict[SAEJob, list[dict[str, Any]]], results: dict[SAEJob, dict[str, Any]],
+                       cfg: JudgeAgreementConfig) -> tuple[list[SAEJob], list[dict[str, Any]]]:
+    """The chosen SAEs and the generations: their g rows first, then the rest by factor."""
+    chosen = choose_saes(list(steered), cfg.n_saes, cfg.seed)
+    core = [r for job in chosen for r in g_rows(steered[job], results[job][steering.NAME])]
+    core = core[:cfg.n_generations]
+    taken = {id(r) for r in core}
+    rest = [r for rows in steered.values() for r in rows if id(r) not in taken]
+    return chosen, core + fill_by_factor(rest, cfg.n_generations - len(core), cfg.seed)
+
+
+def sample_latents(profile: Profile, chosen: Sequence[SAEJob], n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` CONCEPT100 latents, as evenly as possible from the chosen SAEs' AutoInterp rows."""
+    if n == 0 or not chosen:
+        return []
+    each = math.ceil(n / len(chosen))
+    rows: list[dict[str, Any]] = []
+    for job in chosen:
+        path = sae_dir(profile, job) / interp.INTERP_ROWS
+        if path.exists():
+            rows += [{**r, "sae": _sae_key(job)} for r in choose_latents(read_jsonl(path), each, seed)]
+    return rows[:n]
+
+
+def _rate(llm, sample: Sequence[dict[str, Any]], cost: _Cost, progress: bool) -> list[Ratings]:
+    """The LLM's ratings of the sample, SAE by SAE (so each SAE's cost is its own)."""
+    by_sae: dict[str, list[int]] = {}
+    for i in sorted(range(len(sample)), key=lambda i: sample[i]["sae"]):
+        by_sae.setdefault(sample[i]["sae"], []).append(i)
+    rated: dict[int, Ratings] = {}
+    with tqdm(total=len(sample), desc="LLM judge: generations", unit="gen", disable=not progress) as bar:
+        for sae, idx in by_sae.items():
+            with cost.on(sae):
+                for start in range(0, len(idx), 8):
+                    part = idx[start:start + 8]
+                    got = llm.rate([RatingItem(sample[i]["concept"], sample[i]["instruction"],
+                                               sample[i]["output"]) for i in part])
+                    rated.update(zip(part, got))
+                    bar.update(len(part))
+    return [rated[i] for i in range(len(sample))]
+
+
+def _judge_latents(profile: Profile, llm, rows: Sequence[dict[str, Any]], cost: _Cost,
+                   progress: bool) -> list[dict[str, Any]]:
+    """The LLM explains each latent from its stored marked windows and detects on its stored
+    detection windows; the score is the fraction of windows it calls right (protocol §3)."""
+    if not rows:
+        return []
+    from transformers import AutoTokenizer  # lazily: only when latents are judged
+
+    mark = profile.section("interp").mark_threshold
+    tokenizers: dict[str, Any] = {}
+    items = []
+    for r in tqdm(rows, desc="LLM judge: latents", unit="latent", disable=not progress):
+        model = r["sae"].split("/")[0]
+        if model not in tokenizers:
+            tokenizers[model] = AutoTokenizer.from_pretrained(resolve_hf_source(model))
+        tok = tokenizers[model]
+
+        def decode(t: int, tok=tok) -> str:
+            return tok.decode([t])
+
+        with cost.on(r["sae"]):
+            explanation = llm.explain(_windows(r["explain_windows"], decode, mark, float(r["max_act"])))
+            predicted = set(llm.detect(explanation, _windows(r["score_windows"], decode, None, 0.0)))
+        truth = [bool(t) for t in r["truth"]]
+        items.append({"sae": r["sae"], "latent": r["latent"],
+                      "rule_explanation": r["explanation"], "llm_explanation": explanation,
+                      "rule_score": float(r["score"]),
+                      "llm_score": sum((i in predicted) == t for i, t in enumerate(truth)) / len(truth),
+                      "rule_predictions": list(r["predictions"]),
+                      "llm_predictions": sorted(predicted), "truth": truth})
+    return items
+
+
+def _per_sae(chosen: Sequence[SAEJob], results: dict[SAEJob, dict[str, Any]],
+             sample: Sequence[dict[str, Any]], hm_a: Sequence[float], hm_b: Sequence[float],
+             latent_items: Sequence[dict[str, Any]], cost: _Cost) -> list[dict[str, Any]]:
+    """μ and g of each chosen SAE under both judges, on the same latents and generations."""
+    out = []
+    for job in chosen:
+        key, block = _sae_key(job), results[job][steering.NAME]
+        g_ids = {id(r) for r in g_rows([r for r in sample if r["sae"] == key], block)}
+        g_idx = [i for i, r in enumerate(sample) if id(r) in g_ids]
+        lat = [it for it in latent_items if it["sae"] == key]
+        out.append({
+            "sae": key, "arch": job.arch, "level": job.level,
+            "mu": (results[job].get("interp") or {}).get("mu"), "g": block.get("g"),
+            "g_rule": _concept_mean(sample, g_idx, hm_a), "g_llm": _concept_mean(sample, g_idx, hm_b),
+            "n_generations": len(g_idx),
+            "mu_rule": float(np.mean([it["rule_score"] for it in lat])) if lat else None,
+            "mu_llm": float(np.mean([it["llm_score"] for it in lat])) if lat else None,
+            "n_latents": len(lat), "llm_seconds": cost.seconds.get(key, 0.0),
+            "llm_tokens": cost.tokens.get(key, 0)})
+    return out
+
+
 def run(profile: Profile | str, progress: bool = True) -> JudgeRecord | None:
     """(Or, when current, return the recorded) LLM judge on the sample; None when the section
     asks for nothing or no SAE has steering rows yet."""
@@ -219,133 +348,44 @@ def run(profile: Profile | str, progress: bool = True) -> JudgeRecord | None:
                 return old
         except (StaleRecord, CorruptFileError):
             pass  # another schema or unreadable: judge again (the answer cache keeps it cheap)
-
-    steered: dict[SAEJob, list[dict[str, Any]]] = {}
-    blocks: dict[SAEJob, dict[str, Any]] = {}
-    for job in sae_jobs(profile):
-        result = read_result(sae_dir(profile, job) / RESULT) or {}
-        path = sae_dir(profile, job) / steering.STEER_ROWS
-        if path.exists() and result.get(steering.NAME):
-            steered[job] = [{**r, "sae": _sae_key(job)} for r in read_jsonl(path)]
-            blocks[job] = result
+    steered, results = _steered(profile)
     if not steered:
         return None
-    chosen = choose_saes(list(steered), cfg.n_saes, cfg.seed)
-    core = [r for job in chosen for r in g_rows(steered[job], blocks[job][steering.NAME])]
-    core = core[:cfg.n_generations]
-    taken = {id(r) for r in core}
-    rest = [r for rows in steered.values() for r in rows if id(r) not in taken]
-    sample = core + fill_by_factor(rest, cfg.n_generations - len(core), cfg.seed)
-
-    per_sae_latents = math.ceil(cfg.n_latents / max(len(chosen), 1)) if cfg.n_latents else 0
-    latent_rows: list[dict[str, Any]] = []
-    for job in chosen:
-        path = sae_dir(profile, job) / interp.INTERP_ROWS
-        if per_sae_latents and path.exists():
-            latent_rows += [{**r, "sae": _sae_key(job)}
-                            for r in choose_latents(read_jsonl(path), per_sae_latents, cfg.seed)]
-    latent_rows = latent_rows[:cfg.n_latents]
+    chosen, sample = sample_generations(steered, results, cfg)
+    latent_rows = sample_latents(profile, chosen, cfg.n_latents, cfg.seed)
 
     t0 = time.perf_counter()
     llm = make_judge(_llm_config(profile, cfg, judge_cfg))
     load_s = time.perf_counter() - t0
+    cost = _Cost(llm)
+    try:
+        t1 = time.perf_counter()
+        theirs = _rate(llm, sample, cost, progress)
+        rate_s = time.perf_counter() - t1
+        latent_items = _judge_latents(profile, llm, latent_rows, cost, progress)
+        latent_s = time.perf_counter() - t1 - rate_s
+    finally:
+        if hasattr(llm, "close"):
+            llm.close()
+    ours = [Ratings(r["concept_rating"], r["instruction_rating"], r["fluency_rating"]) for r in sample]
+
     name_a, name_b = judge_cfg.backend, judge_name(cfg, judge_cfg)
-
-    theirs: list[Ratings] = []
-    seconds_by_sae: dict[str, float] = {}
-    t1 = time.perf_counter()
-    order = sorted(range(len(sample)), key=lambda i: sample[i]["sae"])
-    by_sae: dict[str, list[int]] = {}
-    for i in order:
-        by_sae.setdefault(sample[i]["sae"], []).append(i)
-    rated: dict[int, Ratings] = {}
-    bar = tqdm(total=len(sample), desc="LLM judge: generations", unit="gen", disable=not progress)
-    tokens_by_sae: dict[str, int] = {}
-
-    def tokens_now() -> int:
-        return llm.usage.prompt_tokens + llm.usage.completion_tokens
-
-    for sae, idx in by_sae.items():
-        ts, tk = time.perf_counter(), tokens_now()
-        for start in range(0, len(idx), 8):
-            part = idx[start:start + 8]
-            got = llm.rate([RatingItem(sample[i]["concept"], sample[i]["instruction"],
-                                       sample[i]["output"]) for i in part])
-            rated.update(zip(part, got))
-            bar.update(len(part))
-        seconds_by_sae[sae] = seconds_by_sae.get(sae, 0.0) + time.perf_counter() - ts
-        tokens_by_sae[sae] = tokens_by_sae.get(sae, 0) + tokens_now() - tk
-    bar.close()
-    theirs = [rated[i] for i in range(len(sample))]
-    rate_s = time.perf_counter() - t1
-    ours = [Ratings(r["concept_rating"], r["instruction_rating"], r["fluency_rating"])
-            for r in sample]
-
-    config_ai: AutoInterpConfig = profile.section("interp")
-    tokenizers: dict[str, Any] = {}
-    latent_items = []
-    t2 = time.perf_counter()
-    for r in tqdm(latent_rows, desc="LLM judge: latents", unit="latent", disable=not progress):
-        model = r["sae"].split("/")[0]
-        if model not in tokenizers:
-            from transformers import AutoTokenizer  # lazily: only when latents are judged
-            entry = next(m for m in profile.models if m.name == model)
-            tokenizers[model] = AutoTokenizer.from_pretrained(resolve_hf_source(entry.name))
-        tok = tokenizers[model]
-        decode = lambda t, tok=tok: tok.decode([t])  # noqa: E731
-        ts, tk = time.perf_counter(), tokens_now()
-        explanation = llm.explain(_windows(r["explain_windows"], decode,
-                                           config_ai.mark_threshold, float(r["max_act"])))
-        predicted = set(llm.detect(explanation, _windows(r["score_windows"], decode, None, 0.0)))
-        truth = [bool(t) for t in r["truth"]]
-        llm_score = sum((i in predicted) == t for i, t in enumerate(truth)) / len(truth)
-        seconds_by_sae[r["sae"]] = seconds_by_sae.get(r["sae"], 0.0) + time.perf_counter() - ts
-        tokens_by_sae[r["sae"]] = tokens_by_sae.get(r["sae"], 0) + tokens_now() - tk
-        latent_items.append({"sae": r["sae"], "latent": r["latent"],
-                             "rule_explanation": r["explanation"], "llm_explanation": explanation,
-                             "rule_score": float(r["score"]), "llm_score": llm_score,
-                             "rule_predictions": list(r["predictions"]),
-                             "llm_predictions": sorted(predicted), "truth": truth})
-    latent_s = time.perf_counter() - t2
-
     halves = _halves(len(sample), cfg.seed)
-    report = judge_agreement(ours, theirs, name_a, name_b)
     half1 = [i for i in range(len(sample)) if halves[i] == 1]
     report_half1 = judge_agreement([ours[i] for i in half1], [theirs[i] for i in half1],
                                    name_a, name_b) if len(half1) >= 2 else None
     hm_a = [harmonic_mean(r) for r in ours]
     hm_b = [harmonic_mean(r) for r in theirs]
-
-    per_sae = []
-    for job in chosen:
-        key = _sae_key(job)
-        g_idx = [i for i, r in enumerate(sample) if r["sae"] == key and r["split"] == "heldout"
-                 and any(float(c["alpha_star"]) == float(r["alpha"]) and int(c["latent"]) == int(r["latent"])
-                         for c in blocks[job][steering.NAME].get("concepts", []))]
-        lat = [it for it in latent_items if it["sae"] == key]
-        per_sae.append({
-            "sae": key, "arch": job.arch, "level": job.level,
-            "mu": (blocks[job].get("interp") or {}).get("mu"),
-            "g": blocks[job][steering.NAME].get("g"),
-            "g_rule": _concept_mean(sample, g_idx, hm_a), "g_llm": _concept_mean(sample, g_idx, hm_b),
-            "n_generations": len(g_idx),
-            "mu_rule": float(np.mean([it["rule_score"] for it in lat])) if lat else None,
-            "mu_llm": float(np.mean([it["llm_score"] for it in lat])) if lat else None,
-            "n_latents": len(lat), "llm_seconds": seconds_by_sae.get(key, 0.0),
-            "llm_tokens": tokens_by_sae.get(key, 0)})
-
+    per_sae = _per_sae(chosen, results, sample, hm_a, hm_b, latent_items, cost)
     usage = asdict(llm.usage)
-    close = getattr(llm, "close", None)
-    if close is not None:
-        close()
     record = JudgeRecord(
         judge_a=name_a, judge_b=name_b, n_generations=len(sample), n_latents=len(latent_items),
         saes=[_sae_key(j) for j in chosen],
-        ratings={**report.to_dict()["per_kind"],
+        ratings={**judge_agreement(ours, theirs, name_a, name_b).to_dict()["per_kind"],
                  "hm": _hm_agreement(hm_a, hm_b)},
         ratings_half1=report_half1.to_dict()["per_kind"] if report_half1 else {},
         latents=_latent_agreement(latent_items),
-        per_sae=per_sae, seconds_by_sae=seconds_by_sae, tokens_by_sae=tokens_by_sae,
+        per_sae=per_sae, seconds_by_sae=cost.seconds, tokens_by_sae=cost.tokens,
         rank_correlation={"mu": _rank([p["mu_rule"] for p in per_sae], [p["mu_llm"] for p in per_sae]),
                           "g": _rank([p["g_rule"] for p in per_sae], [p["g_llm"] for p in per_sae])},
         generations=[{"sae": r["sae"], "latent": r["latent"], "alpha": r["alpha"],
