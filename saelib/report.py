@@ -331,13 +331,19 @@ def rank_agreement(table: pd.DataFrame, x: str, y: str, profile):
     return tau_by_axis(frame, x, y, config=as_profile(profile).section("stats"))
 
 
-def judge_agreement_table(record) -> pd.DataFrame:
-    """One row per rating kind (and HM) of the judge stage: how far the two judges agree."""
+def judge_agreement_table(record, half: int | None = None) -> pd.DataFrame:
+    """One row per rating kind (and HM) of the judge stage: how far the two judges agree; with
+    ``half=1`` on the held-out half of the sample only (no HM row)."""
+    ratings = record["ratings_half1"] if half == 1 else record["ratings"]
+    if half not in (None, 1):
+        raise ValueError(f"half must be None or 1 (the record keeps half 1's agreement), got {half!r}")
     rows = []
     for kind in ("concept", "instruction", "fluency"):
-        k = record["ratings"][kind]
+        k = ratings[kind]
         rows.append({"rating": kind, "n": k["n"], "exact match": k["exact_match"],
                      "weighted κ": k["weighted_kappa"], "τ_b": k["kendall_tau_b"], "p": k["p_value"]})
+    if half == 1:
+        return pd.DataFrame(rows)
     hm = record["ratings"]["hm"]
     rows.append({"rating": "HM (aggregate)", "n": hm["n"], "exact match": np.nan,
                  "weighted κ": np.nan, "τ_b": hm["kendall_tau_b"], "p": hm["p_value"]})

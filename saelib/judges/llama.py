@@ -66,7 +66,8 @@ class LlamaCppJudge(PromptedJudge):
                                                           config.llama_ctx)
         self.cache = ResponseCache(config.cache_dir) if config.cache_dir else None
         self.usage.extra.update(model=self.model_name, threads=config.llama_threads,
-                                prefix_cache=config.llama_prefix_cache, seconds=0.0)
+                                prefix_cache=config.llama_prefix_cache, seconds=0.0,
+                                cached_seconds=0.0)
 
     def close(self) -> None:
         """Free the model now (llama-cpp-python's own finaliser fails at interpreter exit)."""
@@ -89,6 +90,7 @@ class LlamaCppJudge(PromptedJudge):
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             with self._usage_lock:
                 self.usage.cache_hits += 1
+                self.usage.extra["cached_seconds"] += float(hit.get("seconds", 0.0))
             return Completion(hit["text"], int(hit.get("prompt_tokens", 0)),
                               int(hit.get("completion_tokens", 0)))
         if not self.config.llama_prefix_cache:
