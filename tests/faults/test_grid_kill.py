@@ -86,13 +86,13 @@ def test_sigkill_mid_grid_then_rerun_finishes_without_redoing_finished_jobs(tmp_
     root = tmp_path / "runs"
     root.mkdir()
     kills = []  # (jobs finished before the kill, how many job starts were logged by then)
-    for kill_at in (5, 19, 33):  # three kills at different depths of the 43-job DAG
+    for kill_at in (5, 19, 33):  # three kills at different depths of the 44-job DAG
         _run(script, root, kill_at)
         kills.append((set(_lines(root / "finished.txt")), len(_lines(root / "started.txt"))))
     assert _run(script, root, None) == 0
     started, finished = _lines(root / "started.txt"), _lines(root / "finished.txt")
     all_jobs = set(finished)
-    assert len(all_jobs) == 43  # capture + 10 × (train, interp, steer, select) + analysis + observations
+    assert len(all_jobs) == 44  # capture + 10 × (train, interp, steer, select) + judge + analysis + observations
     summaries = {"analysis", "observations"}  # always re-rendered, by design
     for done_before, n_started in kills:
         again = (done_before - summaries) & set(started[n_started:])
