@@ -82,12 +82,16 @@ def _sae_key(job: SAEJob) -> str:
 def choose_saes(jobs: Sequence[SAEJob], n: int, seed: int) -> list[SAEJob]:
     """``n`` SAEs spread over the architectures: each architecture's SAEs in seeded order, then
     one from each architecture in turn (so 6 of a 5 × 6 grid cover every architecture)."""
-    rng = np.random.default_rng([seed, 1])
     by_arch: dict[str, list[SAEJob]] = {}
     for job in jobs:
         by_arch.setdefault(job.arch, []).append(job)
-    queues = [[group[i] for i in rng.permutation(len(group))] for group in by_arch.values()]
-    out: list[SAEJob] = []
+    return _round_robin(list(by_arch.values()), n, np.random.default_rng([seed, 1]))
+
+
+def _round_robin(groups: Sequence[Sequence[Any]], n: int, rng: np.random.Generator) -> list[Any]:
+    """Up to ``n`` items: each group shuffled by ``rng``, then one from each group in turn."""
+    queues = [[group[i] for i in rng.permutation(len(group))] for group in groups]
+    out: list[Any] = []
     while len(out) < n and any(queues):
         for q in queues:
             if q and len(out) < n:
@@ -103,17 +107,11 @@ def g_rows(rows: Sequence[dict[str, Any]], block: dict[str, Any]) -> list[dict[s
 
 def fill_by_factor(pool: Sequence[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
     """Up to ``n`` rows of ``pool``, spread evenly over the steering factors (seeded)."""
-    rng = np.random.default_rng([seed, 2])
     by_alpha: dict[float, list[dict[str, Any]]] = {}
     for r in pool:
         by_alpha.setdefault(float(r["alpha"]), []).append(r)
-    queues = [[group[i] for i in rng.permutation(len(group))] for _, group in sorted(by_alpha.items())]
-    out: list[dict[str, Any]] = []
-    while len(out) < n and any(queues):
-        for q in queues:
-            if q and len(out) < n:
-                out.append(q.pop(0))
-    return out
+    groups = [group for _, group in sorted(by_alpha.items())]
+    return _round_robin(groups, n, np.random.default_rng([seed, 2]))
 
 
 def choose_latents(rows: Sequence[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
@@ -196,7 +194,7 @@ def _inputs(profile: Profile) -> dict[str, str]:
     out = {}
     for job in sae_jobs(profile):
         result = read_result(sae_dir(profile, job) / RESULT) or {}
-        for block in (steering.NAME, "interp"):
+        for block in (steering.NAME, interp.NAME):
             files = (result.get(block) or {}).get("files_sha256") or {}
             for name, digest in sorted(files.items()):
                 out[f"{_sae_key(job)}/{name}"] = digest
