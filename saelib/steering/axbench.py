@@ -41,7 +41,9 @@ class SteeringConfig:
     ``clamp`` (f's code set to α·m_f inside the reconstruction). Generation: ``max_new_tokens``,
     ``temperature`` (0 = greedy), ``seed``, ``batch_size`` rows per forward pass.
     ``instruction_source`` / ``instruction_field``: see :mod:`saelib.data.instructions`.
-    ``n_examples``: concepts shown on the book's example page.
+    ``n_examples``: concepts shown on the book's example page. ``engine``: the generator
+    (:data:`saelib.steering.generate.ENGINES`; ``lean`` computes the reference's function at a
+    fraction of its cost, ``bench/steer.py``).
     ``calibration_instructions`` × ``calibration_concepts``: the fixed seeded set the offline
     judge calibrates on, once per model (:func:`saelib.steering.run.judge_calibration`).
     """
@@ -60,6 +62,7 @@ class SteeringConfig:
     n_examples: int = 3
     calibration_instructions: int = 24
     calibration_concepts: int = 24
+    engine: str = "lean"
 
     def validate(self) -> None:
         if self.n_concepts < 1:
@@ -80,6 +83,10 @@ class SteeringConfig:
             raise ValueError("max_new_tokens and batch_size must be >= 1, n_examples >= 0")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        from .generate import ENGINES  # here: importing it loads TransformerLens
+
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine {self.engine!r} is unknown; valid: {', '.join(ENGINES)}")
         if self.calibration_instructions < 2 or self.calibration_concepts < 1:
             raise ValueError("calibration_instructions must be >= 2 and calibration_concepts >= 1, "
                              f"got {self.calibration_instructions}, {self.calibration_concepts}")

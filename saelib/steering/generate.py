@@ -2,22 +2,27 @@
 
 Why not ``HookedTransformer.generate``: the steering grid puts rows of different concepts and
 factors in one batch, each with its own hook state, and needs left padding whose mask is explicit
-(the pad id may be a real token), a seeded sampler, and per-row stopping. This loop does exactly
-that over TransformerLens's own forward and key/value cache, so the hooks act on the true residual
-stream at every position, prompt and generated.
+(the pad id may be a real token), a seeded sampler, and per-row stopping. One token loop
+(:func:`_decode`) does that over either of two engines (``GenerationConfig.engine``):
 
-Only the last position's logits are computed (the blocks run with ``stop_at_layer``, then the final
-norm and unembedding see one position): with a 262k-token vocabulary (Gemma) the full logits of a
-prompt would cost more than the blocks.
+* ``transformer_lens``, the reference: TransformerLens's own forward and key/value cache, the
+  hooks on the true residual stream at every position, prompt and generated. Only the last
+  position's logits are computed (the blocks run with ``stop_at_layer``, then the final norm and
+  unembedding see one position): with a 262k-token vocabulary (Gemma) the full logits of a prompt
+  would cost more than the blocks.
+* ``lean`` (:mod:`saelib.steering.engine`): the same modules and function with a preallocated,
+  pre-rotated cache and prompts shared up to the steered layer; the default. A model or hook it
+  does not support falls back to the reference with a warning.
 
 Layout: prompts are left-padded to the batch's longest (an explicit attention mask hides the pads;
-TransformerLens derives rotary positions from the mask), the prompt goes through once, then one
-token per step reuses the cache. A row stops at its first stop token (not kept in the output) or
-after ``max_new_tokens``; finished rows are fed a pad until the whole batch is done.
+rotary positions come from the mask), the prompt goes through once, then one token per step reuses
+the cache. A row stops at its first stop token (not kept in the output) or after
+``max_new_tokens``; finished rows are fed a pad until the whole batch is done.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -25,6 +30,11 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.utilities.activation_functions import apply_softcap
+
+from . import engine
+
+
+ENGINES: tuple[str, ...] = ("lean", "transformer_lens")
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,9 @@ class GenerationConfig:
     temperature: float = 0.0
     seed: int = 0
     batch_size: int = 32
+    #: ``lean`` (:mod:`saelib.steering.engine`, the reference's function at a fraction of its
+    #: cost) or ``transformer_lens`` (TransformerLens's forward and cache, the reference).
+    engine: str = "lean"
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -45,9 +58,13 @@ class GenerationConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded with ``pad_id`` to the longest, ``(tokens_BL, mask_BL)`` (mask 1 on
+    real tokens)."""
     length = max(len(p) for p in prompts)
     tokens_BL = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     mask_BL = torch.zeros((len(prompts), length), dtype=torch.long)
@@ -67,41 +84,105 @@ def last_logits(tl, tokens_BL: torch.Tensor, **forward_kwargs) -> torch.Tensor:
     return apply_softcap(tl.unembed(resid_B1D), tl.cfg.output_logits_soft_cap)[:, -1]
 
 
+def _sampler(config: GenerationConfig, device):
+    """Greedy (temperature 0) or seeded softmax sampling: ``(B, V)`` logits → ``(B,)`` ids."""
+    if config.temperature == 0:
+        return lambda last_BV: last_BV.argmax(dim=-1)
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    return lambda last_BV: torch.multinomial(torch.softmax(last_BV / config.temperature, dim=-1),
+                                             1, generator=gen)[:, 0]
+
+
+def _decode(first_BV: torch.Tensor, next_logits: Callable, config: GenerationConfig,
+            stop_ids: Sequence[int], pad_id: int) -> list[list[int]]:
+    """The token loop shared by both engines: pick, record, stop rows, feed the next token.
+    ``next_logits(feed_B, step)`` runs one cached step."""
+    device = first_BV.device
+    n = first_BV.shape[0]
+    pick = _sampler(config, device)
+    stops = torch.as_tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    finished_B = torch.zeros(n, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(n)]
+    last_BV = first_BV
+    for step in range(config.max_new_tokens):
+        next_B = pick(last_BV)
+        stopping_B = torch.isin(next_B, stops) & ~finished_B
+        for b in torch.nonzero(~finished_B & ~stopping_B).flatten().tolist():
+            out[b].append(int(next_B[b]))
+        finished_B |= stopping_B
+        if bool(finished_B.all()) or step == config.max_new_tokens - 1:
+            break
+        feed_B = torch.where(finished_B, torch.full_like(next_B, pad_id), next_B)
+        last_BV = next_logits(feed_B, step).float()
+    return out
+
+
 @torch.inference_mode()
 def generate_batch(tl, prompts: Sequence[Sequence[int]], config: GenerationConfig, *,
                    fwd_hooks: Sequence[tuple[str, Callable]] = (), stop_ids: Sequence[int] = (),
                    pad_id: int = 0) -> list[list[int]]:
     """New token ids for each prompt (token-id lists, BOS included where wanted), generated in one
-    batch with ``fwd_hooks`` active on every forward pass (prompt and each new token)."""
+    batch with ``fwd_hooks`` active on every forward pass (prompt and each new token), by
+    ``config.engine`` (the lean one falls back to the reference, with a warning, for a model or a
+    hook it does not support)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if config.engine == "lean":
+        reason = lean_unsupported(tl, fwd_hooks)
+        if reason is None:
+            return _generate_lean(tl, prompts, config, fwd_hooks, stop_ids, pad_id)
+        _warn_fallback(reason)
     device = tl.cfg.device
-    tokens_BL, mask_BL = _left_pad(prompts, pad_id, device)
+    tokens_BL, mask_BL = left_pad(prompts, pad_id, device)
     n = len(prompts)
     cache = TransformerLensKeyValueCache.init_cache(tl.cfg, device, n)
-    gen = torch.Generator(device=device).manual_seed(config.seed) if config.temperature > 0 else None
-    stops = torch.as_tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    finished_B = torch.zeros(n, dtype=torch.bool, device=device)
-    out: list[list[int]] = [[] for _ in range(n)]
     ones_B1 = torch.ones((n, 1), dtype=torch.long, device=device)
     with tl.hooks(fwd_hooks=list(fwd_hooks)):
-        last_BV = last_logits(tl, tokens_BL, attention_mask=mask_BL, past_kv_cache=cache).float()
-        for step in range(config.max_new_tokens):
-            if gen is None:
-                next_B = last_BV.argmax(dim=-1)
-            else:
-                probs_BV = torch.softmax(last_BV / config.temperature, dim=-1)
-                next_B = torch.multinomial(probs_BV, 1, generator=gen)[:, 0]
-            stopping_B = torch.isin(next_B, stops) & ~finished_B
-            for b in torch.nonzero(~finished_B & ~stopping_B).flatten().tolist():
-                out[b].append(int(next_B[b]))
-            finished_B |= stopping_B
-            if bool(finished_B.all()) or step == config.max_new_tokens - 1:
-                break
-            feed_B = torch.where(finished_B, torch.full_like(next_B, pad_id), next_B)
-            last_BV = last_logits(tl, feed_B[:, None], attention_mask=ones_B1,
-                                  past_kv_cache=cache).float()
-    return out
+        first = last_logits(tl, tokens_BL, attention_mask=mask_BL, past_kv_cache=cache).float()
+        return _decode(first, lambda feed_B, step: last_logits(
+            tl, feed_B[:, None], attention_mask=ones_B1, past_kv_cache=cache),
+            config, stop_ids, pad_id)
+
+
+def _generate_lean(tl, prompts, config, fwd_hooks, stop_ids, pad_id) -> list[list[int]]:
+    """:func:`generate_batch` on :class:`~saelib.steering.engine.LeanDecoder`."""
+    device = tl.cfg.device
+    tokens_BL, mask_BL = left_pad(prompts, pad_id, device)
+    n, length = tokens_BL.shape
+    dec = engine.LeanDecoder(tl)
+    hooks = engine.hooked_layers(fwd_hooks)
+    cache = dec.new_cache(n, length + config.max_new_tokens)
+    key_valid_BT = torch.zeros((n, length + config.max_new_tokens), dtype=torch.bool, device=device)
+    key_valid_BT[:, :length] = mask_BL.bool()
+    n_real_B = mask_BL.sum(dim=1)
+
+    def step(feed_B: torch.Tensor, i: int) -> torch.Tensor:
+        key_valid_BT[:, length + i] = True
+        return dec.step(feed_B, n_real_B + i, key_valid_BT, cache, hooks)
+
+    first = dec.prefill(tokens_BL, mask_BL, cache, hooks).float()
+    return _decode(first, step, config, stop_ids, pad_id)
+
+
+def lean_unsupported(tl, fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> str | None:
+    """Why the lean engine cannot run ``tl`` with ``fwd_hooks``, or None."""
+    reason = engine.unsupported_reason(tl.cfg)
+    if reason is None:
+        try:
+            engine.hooked_layers(fwd_hooks)
+        except ValueError as e:
+            reason = str(e)
+    return reason
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_fallback(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"steering generation falls back to the TransformerLens loop: {reason}",
+                      stacklevel=3)
 
 
 def generate(tl, prompts: Sequence[Sequence[int]], config: GenerationConfig, *,

@@ -104,7 +104,7 @@ def _loglik_fn(lm, config: SteeringConfig, pad_id: int):
         batch_size=config.batch_size, pad_id=pad_id)
 
 
-def _stop_and_pad(tok) -> tuple[list[int], int]:
+def stop_and_pad(tok) -> tuple[list[int], int]:
     stop_ids = sorted({int(i) for i in (tok.eos_token_id, tok.pad_token_id) if i is not None})
     pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0] if stop_ids else 0)
     return stop_ids, pad_id
@@ -136,7 +136,7 @@ def judge_calibration(lm, config: SteeringConfig, judge_cfg, path, *, unsteered_
     that do not calibrate.
     """
     tok = lm.tokenizer
-    stop_ids, pad_id = _stop_and_pad(tok)
+    stop_ids, pad_id = stop_and_pad(tok)
     key = json.loads(json.dumps({
         "model": getattr(lm, "name", ""), "judge": asdict(judge_cfg),
         "generation": [config.max_new_tokens, config.temperature, config.seed],
@@ -155,8 +155,7 @@ def judge_calibration(lm, config: SteeringConfig, judge_cfg, path, *, unsteered_
     instructions = sample_instructions(pool, min(config.calibration_instructions, len(pool)),
                                        config.seed, -1)
     concepts = calibration_concepts(tok, config.calibration_concepts, config.seed)
-    gen_cfg = generation.GenerationConfig(config.max_new_tokens, config.temperature, config.seed,
-                               config.batch_size)
+    gen_cfg = generation_config(config)
     ids = unsteered_answers(lm, [prompt_ids(tok, i) for i in instructions], gen_cfg,
                             stop_ids=stop_ids, pad_id=pad_id, cache_dir=unsteered_cache,
                             progress=progress)
@@ -170,6 +169,12 @@ def judge_calibration(lm, config: SteeringConfig, judge_cfg, path, *, unsteered_
     return state
 
 
+def generation_config(config: SteeringConfig) -> generation.GenerationConfig:
+    """The generation settings of a steering section (every generation of a run uses them)."""
+    return generation.GenerationConfig(config.max_new_tokens, config.temperature, config.seed,
+                                       config.batch_size, config.engine)
+
+
 def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], config: SteeringConfig,
                    judge_cfg, timer, progress: bool = False, unsteered_cache=None,
                    calibration=None) -> SteeringRun:
@@ -181,9 +186,8 @@ def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], conf
     tok = lm.tokenizer
     W_dec_FD = sae.W_dec.detach()
     hook_name = lm.hook_name(layer)
-    stop_ids, pad_id = _stop_and_pad(tok)
-    gen_cfg = generation.GenerationConfig(config.max_new_tokens, config.temperature, config.seed,
-                               config.batch_size)
+    stop_ids, pad_id = stop_and_pad(tok)
+    gen_cfg = generation_config(config)
     pool = load_instructions(config.instruction_source, config.instruction_field)
     instructions = {c["latent"]: sample_instructions(pool, config.n_instructions,
                                                      config.seed, c["latent"]) for c in concepts}

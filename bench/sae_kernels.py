@@ -15,7 +15,7 @@ load from other processes hits both alike. The last line is ``RESULT kernels rat
 geometric mean, over the L0 grid, of dense / sparse time for the training decode (forward +
 backward), the sparse path being Triton on CUDA and torch on CPU.
 
-Run: ``OMP_NUM_THREADS=1 python bench/kernels.py`` (add ``--quick`` for a smoke run).
+Run: ``OMP_NUM_THREADS=1 python bench/sae_kernels.py`` (add ``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
