@@ -103,25 +103,26 @@ def test_sampling_identical_with_the_same_seed():
     assert out[0] == out[1]
 
 
-def test_shared_prompts_are_computed_once():
-    """Rows with the same prompt share the blocks up to the first hooked layer: the decoder runs
-    those blocks on the distinct prompts only, and the result equals running every row."""
+def test_prefill_runs_real_tokens_and_shares_prompts():
+    """The prefill runs only real (unpadded) tokens, and rows with the same prompt share the
+    blocks up to the first hooked layer: those run on the distinct prompts only (7 + 2 + 5
+    tokens), the later ones on every row's (7 + 2 + 7 + 5 + 2 + 7)."""
     tl = tiny("llama_gqa")
     dec = engine.LeanDecoder(tl)
-    seen: list[int] = []
-    original = dec._block
+    seen: list[tuple[int, int]] = []
+    original = dec._packed_block
 
-    def counting(layer, resid, *args):
-        seen.append((layer, resid.shape[0]))
-        return original(layer, resid, *args)
+    def counting(layer, resid_ND, *args):
+        seen.append((layer, resid_ND.shape[0]))
+        return original(layer, resid_ND, *args)
 
-    dec._block = counting
+    dec._packed_block = counting
     from saelib.steering.generate import left_pad
     tokens_BL, mask_BL = left_pad(PROMPTS, 0, "cpu")
     hooks = engine.hooked_layers(steering_hooks(tl, 1, range(len(PROMPTS))))
     with torch.inference_mode():
         dec.prefill(tokens_BL, mask_BL, dec.new_cache(len(PROMPTS), tokens_BL.shape[1]), hooks)
-    assert seen == [(0, 3), (1, 3), (2, 6)]
+    assert seen == [(0, 14), (1, 14), (2, 30)]
 
 
 def test_unsupported_model_falls_back_to_the_reference():

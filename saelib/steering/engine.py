@@ -140,6 +140,21 @@ class LeanDecoder:
         pad_query = ~key_valid_BT[:, start:start + n_new][:, None, :, None]
         return mask | (self_slot & pad_query)
 
+    def _attend(self, attn, q_BHPd, keys, values, mask) -> torch.Tensor:
+        """Masked attention of ``[B, H, P, d]`` queries over grouped keys and values; an attention
+        soft-cap (Gemma 2) takes the explicit path, anything else SDPA."""
+        softcap = self.cfg.attn_scores_soft_cap
+        if softcap is not None and softcap > 0:
+            group = self.cfg.n_heads // self.n_kv
+            keys = keys.repeat_interleave(group, dim=1)
+            values = values.repeat_interleave(group, dim=1)
+            scores = apply_softcap(q_BHPd @ keys.transpose(-1, -2) / attn.attn_scale, softcap)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            return torch.softmax(scores, dim=-1) @ values
+        return F.scaled_dot_product_attention(q_BHPd, keys, values, attn_mask=mask,
+                                              scale=1.0 / float(attn.attn_scale),
+                                              enable_gqa=self.n_kv != self.cfg.n_heads)
+
     def _attention(self, layer: int, x_BPD, pos_BP, key_valid_BT, cache: KVCache, start: int):
         attn = self.tl.blocks[layer].attn
         q, k, v = attn.calculate_qkv_matrices(x_BPD, x_BPD, x_BPD)
@@ -151,19 +166,7 @@ class LeanDecoder:
         cache.v[layer][:, :, start:end] = v.transpose(1, 2)
         keys, values = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
         mask = self._mask(attn, key_valid_BT[:, :end], start, n_new)
-        q_BHPd = q.transpose(1, 2)
-        softcap = self.cfg.attn_scores_soft_cap
-        if softcap is not None and softcap > 0:
-            group = self.cfg.n_heads // self.n_kv
-            keys = keys.repeat_interleave(group, dim=1)
-            values = values.repeat_interleave(group, dim=1)
-            scores = apply_softcap(q_BHPd @ keys.transpose(-1, -2) / attn.attn_scale, softcap)
-            scores = scores.masked_fill(~mask, float("-inf"))
-            z = torch.softmax(scores, dim=-1) @ values
-        else:
-            z = F.scaled_dot_product_attention(q_BHPd, keys, values, attn_mask=mask,
-                                               scale=1.0 / float(attn.attn_scale),
-                                               enable_gqa=self.n_kv != self.cfg.n_heads)
+        z = self._attend(attn, q.transpose(1, 2), keys, values, mask)
         z = z.transpose(1, 2).reshape(x_BPD.shape[0], n_new, -1)
         return F.linear(z, self.W_O[layer], attn.b_O)
 
@@ -198,36 +201,82 @@ class LeanDecoder:
         p = next(self.tl.parameters())
         return KVCache(self.cfg.n_layers, batch, self.n_kv, t_max, self.cfg.d_head, p.dtype, p.device)
 
+    def _packed_block(self, layer: int, resid_ND, rows_N, slots_N, pos_N, key_valid_BL,
+                      cache: KVCache) -> torch.Tensor:
+        """One block on the real prompt tokens only, packed as ``[N, D]``: the position-wise parts
+        (norms, projections, MLP) see no padding; attention scatters the queries into the padded
+        ``[B, L]`` layout of the cache and gathers the outputs back."""
+        blk = self.tl.blocks[layer]
+        attn = blk.attn
+        n_rows, length = key_valid_BL.shape
+        x = blk.ln1(resid_ND[None])
+        q, k, v = attn.calculate_qkv_matrices(x, x, x)
+        q = self._rope(attn, q, pos_N[None])[0]
+        k = self._rope(attn, k, pos_N[None])[0]
+        cache.k[layer][rows_N, :, slots_N] = k
+        cache.v[layer][rows_N, :, slots_N] = v[0]
+        q_BLHd = q.new_zeros((n_rows, length) + tuple(q.shape[1:]))
+        q_BLHd[rows_N, slots_N] = q
+        mask = self._mask(attn, key_valid_BL, 0, length)
+        keys, values = cache.k[layer][:, :, :length], cache.v[layer][:, :, :length]
+        z = self._attend(attn, q_BLHd.transpose(1, 2), keys, values, mask)
+        z_ND = z.transpose(1, 2)[rows_N, slots_N].reshape(len(rows_N), -1)
+        out = F.linear(z_ND, self.W_O[layer], attn.b_O)
+        if self.cfg.use_normalization_before_and_after:
+            out = blk.ln1_post(out)
+        resid_ND = resid_ND + out
+        return resid_ND + blk.apply_mlp(blk.ln2(resid_ND[None]))[0]
+
+    def _packed_blocks(self, resid_ND, layers: range, mask_BL, cache: KVCache,
+                       hooks: dict[int, list[Callable]]) -> torch.Tensor:
+        """Blocks ``layers`` over the packed real tokens of left-padded prompts (cache slots
+        from 0), each followed by its hooks (applied in the padded ``[B, L, D]`` layout)."""
+        rows_N, slots_N = torch.nonzero(mask_BL, as_tuple=True)
+        pos_N = (mask_BL.cumsum(dim=1) - 1)[rows_N, slots_N]
+        key_valid = mask_BL.bool()
+        for layer in layers:
+            resid_ND = self._packed_block(layer, resid_ND, rows_N, slots_N, pos_N, key_valid, cache)
+            if hooks.get(layer):
+                padded = resid_ND.new_zeros(tuple(mask_BL.shape) + (resid_ND.shape[-1],))
+                padded[rows_N, slots_N] = resid_ND
+                for fn in hooks[layer]:
+                    padded = fn(padded)
+                resid_ND = padded[rows_N, slots_N]
+        return resid_ND
+
     def prefill(self, tokens_BL: torch.Tensor, mask_BL: torch.Tensor, cache: KVCache,
                 hooks: dict[int, list[Callable]]) -> torch.Tensor:
         """Run left-padded prompts into ``cache`` (from slot 0); the last position's logits.
 
-        Rows with identical tokens and mask share the blocks before the first hooked layer's
-        output (computed once, then copied to each row's cache)."""
+        Only real tokens go through the blocks (packed; a batch's prompts differ in length by up
+        to 2x). Rows with identical tokens and mask share the blocks before the first hooked
+        layer's output: those run on the distinct prompts once, and their keys, values and
+        output are copied to every row."""
         n, length = tokens_BL.shape
-        key_valid = mask_BL.bool()
-        pos_BL = (mask_BL.cumsum(dim=1) - 1).clamp(min=0)
         first = min(hooks) if hooks else self.cfg.n_layers - 1
-        rows = torch.cat((tokens_BL, mask_BL), dim=1)
-        uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
-        if len(uniq) < n:
-            shared = self.new_cache(len(uniq), length)
-            resid = self.tl.embed(uniq[:, :length])
-            resid = self.run_blocks(resid, range(first + 1), pos_BL[_first_rows(inverse, len(uniq))],
-                                    uniq[:, length:].bool(), shared, 0, {})
-            for layer in range(first + 1):
-                cache.k[layer][:, :, :length] = shared.k[layer][inverse]
-                cache.v[layer][:, :, :length] = shared.v[layer][inverse]
-            resid = resid[inverse]
-            for fn in hooks.get(first, ()):
-                resid = fn(resid)
-            rest = range(first + 1, self.cfg.n_layers)
-        else:
-            resid = self.tl.embed(tokens_BL)
-            rest = range(self.cfg.n_layers)
-        resid = self.run_blocks(resid, rest, pos_BL, key_valid, cache, 0, hooks)
+        uniq, inverse = torch.unique(torch.cat((tokens_BL, mask_BL), dim=1), dim=0,
+                                     return_inverse=True)
+        u_tokens, u_mask = uniq[:, :length], uniq[:, length:]
+        shared = KVCache(first + 1, len(uniq), self.n_kv, length, self.cfg.d_head,
+                         cache.k[0].dtype, cache.k[0].device)
+        u_rows, u_slots = torch.nonzero(u_mask, as_tuple=True)
+        resid = self._packed_blocks(self.tl.embed(u_tokens)[u_rows, u_slots], range(first + 1),
+                                    u_mask, shared, {})
+        for layer in range(first + 1):
+            cache.k[layer][:, :, :length] = shared.k[layer][inverse]
+            cache.v[layer][:, :, :length] = shared.v[layer][inverse]
+        padded = resid.new_zeros((len(uniq), length, resid.shape[-1]))
+        padded[u_rows, u_slots] = resid
+        padded = padded[inverse]
+        for fn in hooks.get(first, ()):
+            padded = fn(padded)
+        rows_N, slots_N = torch.nonzero(mask_BL, as_tuple=True)
+        resid = self._packed_blocks(padded[rows_N, slots_N], range(first + 1, self.cfg.n_layers),
+                                    mask_BL, cache, hooks)
         cache.length = length
-        return self.logits(resid[:, -1])
+        last = torch.zeros(n, dtype=torch.long, device=resid.device).scatter_reduce(
+            0, rows_N, torch.arange(len(rows_N), device=resid.device), reduce="amax")
+        return self.logits(resid[last])
 
     def step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor, key_valid_BT: torch.Tensor,
              cache: KVCache, hooks: dict[int, list[Callable]]) -> torch.Tensor:
@@ -239,9 +288,3 @@ class LeanDecoder:
         cache.length = start + 1
         return self.logits(resid[:, -1])
 
-
-def _first_rows(inverse: torch.Tensor, n_unique: int) -> torch.Tensor:
-    """For each unique row, the index of one row of the batch that equals it."""
-    first = torch.full((n_unique,), len(inverse), dtype=torch.long, device=inverse.device)
-    return first.scatter_reduce(0, inverse, torch.arange(len(inverse), device=inverse.device),
-                                reduce="amin")
