@@ -68,6 +68,29 @@ def lift_plot(table: pd.DataFrame, column: str = "paper_lift_pct"):
     return fig
 
 
+def g_interval_plot(intervals: pd.DataFrame):
+    """Each SAE's g(θ) with its bootstrap interval over concepts, against sparsity level, one
+    panel per model, architectures side by side (``report.g_intervals``)."""
+    models = list(dict.fromkeys(intervals["model"]))
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5.5 * max(1, len(models)), 3.4),
+                             squeeze=False)
+    archs = [a for a in PAPER_ARCHITECTURES if a in set(intervals["arch"])]
+    for ax, model in zip(axes[0], models):
+        data = intervals[intervals["model"] == model]
+        for i, arch in enumerate(archs):
+            d = data[data["arch"] == arch]
+            x = d["level"] + (i - (len(archs) - 1) / 2) * 0.12
+            ax.errorbar(x, d["g"], yerr=[d["g"] - d["g_low"].fillna(d["g"]),
+                                         d["g_high"].fillna(d["g"]) - d["g"]],
+                        fmt="o", color=ARCH_PALETTE.get(arch), label=arch, capsize=2, ms=4)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set(title=model, xlabel="sparsity level (0 = sparsest)", ylabel="g(θ), 95 % interval",
+               xticks=sorted(set(data["level"])))
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
 def _methods_long(table: pd.DataFrame, way: str) -> pd.DataFrame:
     """One row per (SAE, method): steering score with no selection, the output score, ΔC_k."""
     cols = {"g": "no selection", f"{way}_g_output_score": "output score", f"{way}_g_delta_conf": "ΔC_k"}

@@ -10,7 +10,7 @@ import pandas as pd
 
 from safetensors import safe_open
 
-from . import paper, stages
+from . import paper, power, stages
 from .grid import build_jobs, recorded_job_seconds
 from .paper import TABLE2, improvement_over_output_score
 from .stats import rank_agreement as tau_by_axis
@@ -358,3 +358,90 @@ def judge_per_sae_table(record) -> pd.DataFrame:
             "g_llm": "g, LLM", "n_generations": "generations", "llm_seconds": "LLM s",
             "llm_tokens": "LLM tokens"}
     return pd.DataFrame(record["per_sae"])[list(cols)].rename(columns=cols)
+
+
+def g_intervals(profile, *, n_resamples: int = 9999, level: float = 0.95) -> pd.DataFrame:
+    """Each SAE's g(θ) with a bootstrap interval over its concepts (:func:`saelib.power.g_interval`)
+    and the standard error of that mean (sd of the concept scores / sqrt(C)); one row per SAE that
+    has a steering result."""
+    profile = as_profile(profile)
+    seed = profile.section("stats").seed
+    rows = []
+    for r in sae_results(profile):
+        if r.steering is None:
+            continue
+        scores = [float(c["score"]) for c in r.steering["concepts"]]
+        g, low, high = power.g_interval(scores, n_resamples=n_resamples, level=level, seed=seed)
+        se = float(np.std(scores, ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else np.nan
+        rows.append({"model": r.train.model_label, "arch": r.train.arch, "level": r.train.level,
+                     "l0": r.train.core["l0"], "g": r.steering["g"], "g_low": low, "g_high": high,
+                     "se": se, "concepts": len(scores),
+                     "generations": r.steering["generations"]})
+    cols = ["model", "arch", "level", "l0", "g", "g_low", "g_high", "se", "concepts", "generations"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def steering_rows(profile) -> list[list[dict]]:
+    """Every SAE's steered generations (``steering.jsonl``), one list per SAE that has them."""
+    profile = as_profile(profile)
+    out = []
+    for job in sae_jobs(profile):
+        path = sae_dir(profile, job) / stages.steering.STEER_ROWS
+        if path.exists():
+            out.append(stages.steering.rows(profile, job.model, job.arch, job.level).to_dict("records"))
+    return out
+
+
+def power_statement(profile, intervals: pd.DataFrame, table1) -> dict:
+    """What the default's steering can decide: SAEs with g > 0, the variance components of the
+    held-out scores, the reliability of g across SAEs, the pooled τ_b(μ, g) interval's half-width,
+    and how many SAEs would detect the paper's pooled τ_b (0.298) at that reliability and at a
+    perfect one (:mod:`saelib.power`)."""
+    rows = steering_rows(profile)
+    try:
+        vc = power.variance_components(rows).to_dict()
+    except ValueError as e:
+        vc = {"reason": str(e)}
+    rel = power.reliability(intervals["g"], intervals["se"]) if len(intervals) else float("nan")
+    pooled = table1.pooled if table1 is not None else None
+    half = ((pooled.ci_high - pooled.ci_low) / 2 if pooled is not None
+            and np.isfinite(pooled.ci_low) and np.isfinite(pooled.ci_high) else float("nan"))
+    return {"saes": int(len(intervals)), "g_positive": int((intervals["g"] > 0).sum()),
+            "g_interval_excludes_0": int((intervals["g_low"] > 0).sum()),
+            "median_interval_half_width": float(((intervals["g_high"] - intervals["g_low"]) / 2).median())
+            if len(intervals) else float("nan"),
+            "variance_components": vc, "reliability_g": rel,
+            "pooled_tau": pooled.tau if pooled is not None else float("nan"),
+            "pooled_tau_half_width": half, "pooled_n": pooled.n if pooled is not None else 0,
+            "paper_tau": power.PAPER_POOLED_TAU,
+            "saes_to_detect_paper_tau": power.saes_to_detect(
+                power.PAPER_POOLED_TAU, rel=rel if np.isfinite(rel) else 0.0),
+            "saes_to_detect_paper_tau_noise_free": power.saes_to_detect(power.PAPER_POOLED_TAU)}
+
+
+def power_text(statement: dict) -> str:
+    """The power statement in words (the observations page prints it)."""
+    s = statement
+    vc = s["variance_components"]
+    lines = [f"{s['g_positive']} of {s['saes']} SAEs have g(θ) > 0; the bootstrap interval over "
+             f"concepts excludes 0 for {s['g_interval_excludes_0']} (median half-width "
+             f"{s['median_interval_half_width']:.3f})."]
+    if "reason" in vc:
+        lines.append(f"Variance components: not estimable ({vc['reason']}).")
+    else:
+        lines.append(f"Held-out HM at α*: between-concept variance {vc['between_concept']:.4f}, "
+                     f"within-concept (instructions) {vc['within_concept']:.4f}; SE of one SAE's g "
+                     f"at this design ({vc['n_concepts']:.0f} concepts × {vc['n_heldout']:.1f} "
+                     f"held-out answers) {vc['pilot_se']:.3f}.")
+    rel = s["reliability_g"]
+    lines.append(f"Reliability of g across SAEs (1 − mean SE² / var g): "
+                 f"{rel:.2f}." if np.isfinite(rel) else "Reliability of g: undefined.")
+    if np.isfinite(s["pooled_tau_half_width"]):
+        lines.append(f"Pooled τ_b(μ, g) = {s['pooled_tau']:.3f}, interval half-width "
+                     f"± {s['pooled_tau_half_width']:.3f} over {s['pooled_n']} SAEs.")
+    need, ideal = s["saes_to_detect_paper_tau"], s["saes_to_detect_paper_tau_noise_free"]
+    lines.append(f"Detecting the paper's τ_b = {s['paper_tau']} (two-sided 5 %, power 80 %) needs "
+                 f"{ideal} SAEs with noise-free g, and "
+                 + (f"{need} SAEs at this reliability." if need is not None else
+                    "no number of SAEs at this reliability (g is mostly noise)."))
+    return "\n".join(lines)

@@ -13,7 +13,7 @@ import math
 import nbformat
 import pytest
 
-from saelib import book
+from saelib import book, power
 from saelib import stages as pipeline_stages
 from saelib.grid import build_jobs, executed_dir, run_grid
 from saelib.profiles import PAPER_ARCHITECTURES, PARAMS_DIR, RUNS_ENV, load_profile
@@ -119,7 +119,12 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     assert [o["observation"] for o in verdicts["observations"]] == [1, 2, 2, 3]
     assert all(o["verdict"] in {"reproduces", "contradicted", "inconclusive (underpowered)", "no data"}
                for o in verdicts["observations"])
-    assert "Key observations" in (index.parent / "book" / "executed" / "observations" / "observations.html").read_text()
+    observations_html = (index.parent / "book" / "executed" / "observations" / "observations.html").read_text()
+    assert "Key observations" in observations_html and "Power: what this run" in observations_html
+    powered = json.loads((root / "executed" / "observations" / "steering_power.json").read_text())
+    assert powered["saes"] == 5 and 0 <= powered["g_positive"] <= 5
+    assert powered["saes_to_detect_paper_tau_noise_free"] == power.saes_to_detect(power.PAPER_POOLED_TAU)
+    assert "the bootstrap interval over concepts excludes 0" in observations_html
     # The judge job: the packaged 1.5B model through llama.cpp re-judged the smoke sample.
     judged = json.loads((root / "judge.json").read_text())
     assert judged["n_generations"] == profile.judge_agreement["n_generations"]
@@ -134,7 +139,7 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
         assert heading in judge_html, heading
     analysis_html = summary.read_text()
     for heading in ("Appendix: costs and runtimes", "Appendix: parameter shapes",
-                    "SAEBench metrics across L0"):
+                    "SAEBench metrics across L0", "How sure is each g(θ)?"):
         assert heading in analysis_html, heading
 
     # A real browser: every page of the smoke book, served on 127.0.0.1, loads in headless
