@@ -16,7 +16,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -100,6 +100,122 @@ def array_sha(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
+def shuffled_batches(n_shards: int, shard_rows: Callable[[int], int],
+                     load_rows: Callable[[int], np.ndarray], batch_size: int, *, seed: int = 0,
+                     total: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
+    """Training batches ``[batch_size, D]`` over shards of rows, shuffled, until ``total`` rows.
+
+    Shuffling: a fresh shard order per epoch and a row permutation within each shard; enough mixing
+    for SAE training on whole-document contexts. The order is drawn from the shards' row counts
+    alone (``shard_rows``), and a shard's rows are loaded (``load_rows``: read from the cache, or
+    computed by the model) only when a batch takes rows from it, so ``start_batch`` batches are
+    skipped without loading a shard they alone use: a resumed run reads (or recomputes) at most the
+    shards its next batch spans. The cached and the streamed activations share this function, so
+    both modes serve the same batches from the same activations.
+    """
+    rng = np.random.default_rng(seed)
+    served = 0
+    skip_rows = start_batch * batch_size
+    pending: list[tuple[int, np.ndarray]] = []
+    n_pending = 0
+    loaded: dict[int, np.ndarray] = {}
+    while served < total:
+        for i in rng.permutation(n_shards):
+            pending.append((int(i), rng.permutation(shard_rows(int(i)))))
+            n_pending += len(pending[-1][1])
+            while n_pending >= batch_size:
+                if served >= total:
+                    return
+                take, need = [], batch_size
+                while need:
+                    shard, idx = pending[0]
+                    if len(idx) <= need:
+                        take.append(pending.pop(0))
+                        need -= len(idx)
+                    else:
+                        take.append((shard, idx[:need]))
+                        pending[0] = (shard, idx[need:])
+                        need = 0
+                n_pending -= batch_size
+                if served >= skip_rows:
+                    for shard, _ in take:
+                        if shard not in loaded:
+                            loaded[shard] = load_rows(shard)
+                    yield torch.from_numpy(np.concatenate([loaded[s][idx] for s, idx in take]))
+                    keep = {s for s, _ in pending}
+                    loaded = {s: rows for s, rows in loaded.items() if s in keep}
+                served += batch_size
+
+
+class ModelStream:
+    """The activations a capture would write, computed by the model when a batch needs them.
+
+    Streaming training (profile ``training.mode: streaming``): the model runs over the training
+    contexts once per epoch, in the cache's shards and forward batches, and its activations go
+    straight into :func:`shuffled_batches` (the shard in hand is the shuffling buffer). Nothing
+    is written to disk. Same interface as :class:`ActivationStore` for training, and the same
+    numbers: a shard's contexts are run in the capture's batches of ``batch_size`` contexts, so a
+    row's activation is the one the cache would hold. ``forward_contexts`` counts the contexts run.
+    """
+
+    def __init__(self, tl, tokens_NL: np.ndarray, layer: int, *, batch_size: int = 8,
+                 shard_tokens: int = 65_536):
+        self.tl, self.tokens_NL, self.layer = tl, tokens_NL, layer
+        self.batch_size = batch_size
+        n_ctx, ctx_len = tokens_NL.shape
+        self.per_shard = max(1, shard_tokens // ctx_len)
+        self.n_shards = math.ceil(n_ctx / self.per_shard)
+        self.forward_contexts = 0
+
+    @property
+    def d_model(self) -> int:
+        return int(self.tl.cfg.d_model)
+
+    @property
+    def context(self) -> int:
+        return int(self.tokens_NL.shape[1])
+
+    @property
+    def n_contexts(self) -> int:
+        return int(self.tokens_NL.shape[0])
+
+    def n_tokens(self, drop_bos: bool = True) -> int:
+        return self.n_contexts * (self.context - int(drop_bos))
+
+    def _bounds(self, i: int) -> tuple[int, int]:
+        return i * self.per_shard, min(self.n_contexts, (i + 1) * self.per_shard)
+
+    def shard(self, i: int) -> np.ndarray:
+        """Shard ``i``'s activations ``[n, L, D]`` (float32), computed now."""
+        lo, hi = self._bounds(i)
+        device = next(self.tl.parameters()).device
+        acts = np.empty((hi - lo, self.context, self.d_model), dtype=np.float32)
+        for b in range(lo, hi, self.batch_size):
+            e = min(hi, b + self.batch_size)
+            toks = torch.as_tensor(self.tokens_NL[b:e], dtype=torch.long, device=device)
+            acts[b - lo:e - lo] = residual_at(self.tl, toks, self.layer).float().cpu().numpy()
+        self.forward_contexts += hi - lo
+        if not np.isfinite(acts).all():
+            raise ActivationError(f"non-finite activations in contexts {lo}..{hi - 1}; the model "
+                                  "or its dtype is unstable")
+        return acts
+
+    def iter_batches(self, batch_size: int, *, seed: int = 0, drop_bos: bool = True,
+                     max_tokens: int | None = None, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        """As :meth:`ActivationStore.iter_batches`, the model computing each shard when needed."""
+        start = int(drop_bos)
+
+        def rows(i: int) -> int:
+            lo, hi = self._bounds(i)
+            return (hi - lo) * (self.context - start)
+
+        return shuffled_batches(
+            self.n_shards, rows, lambda i: self.shard(i)[:, start:, :].reshape(-1, self.d_model),
+            batch_size, seed=seed,
+            total=max_tokens if max_tokens is not None else self.n_tokens(drop_bos),
+            start_batch=start_batch)
+
+
 @dataclass
 class ActivationStore:
     """Reader over a finished capture: memory-mapped shards, verified against the manifest."""
@@ -150,28 +266,18 @@ class ActivationStore:
                 yield lo + b, np.asarray(arr[b:b + batch_contexts])
 
     def iter_batches(self, batch_size: int, *, seed: int = 0, drop_bos: bool = True,
-                     max_tokens: int | None = None) -> Iterator[torch.Tensor]:
-        """Shuffled training batches ``[B, D]`` (float32), cycling over epochs until ``max_tokens``.
-
-        Shuffling: a fresh shard order per epoch and a row permutation within each shard; enough
-        mixing for SAE training on a cache of whole-document contexts.
-        """
-        rng = np.random.default_rng(seed)
-        total = max_tokens if max_tokens is not None else self.n_tokens(drop_bos)
-        served = 0
+                     max_tokens: int | None = None, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        """Shuffled training batches ``[B, D]`` (float32), cycling over epochs until ``max_tokens``
+        (:func:`shuffled_batches`; ``start_batch`` skips that many batches without reading them)."""
         start = int(drop_bos)
-        carry = np.empty((0, self.d_model), dtype=np.float32)
-        while served < total:
-            for i in rng.permutation(len(self.manifest["shards"])):
-                rows = np.asarray(self.shard(int(i))[:, start:, :]).reshape(-1, self.d_model)
-                rows = np.concatenate([carry, rows[rng.permutation(len(rows))]])
-                n_full = len(rows) // batch_size
-                for b in range(n_full):
-                    if served >= total:
-                        return
-                    yield torch.from_numpy(rows[b * batch_size:(b + 1) * batch_size].copy())
-                    served += batch_size
-                carry = rows[n_full * batch_size:]
+        return shuffled_batches(
+            len(self.manifest["shards"]),
+            lambda i: (self.manifest["shards"][i]["contexts"][1]
+                       - self.manifest["shards"][i]["contexts"][0]) * (self.context - start),
+            lambda i: np.asarray(self.shard(i)[:, start:, :]).reshape(-1, self.d_model),
+            batch_size, seed=seed,
+            total=max_tokens if max_tokens is not None else self.n_tokens(drop_bos),
+            start_batch=start_batch)
 
     def mean(self, drop_bos: bool = True, max_contexts: int | None = None) -> torch.Tensor:
         """Per-dimension mean (float64 accumulation), used to initialise/centre ``b_dec``."""

@@ -234,3 +234,53 @@ def test_iter_contexts_is_in_corpus_order(captured):
     starts, chunks = zip(*store.iter_contexts(batch_contexts=2))
     assert starts == (0, 2, 3, 5, 6, 8, 9)
     np.testing.assert_array_equal(np.concatenate(chunks), read_all(out))
+
+
+def _original_iter_batches(store, batch_size, seed, total):
+    """The reader's batches as first written (one shard in memory, a carry array): the shared
+    :func:`~saelib.activations.shuffled_batches` must serve exactly these."""
+    rng = np.random.default_rng(seed)
+    served, carry = 0, np.empty((0, store.d_model), dtype=np.float32)
+    while served < total:
+        for i in rng.permutation(len(store.manifest["shards"])):
+            rows = np.asarray(store.shard(int(i))[:, 1:, :]).reshape(-1, store.d_model)
+            rows = np.concatenate([carry, rows[rng.permutation(len(rows))]])
+            n_full = len(rows) // batch_size
+            for b in range(n_full):
+                if served >= total:
+                    return
+                yield rows[b * batch_size:(b + 1) * batch_size].copy()
+                served += batch_size
+            carry = rows[n_full * batch_size:]
+
+
+@pytest.mark.parametrize("batch_size", [7, 50])
+def test_batches_are_the_readers_first_order_and_skip_exactly(captured, batch_size):
+    store = ActivationStore.open(captured[2])
+    total = 3 * store.n_tokens() + 11
+    want = list(_original_iter_batches(store, batch_size, 5, total))
+    got = [b.numpy() for b in store.iter_batches(batch_size, seed=5, max_tokens=total)]
+    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+    later = [b.numpy() for b in store.iter_batches(batch_size, seed=5, max_tokens=total,
+                                                   start_batch=4)]
+    assert all(np.array_equal(a, b) for a, b in zip(later, want[4:])) and len(later) == len(want) - 4
+
+
+def test_model_stream_serves_the_caches_batches(captured):
+    """Streaming mode: the model computes a shard when a batch needs it, in the capture's forward
+    batches, so the batches are the cache's to the bit; one epoch runs each context once, and a
+    resumed stream recomputes only the shards its next batch spans."""
+    tl, tokens, out, _ = captured
+    store = ActivationStore.open(out)
+    stream = activations.ModelStream(tl, tokens, LAYER, batch_size=2,
+                                     shard_tokens=PER_SHARD * CTX)
+    assert (stream.d_model, stream.n_tokens()) == (store.d_model, store.n_tokens())
+    epoch = store.n_tokens() // 16 * 16
+    want = [b.numpy() for b in store.iter_batches(16, seed=2, max_tokens=epoch)]
+    got = [b.numpy() for b in stream.iter_batches(16, seed=2, max_tokens=epoch)]
+    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert stream.forward_contexts == N_CTX
+    stream.forward_contexts = 0
+    last = list(stream.iter_batches(16, seed=2, max_tokens=epoch, start_batch=len(want) - 1))
+    assert len(last) == 1 and np.array_equal(last[0].numpy(), want[-1])
+    assert stream.forward_contexts <= 2 * PER_SHARD

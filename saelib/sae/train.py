@@ -55,7 +55,7 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -363,15 +363,23 @@ def _make_trainer(sae: TrainingSAE[Any], cfg: TrainConfig, sched: Schedule) -> S
     return SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(()))
 
 
-def _rng_tensors(device: str) -> dict[str, torch.Tensor]:
+def _get_rng(device: str) -> dict[str, torch.Tensor]:
+    """The random-number state a run owns: the CPU generator's, and the device's on CUDA."""
     out = {"rng.cpu": torch.get_rng_state()}
     if device.startswith("cuda") and torch.cuda.is_available():
         out["rng.cuda"] = torch.cuda.get_rng_state(torch.device(device))
     return out
 
 
+def _set_rng(state: Mapping[str, torch.Tensor], device: str) -> None:
+    torch.set_rng_state(state["rng.cpu"])
+    if "rng.cuda" in state and device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng.cuda"], torch.device(device))
+
+
 def _save_checkpoint(folder: Path, trainer: SAETrainer, tail: _TailStats, mean_D: torch.Tensor,
-                     scale: float, seconds: float, identity: dict[str, Any], device: str) -> None:
+                     scale: float, seconds: float, identity: dict[str, Any],
+                     rng: Mapping[str, torch.Tensor]) -> None:
     step = trainer.n_training_steps
     tensors: dict[str, torch.Tensor] = {
         f"sae.{k}": v.detach().cpu().contiguous() for k, v in trainer.sae.state_dict().items()}
@@ -383,7 +391,7 @@ def _save_checkpoint(folder: Path, trainer: SAETrainer, tail: _TailStats, mean_D
     tensors["trainer.n_forward_passes_since_fired"] = \
         trainer.n_forward_passes_since_fired.detach().cpu()
     tensors["norm.mean_D"] = mean_D.detach().cpu().double()
-    tensors.update(_rng_tensors(device))
+    tensors.update(rng)
     tail_js, tail_tensors = tail.state()
     tensors.update(tail_tensors)
     state = {
@@ -465,9 +473,7 @@ def _load_checkpoint(path: Path, trainer: SAETrainer, tail: _TailStats,
     trainer.n_frac_active_samples = int(state["n_frac_active_samples"])
     trainer.n_training_steps = int(state["step"])
     trainer.n_training_samples = int(state["tokens_seen"])
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and device.startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"], torch.device(device))
+    _set_rng(tensors, device)
     tail.load(state["tail"], tensors)
     return state, tensors["norm.mean_D"]
 
@@ -555,11 +561,155 @@ def to_inference_sae(training_sae: TrainingSAE[Any]) -> SAE[Any]:
     return sae
 
 
+class SAERun:
+    """One SAE's training over a stream of batches: sae-lens's ``SAETrainer.step`` seam with the
+    schedule, centring and scaling, tail metrics, checkpoints and its own random-number state.
+
+    :func:`train_sae` drives one run; :func:`train_saes` drives many over one stream (the model's
+    forward paid once for every SAE of a profile). Each run keeps its own RNG state and swaps it
+    in around its steps, so a run's numbers do not depend on which other runs share the stream:
+    an SAE trained among others is the same bytes as one trained alone on the same batches.
+
+    A new run needs :meth:`set_normalisation` (from the first batches) before its first step; a
+    resumed one has it from its checkpoint and continues at :attr:`step_index`.
+    """
+
+    def __init__(self, arch: str, d_in: int, d_sae: int, sparsity_value: float, total_tokens: int,
+                 train_cfg: TrainConfig | None = None, checkpoint_dir: str | Path | None = None,
+                 seed: int = 0, metadata: Mapping[str, Any] | None = None):
+        self.spec: ArchSpec = get_arch(arch)
+        self.cfg = cfg = (train_cfg or TrainConfig()).validate()
+        if total_tokens < cfg.batch_size:
+            raise ValueError(f"total_tokens={total_tokens} is less than one batch "
+                             f"(batch_size={cfg.batch_size})")
+        self.d_in, self.d_sae, self.sparsity_value = d_in, d_sae, float(sparsity_value)
+        self.seed, self.total_tokens = seed, total_tokens
+        self.sched = cfg.schedule(total_tokens // cfg.batch_size)
+        self.identity = _identity(self.spec.name, d_in, d_sae, sparsity_value, total_tokens, seed,
+                                  cfg)
+        outer_rng = _get_rng(cfg.device)
+        torch.manual_seed(seed)
+        sae_cfg = self.spec.make_config(d_in, d_sae, sparsity_value,
+                                        self.sched.sparsity_warm_up_steps, cfg)
+        for key, value in (metadata or {}).items():
+            sae_cfg.metadata[key] = value
+        self.sae = self.spec.training_class(cfg.sparse_decode)(sae_cfg)
+        self.trainer = _make_trainer(self.sae, cfg, self.sched)
+        self.tail = _TailStats(d_in)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.prior_seconds = 0.0
+        self.resumed_from: int | None = None
+        self.mean: torch.Tensor | None = None
+        self.scale: float | None = None
+        ckpt = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir is not None else None
+        if ckpt is not None:
+            state, mean = _load_checkpoint(ckpt, self.trainer, self.tail, self.identity, cfg.device)
+            self.prior_seconds = float(state["seconds"])
+            self.resumed_from = self.trainer.n_training_steps
+            self._set(mean, float(state["scale"]))
+        self.rng = _get_rng(cfg.device)
+        _set_rng(outer_rng, cfg.device)
+        self.seconds_here = 0.0
+        self._tail_start = max(0, self.sched.total_steps - cfg.metrics_tail_batches)
+        self._update_every = max(1, self.sched.total_steps // 50)
+        self.pbar = None
+
+    def _set(self, mean: torch.Tensor, scale: float) -> None:
+        self.mean, self.scale = mean, scale
+        self._mean_dev = mean.to(self.cfg.device, torch.float32)
+
+    @property
+    def step_index(self) -> int:
+        """Steps trained so far (the index of the next batch this run takes)."""
+        return self.trainer.n_training_steps
+
+    @property
+    def finished(self) -> bool:
+        return self.step_index >= self.sched.total_steps
+
+    @property
+    def needs_normalisation(self) -> bool:
+        return self.mean is None
+
+    def set_normalisation(self, first: list[torch.Tensor], mean_D: torch.Tensor | None) -> None:
+        """Centre and scale from the first batches (the data mean ``mean_D`` when given)."""
+        if mean_D is not None and (mean_D.shape != (self.d_in,) or not torch.isfinite(mean_D).all()):
+            raise ValueError(f"mean_D must be a finite tensor of shape ({self.d_in},), "
+                             f"got {tuple(mean_D.shape)}")
+        if not first:
+            raise ValueError("batches yielded no complete batch of activations")
+        self._set(*_estimate_normalisation(first, mean_D))
+
+    def progress_bar(self, position: int = 0) -> None:
+        self.pbar = tqdm(total=self.sched.total_steps * self.cfg.batch_size,
+                         initial=self.trainer.n_training_samples, desc=f"train {self.spec.name}",
+                         disable=not self.cfg.progress, unit="tok", position=position)
+
+    def step(self, batch: torch.Tensor) -> None:
+        """One training step on a raw ``[batch_size, d_in]`` batch (the run's next one)."""
+        t0 = time.perf_counter()
+        outer = _get_rng(self.cfg.device)
+        _set_rng(self.rng, self.cfg.device)
+        z = (batch.to(self.cfg.device) - self._mean_dev) * self.scale
+        out = self.trainer.step(z)
+        if self.trainer.n_training_steps >= self._tail_start:
+            self.tail.update(out)
+        self.trainer.n_training_steps += 1
+        self.rng = _get_rng(self.cfg.device)
+        _set_rng(outer, self.cfg.device)
+        step = self.trainer.n_training_steps
+        if self.pbar is not None and (step % self._update_every == 0 or self.finished):
+            self.pbar.set_postfix({k: f"{float(v.detach()):.4g}" for k, v in out.losses.items()})
+            self.pbar.n = self.trainer.n_training_samples
+            self.pbar.refresh()
+        self.seconds_here += time.perf_counter() - t0
+        if (self.checkpoint_dir is not None and self.cfg.checkpoint_every
+                and step % self.cfg.checkpoint_every == 0 and not self.finished):
+            self.checkpoint()
+
+    @property
+    def seconds(self) -> float:
+        return self.prior_seconds + self.seconds_here
+
+    def checkpoint(self) -> None:
+        _save_checkpoint(self.checkpoint_dir, self.trainer, self.tail, self.mean, self.scale,
+                         self.seconds, self.identity, self.rng)
+
+    def finish(self) -> TrainResult:
+        """The trained SAE folded to raw coordinates, with its summary (after the last step)."""
+        if not self.finished:
+            raise RuntimeError(f"{self.spec.name}: finish() after {self.step_index} of "
+                               f"{self.sched.total_steps} steps")
+        if self.pbar is not None:
+            self.pbar.close()
+        if self.checkpoint_dir is not None and self.resumed_from != self.sched.total_steps:
+            self.checkpoint()
+        l0, mse, ev = self.tail.metrics(self.scale)
+        dead_fraction = float(self.trainer.dead_neurons.float().mean())
+        sae, spec = self.sae, self.spec
+        sae.eval()
+        fold_to_raw(sae, self.mean, self.scale)
+        sae.cfg.metadata["saelib_arch"] = spec.name
+        sae.cfg.metadata["saelib_sparsity_value"] = self.sparsity_value
+        sae.cfg.metadata["saelib_tokens"] = int(self.trainer.n_training_samples)
+        sae.cfg.metadata["saelib_seed"] = int(self.seed)
+        inference = to_inference_sae(sae)
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        return TrainResult(sae=inference, arch=spec.name, d_in=self.d_in, d_sae=self.d_sae,
+                           sparsity_value=self.sparsity_value,
+                           tokens_seen=self.trainer.n_training_samples,
+                           n_steps=self.trainer.n_training_steps, seconds=self.seconds,
+                           peak_rss_mb=peak_rss_mb, l0=l0, mse=mse, explained_variance=ev,
+                           dead_fraction=dead_fraction, schedule=self.sched,
+                           input_scale=self.scale, mean_D=self.mean.float(),
+                           resumed_from_step=self.resumed_from)
+
+
 def train_sae(arch: str, d_in: int, d_sae: int, sparsity_value: float,
-              batches: Iterable[torch.Tensor], total_tokens: int,
-              train_cfg: TrainConfig | None = None, checkpoint_dir: str | Path | None = None,
-              mean_D: torch.Tensor | None = None, seed: int = 0,
-              metadata: Mapping[str, Any] | None = None) -> TrainResult:
+              batches: Iterable[torch.Tensor] | Callable[[int], Iterable[torch.Tensor]],
+              total_tokens: int, train_cfg: TrainConfig | None = None,
+              checkpoint_dir: str | Path | None = None, mean_D: torch.Tensor | None = None,
+              seed: int = 0, metadata: Mapping[str, Any] | None = None) -> TrainResult:
     """Train one SAE on raw activations and return it folded to raw coordinates.
 
     Args:
@@ -570,7 +720,7 @@ def train_sae(arch: str, d_in: int, d_sae: int, sparsity_value: float,
             L1 coefficient that hits a target L0.
         batches: float tensors ``[n, d_in]`` of raw activations, from the start of the stream
             (on resume the consumed rows are skipped). Chunks of any ``n`` are re-cut to
-            ``train_cfg.batch_size``.
+            ``train_cfg.batch_size``. Or a function of the first batch index (:func:`train_saes`).
         total_tokens: training tokens; ``total_tokens // batch_size`` steps are run.
         checkpoint_dir: where checkpoints go; the run resumes from the latest one there.
         mean_D: the data mean b_dec starts at (raw coordinates); estimated from the first
@@ -578,95 +728,66 @@ def train_sae(arch: str, d_in: int, d_sae: int, sparsity_value: float,
         seed: seeds the weight initialisation.
         metadata: extra fields for the saved cfg's metadata (e.g. model_name, hook_name).
     """
-    spec: ArchSpec = get_arch(arch)
-    cfg = (train_cfg or TrainConfig()).validate()
-    if total_tokens < cfg.batch_size:
-        raise ValueError(f"total_tokens={total_tokens} is less than one batch "
-                         f"(batch_size={cfg.batch_size})")
-    if mean_D is not None and (mean_D.shape != (d_in,) or not torch.isfinite(mean_D).all()):
-        raise ValueError(f"mean_D must be a finite tensor of shape ({d_in},), "
-                         f"got {tuple(mean_D.shape)}")
-    sched = cfg.schedule(total_tokens // cfg.batch_size)
-    identity = _identity(spec.name, d_in, d_sae, sparsity_value, total_tokens, seed, cfg)
+    run = SAERun(arch, d_in, d_sae, sparsity_value, total_tokens, train_cfg, checkpoint_dir,
+                 seed, metadata)
+    return train_saes([run], batches, mean_D)[0]
 
-    torch.manual_seed(seed)
-    sae_cfg = spec.make_config(d_in, d_sae, sparsity_value, sched.sparsity_warm_up_steps, cfg)
-    if metadata:
-        for key, value in metadata.items():
-            sae_cfg.metadata[key] = value
-    sae = spec.training_class(cfg.sparse_decode)(sae_cfg)
-    trainer = _make_trainer(sae, cfg, sched)
-    tail = _TailStats(d_in)
-    stream = BatchStream(batches, cfg.batch_size, d_in)
-    first: list[torch.Tensor] = []
 
-    ckpt_folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    ckpt = latest_checkpoint(ckpt_folder) if ckpt_folder is not None else None
-    prior_seconds = 0.0
-    resumed_from: int | None = None
-    if ckpt is not None:
-        state, mean = _load_checkpoint(ckpt, trainer, tail, identity, cfg.device)
-        scale, prior_seconds = float(state["scale"]), float(state["seconds"])
-        resumed_from = trainer.n_training_steps
-        if resumed_from < sched.total_steps:
-            for _ in range(resumed_from):
-                if stream.next_batch() is None:
-                    raise ValueError(f"batches ran out while skipping the {resumed_from} batches "
-                                     f"already trained on (checkpoint {ckpt})")
+def train_saes(runs: list[SAERun],
+               batches: Iterable[torch.Tensor] | Callable[[int], Iterable[torch.Tensor]],
+               mean_D: torch.Tensor | None = None) -> list[TrainResult]:
+    """Train every run on one stream of raw activation batches (one pass of the data for all).
+
+    ``batches`` is an iterable from the start of the stream (on resume the batches already
+    trained on are read and dropped) or a function of the first batch index wanted that returns
+    batches of exactly the runs' batch size from there (:meth:`~saelib.activations.ActivationStore.
+    iter_batches`' ``start_batch``: a resumed stream then reads, or recomputes, nothing it skips).
+
+    The runs share the batch size and token budget (one schedule). Resumed runs may stand at
+    different steps (a kill between two runs' checkpoints): the stream restarts at the earliest,
+    and each batch goes to the runs whose next step it is, so every run sees the same batches in
+    the same order as an uninterrupted run. New runs are centred and scaled from the stream's
+    first ``norm_estimate_batches`` batches (or ``mean_D``), as :func:`train_sae` always did.
+    """
+    if not runs:
+        return []
+    first_run = runs[0]
+    cfg, sched = first_run.cfg, first_run.sched
+    for run in runs[1:]:
+        if (run.cfg.batch_size, run.sched.total_steps, run.d_in) != \
+                (cfg.batch_size, sched.total_steps, first_run.d_in):
+            raise ValueError("runs trained on one stream need one batch size, token budget and d_in")
+    start = min(run.step_index for run in runs)
+    skip = start if start < sched.total_steps else 0
+    if callable(batches):
+        stream = BatchStream(batches(skip), cfg.batch_size, first_run.d_in)
+        skip = 0
     else:
-        n_est = min(cfg.norm_estimate_batches, sched.total_steps)
-        for _ in range(n_est):
+        stream = BatchStream(batches, cfg.batch_size, first_run.d_in)
+    for _ in range(skip):
+        if stream.next_batch() is None:
+            raise ValueError(f"batches ran out while skipping the {start} batches already trained "
+                             "on (checkpoints)")
+    first: list[torch.Tensor] = []
+    if any(run.needs_normalisation for run in runs):
+        if start:
+            raise RuntimeError("a new run cannot join runs resumed past their first step")
+        for _ in range(min(cfg.norm_estimate_batches, sched.total_steps)):
             batch = stream.next_batch()
             if batch is None:
                 break
             first.append(batch)
-        if not first:
-            raise ValueError("batches yielded no complete batch of activations")
-        mean, scale = _estimate_normalisation(first, mean_D)
-    mean_dev = mean.to(cfg.device, torch.float32)
-
-    tail_start = max(0, sched.total_steps - cfg.metrics_tail_batches)
-    pbar = tqdm(total=sched.total_steps * cfg.batch_size, initial=trainer.n_training_samples,
-                desc=f"train {spec.name}", disable=not cfg.progress, unit="tok")
-    t0 = time.perf_counter()
-    update_every = max(1, sched.total_steps // 50)
-    while trainer.n_training_steps < sched.total_steps:
+        for run in runs:
+            if run.needs_normalisation:
+                run.set_normalisation(first, mean_D)
+    for i, run in enumerate(runs):
+        run.progress_bar(position=i if len(runs) > 1 else 0)
+    for index in range(start, sched.total_steps):
         batch = first.pop(0) if first else stream.next_batch()
         if batch is None:
             raise ValueError(f"batches ran out after {stream.rows_read} tokens; total_tokens="
-                             f"{total_tokens} needs {sched.total_steps * cfg.batch_size}")
-        z = (batch.to(cfg.device) - mean_dev) * scale
-        out = trainer.step(z)
-        if trainer.n_training_steps >= tail_start:
-            tail.update(out)
-        trainer.n_training_steps += 1
-        step = trainer.n_training_steps
-        if step % update_every == 0 or step == sched.total_steps:
-            pbar.set_postfix({k: f"{float(v.detach()):.4g}" for k, v in out.losses.items()})
-            pbar.n = trainer.n_training_samples
-            pbar.refresh()
-        if (ckpt_folder is not None and cfg.checkpoint_every
-                and step % cfg.checkpoint_every == 0 and step < sched.total_steps):
-            _save_checkpoint(ckpt_folder, trainer, tail, mean, scale,
-                             prior_seconds + time.perf_counter() - t0, identity, cfg.device)
-    pbar.close()
-    seconds = prior_seconds + time.perf_counter() - t0
-    if ckpt_folder is not None and resumed_from != sched.total_steps:
-        _save_checkpoint(ckpt_folder, trainer, tail, mean, scale, seconds, identity, cfg.device)
-
-    l0, mse, ev = tail.metrics(scale)
-    dead_fraction = float(trainer.dead_neurons.float().mean())
-    sae.eval()
-    fold_to_raw(sae, mean, scale)
-    sae.cfg.metadata["saelib_arch"] = spec.name
-    sae.cfg.metadata["saelib_sparsity_value"] = float(sparsity_value)
-    sae.cfg.metadata["saelib_tokens"] = int(trainer.n_training_samples)
-    sae.cfg.metadata["saelib_seed"] = int(seed)
-    inference = to_inference_sae(sae)
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return TrainResult(sae=inference, arch=spec.name, d_in=d_in, d_sae=d_sae,
-                       sparsity_value=float(sparsity_value),
-                       tokens_seen=trainer.n_training_samples, n_steps=trainer.n_training_steps,
-                       seconds=seconds, peak_rss_mb=peak_rss_mb, l0=l0, mse=mse,
-                       explained_variance=ev, dead_fraction=dead_fraction, schedule=sched,
-                       input_scale=scale, mean_D=mean.float(), resumed_from_step=resumed_from)
+                             f"{first_run.total_tokens} needs {sched.total_steps * cfg.batch_size}")
+        for run in runs:
+            if run.step_index == index:
+                run.step(batch)
+    return [run.finish() for run in runs]
