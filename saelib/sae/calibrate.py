@@ -19,7 +19,7 @@ from __future__ import annotations
 import fcntl
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -134,7 +134,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _train_fingerprint(cfg: TrainConfig, d_in: int, seed: int,
                        mean_D: torch.Tensor | None = None) -> dict[str, Any]:
-    skip = {"progress", "checkpoint_every"}
+    skip = {"progress", "checkpoint_every", "mode"}
     mean = None if mean_D is None else float(torch.as_tensor(mean_D).double().norm())
     return {"d_in": d_in, "seed": seed, "mean_norm": mean,
             **{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip}}
@@ -169,13 +169,16 @@ def _initial_knob(key: CalibrationKey, knob_name: str, cache: dict[str, Any],
     return cfg.initial_l1 if best is None else best[1] * best[2] / key.target_l0
 
 
-def bracket_search(measure: Callable[[float], Probe], start: float, target: float,
-                   increasing: bool, cfg: CalibrationConfig) -> list[Probe]:
-    """Bracketing search on u = log(knob) for log(L0) = log(target).
+def bracket_steps(start: float, target: float, increasing: bool,
+                  cfg: CalibrationConfig) -> Generator[float, Probe, list[Probe]]:
+    """Bracketing search on u = log(knob) for log(L0) = log(target), one probe at a time: yields
+    the next knob to train, is sent its :class:`Probe`, and returns the trace when it stops.
 
     h(u) = ±(log L0 - log target) is made increasing in u. Before a bracket exists, steps assume
     L0 ∝ knob^±1 (clipped to ``max_step_factor``); afterwards, regula falsi inside the bracket,
-    with bisection when the interpolant falls in the outer 10 % of the bracket.
+    with bisection when the interpolant falls in the outer 10 % of the bracket. A generator, so
+    that many cells' searches can advance in lockstep, each round's probes trained together on
+    one stream (:mod:`saelib.stages.streaming`); :func:`bracket_search` drives one alone.
     """
     lo_band, hi_band = target * (1 - cfg.tolerance), target * (1 + cfg.tolerance)
     sign = 1.0 if increasing else -1.0
@@ -185,7 +188,7 @@ def bracket_search(measure: Callable[[float], Probe], start: float, target: floa
     max_step = math.log(cfg.max_step_factor)
     trace: list[Probe] = []
     for _ in range(cfg.max_probes):
-        probe = measure(math.exp(u))
+        probe = yield math.exp(u)
         trace.append(probe)
         if lo_band <= probe.realised_l0 <= hi_band:
             break
@@ -205,6 +208,18 @@ def bracket_search(measure: Callable[[float], Probe], start: float, target: floa
         else:
             u = u - max(-max_step, min(max_step, h))
     return trace
+
+
+def bracket_search(measure: Callable[[float], Probe], start: float, target: float,
+                   increasing: bool, cfg: CalibrationConfig) -> list[Probe]:
+    """:func:`bracket_steps` with each probe measured by ``measure(knob)`` as it is asked for."""
+    steps = bracket_steps(start, target, increasing, cfg)
+    try:
+        knob = next(steps)
+        while True:
+            knob = steps.send(measure(knob))
+    except StopIteration as stop:
+        return stop.value
 
 
 def _moved_the_wrong_way(before: Probe, after: Probe, sign: float, target: float) -> bool:

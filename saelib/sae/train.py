@@ -111,6 +111,11 @@ class TrainConfig:
     dead_feature_window_frac: float = 0.02
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = "cpu"
+    #: 'cached': capture the training activations to disk, then train one SAE per grid job;
+    #: 'streaming': the capture job runs the model once over the training split and trains every
+    #: SAE of the model from that stream (:mod:`saelib.stages.streaming`); nothing but the eval
+    #: split is written.
+    mode: Literal["cached", "streaming"] = "cached"
     #: sae-lens's heuristic decoder init norm (Anthropic, April 2024 update).
     decoder_init_norm: float = 0.1
     #: coefficient of sae-lens's quadratic target-L0 penalty (Gemma Scope 2) for JumpReLU.
@@ -155,6 +160,8 @@ class TrainConfig:
         for name in ("lr_warm_up_steps", "sparsity_warm_up_steps"):
             v = getattr(self, name)
             need(v is None or v >= 0, f"{name} must be None or >= 0, got {v}")
+        need(self.mode in ("cached", "streaming"),
+             f"mode must be 'cached' or 'streaming', got {self.mode!r}")
         need(self.dtype in ("float32", "bfloat16"),
              f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         need(self.decoder_init_norm > 0, "decoder_init_norm must be > 0")
@@ -339,7 +346,10 @@ def trajectory_settings(cfg: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     irrelevant = {"progress", "checkpoint_every", "sparse_decode"}
     items = cfg.items() if isinstance(cfg, Mapping) else ((f.name, getattr(cfg, f.name))
                                                          for f in fields(cfg))
-    return {k: v for k, v in items if k not in irrelevant}
+    # The mode changes the centring mean (streaming centres with the eval split's), so it counts;
+    # 'cached' is left out, so records written before modes existed stay current.
+    return {k: v for k, v in items
+            if k not in irrelevant and not (k == "mode" and v == "cached")}
 
 
 def _identity(arch: str, d_in: int, d_sae: int, sparsity_value: float, total_tokens: int,

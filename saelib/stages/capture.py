@@ -23,6 +23,7 @@ from ..evals.descriptive import DescriptiveConfig, capture_inputs, inputs_curren
 from ..models import PACKAGED, load_model, prepare_packaged, resolve_hf_source
 from ..profiles import ModelEntry, Profile, ProfileError
 from ..results import CorruptFileError, Timer, provenance, read_json, write_json
+from . import streaming
 from .layout import CAPTURE, activations_dir, as_profile, descriptive_dir, model_dir, tokens_dir
 from .records import Record, StaleRecord
 
@@ -78,7 +79,7 @@ def done(profile: Profile, entry: ModelEntry) -> bool:
         splits = load_token_splits(tokens_dir(profile, entry))
     except (OSError, KeyError, ValueError, RuntimeError):
         return False
-    for split, arr in (("train", splits.train_NL), ("eval", splits.eval_NL)):
+    for split, arr in captured_splits(profile, splits):
         m = activations_dir(profile, entry, split) / "manifest.json"
         if not m.exists():
             return False
@@ -90,7 +91,15 @@ def done(profile: Profile, entry: ModelEntry) -> bool:
         except (ActivationError, CorruptFileError) as e:
             print(f"warning: {e}; the capture stage will recompute it", file=sys.stderr)
             return False
-    return True
+    return streaming.done(profile, entry.name)
+
+
+def captured_splits(profile: Profile, splits) -> tuple[tuple[str, Any], ...]:
+    """The splits written to disk: both, or in streaming mode the eval split only (the training
+    split's activations go from the model straight to the SAEs, :mod:`saelib.stages.streaming`)."""
+    if streaming.streaming(profile):
+        return (("eval", splits.eval_NL),)
+    return (("train", splits.train_NL), ("eval", splits.eval_NL))
 
 
 def run(profile: Profile | str, model: str, progress: bool = True,
@@ -129,7 +138,7 @@ def _capture(profile: Profile, model: str, progress: bool) -> CaptureRecord:
         raise ProfileError(f"model {entry.name!r} has {lm.n_layers} layers; layer {entry.layer} is out of range")
     splits = load_token_splits(tokens_dir(profile, entry))
     summary = {}
-    for split, arr in (("train", splits.train_NL), ("eval", splits.eval_NL)):
+    for split, arr in captured_splits(profile, splits):
         with timer(f"capture_{split}"):
             man = capture(lm.tl, arr, entry.layer, activations_dir(profile, entry, split),
                           batch_size=profile.capture.batch_size,
@@ -142,8 +151,12 @@ def _capture(profile: Profile, model: str, progress: bool) -> CaptureRecord:
             capture_inputs(lambda toks: residual_at(lm.tl, toks.to(profile.device), entry.layer),
                            lm.tokenizer, entry.layer, desc_cfg, descriptive_dir(profile, entry),
                            progress=progress)
-    n_tok = sum(a.size for a in (splits.train_NL, splits.eval_NL))
-    seconds = timer.timings["capture_train"] + timer.timings["capture_eval"]
+    if streaming.streaming(profile):
+        with timer("stream_train"):
+            summary["train"] = {"contexts": int(splits.train_NL.shape[0]), "shards": 0,
+                                **streaming.run(profile, entry.name, lm.tl, progress=progress)}
+    n_tok = sum(a.size for _, a in captured_splits(profile, splits))
+    seconds = sum(timer.timings[f"capture_{split}"] for split, _ in captured_splits(profile, splits))
     record = CaptureRecord(model=entry.name, layer=entry.layer, splits=summary,
                            threads=torch.get_num_threads(), tokens_per_s=n_tok / max(1e-9, seconds),
                            load_seconds=lm.load_seconds,
@@ -165,7 +178,9 @@ def read(profile: Profile | str, model: str) -> CaptureRecord | None:
         return None
 
 
-def train_store(profile: Profile | str, model: str) -> ActivationStore:
-    """The model's captured training activations (the notebook's per-dimension mean figure)."""
+def mean_store(profile: Profile | str, model: str) -> ActivationStore:
+    """The captured activations whose per-dimension mean centres the model's SAEs (the notebook's
+    figure): the training split's, or in streaming mode the eval split's (the only one stored)."""
     profile = as_profile(profile)
-    return ActivationStore.open(activations_dir(profile, profile.model(model), "train"), verify=False)
+    split = "eval" if streaming.streaming(profile) else "train"
+    return ActivationStore.open(activations_dir(profile, profile.model(model), split), verify=False)

@@ -168,11 +168,47 @@ def run(profile: Profile | str, model: str, arch: str, level: int,
     if done(profile, job):
         return read(profile, job)
     timer = Timer()
-    train_store = ActivationStore.open(activations_dir(profile, entry, "train"))
     eval_store = ActivationStore.open(activations_dir(profile, entry, "eval"))
     cfg = settings(profile, progress=progress)
     core_cfg: CoreConfig = profile.section("core")
     heldout_ND = eval_store.sample(core_cfg.eval_tokens, seed=profile.seed)
+    if cfg.mode == "streaming":
+        value, how, sae, summary = _streamed(profile, job, timer)
+    else:
+        value, how, sae, summary = _train_cached(profile, job, cfg, heldout_ND, timer)
+    with timer("heldout_metrics"):
+        rec = reconstruction_metrics(sae, heldout_ND)
+    with timer("lm_metrics"):
+        lm = load_model(entry.name, device=profile.device)
+        tokens = load_token_splits(tokens_dir(profile, entry)).eval_NL
+        n_ctx = min(core_cfg.lm_contexts, len(tokens))
+        acts = np.concatenate([a for _, a in eval_store.iter_contexts(n_ctx)][:1])[:n_ctx]
+        lmm = lm_metrics(lm.tl, lambda x: reconstruct(sae, x), acts, tokens[:n_ctx], entry.layer,
+                         zero_cache=model_dir(profile, entry) / ZERO_ABLATION)
+    disk = sum(p.stat().st_size for p in (out / "sae").rglob("*") if p.is_file())
+    record = TrainRecord(
+        model=entry.name, model_label=entry.display, layer=entry.layer, arch=arch, level=level,
+        target_l0=profile.grid.targets[level], width=profile.grid.width, sparsity_value=value,
+        sparsity_method=how,
+        train={**summary, "disk_bytes": disk, "sae_sha256": sae_weights_sha(profile, job)},
+        core={"l0": rec.l0, "mse": rec.mse, "explained_variance": rec.explained_variance,
+              "dead_fraction": rec.dead_fraction, "n_tokens": rec.n_tokens,
+              **{k: getattr(lmm, k) for k in ("ce_clean", "ce_sae", "ce_zero", "ce_loss_recovered",
+                                              "kl_sae", "kl_zero", "kl_score")},
+              "lm_tokens": lmm.n_tokens},
+        provenance=provenance({"grid": asdict(profile.grid), "training": asdict(cfg),
+                               "corpus": asdict(profile.corpus)}, profile.seed, timer.timings,
+                              profile=profile.name, peak_rss_mb=peak_rss_mb()))
+    write_json(out / RESULT, {**(read_result(out / RESULT) or {}), **record.to_json()})
+    return record
+
+
+def _train_cached(profile: Profile, job: SAEJob, cfg: TrainConfig, heldout_ND,
+                  timer: Timer) -> tuple[float, dict[str, Any], SAE, dict[str, Any]]:
+    """The cached mode: choose the knob (calibration probes) and train the SAE from the model's
+    activation cache, then save it; (knob, how chosen, SAE, training summary)."""
+    entry, out = profile.model(job.model), sae_dir(profile, job)
+    train_store = ActivationStore.open(activations_dir(profile, entry, "train"))
     total = train_store.n_tokens(drop_bos=True) // cfg.batch_size * cfg.batch_size
     mean_D = train_store.mean()
     make_batches = lambda: train_store.iter_batches(cfg.batch_size, seed=profile.seed,  # noqa: E731
@@ -184,40 +220,32 @@ def run(profile: Profile | str, model: str, arch: str, level: int,
                 "hook_layer": entry.layer, "context_size": profile.corpus.context}
     with timer("train"):
         if res is None:
-            res = train_sae(arch, train_store.d_model, profile.grid.width, value, make_batches(),
-                            total, cfg, checkpoint_dir=out / "checkpoints", mean_D=mean_D,
-                            seed=profile.seed, metadata=metadata)
+            res = train_sae(job.arch, train_store.d_model, profile.grid.width, value,
+                            make_batches(), total, cfg, checkpoint_dir=out / "checkpoints",
+                            mean_D=mean_D, seed=profile.seed, metadata=metadata)
         else:  # the calibration's best probe is this SAE, trained on the same data and seed
             for key, item in metadata.items():  # as train_sae sets them (SAEMetadata)
                 res.sae.cfg.metadata[key] = item
             how["final_from_probe"] = True
     save_sae(res.sae, out / "sae")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    with timer("heldout_metrics"):
-        rec = reconstruction_metrics(res.sae, heldout_ND)
-    with timer("lm_metrics"):
-        lm = load_model(entry.name, device=profile.device)
-        tokens = load_token_splits(tokens_dir(profile, entry)).eval_NL
-        n_ctx = min(core_cfg.lm_contexts, len(tokens))
-        acts = np.concatenate([a for _, a in eval_store.iter_contexts(n_ctx)][:1])[:n_ctx]
-        lmm = lm_metrics(lm.tl, lambda x: reconstruct(res.sae, x), acts, tokens[:n_ctx], entry.layer,
-                         zero_cache=model_dir(profile, entry) / ZERO_ABLATION)
-    disk = sum(p.stat().st_size for p in (out / "sae").rglob("*") if p.is_file())
-    record = TrainRecord(
-        model=entry.name, model_label=entry.display, layer=entry.layer, arch=arch, level=level,
-        target_l0=profile.grid.targets[level], width=profile.grid.width, sparsity_value=value,
-        sparsity_method=how,
-        train={**res.summary(), "disk_bytes": disk, "sae_sha256": sae_weights_sha(profile, job)},
-        core={"l0": rec.l0, "mse": rec.mse, "explained_variance": rec.explained_variance,
-              "dead_fraction": rec.dead_fraction, "n_tokens": rec.n_tokens,
-              **{k: getattr(lmm, k) for k in ("ce_clean", "ce_sae", "ce_zero", "ce_loss_recovered",
-                                              "kl_sae", "kl_zero", "kl_score")},
-              "lm_tokens": lmm.n_tokens},
-        provenance=provenance({"grid": asdict(profile.grid), "training": asdict(cfg),
-                               "corpus": asdict(profile.corpus)}, profile.seed, timer.timings,
-                              profile=profile.name, peak_rss_mb=peak_rss_mb()))
-    write_json(out / RESULT, {**(read_result(out / RESULT) or {}), **record.to_json()})
-    return record
+    return value, how, res.sae, res.summary()
+
+
+def _streamed(profile: Profile, job: SAEJob,
+              timer: Timer) -> tuple[float, dict[str, Any], SAE, dict[str, Any]]:
+    """The streaming mode: the model's capture job trained this SAE among all of the model's
+    (:mod:`saelib.stages.streaming`); read it and how it was trained."""
+    from . import streaming
+
+    rec = streaming.read_cell(profile, job)
+    if rec is None or "sparsity_value" not in rec:
+        raise ProfileError(f"{job.name} of {job.model}: no SAE trained in streaming mode under the "
+                           "current settings; run the model's capture job first (it trains them)")
+    timer.timings["calibrate"] = float(rec["calibrate_seconds"])
+    timer.timings["train"] = float(rec["train_seconds"])
+    sae = SAE.load_from_disk(str(sae_dir(profile, job) / "sae"))
+    return float(rec["sparsity_value"]), rec["sparsity_method"], sae, rec["train"]
 
 
 def load(profile: Profile | str, model: str, arch: str, level: int) -> SAE:
