@@ -23,7 +23,8 @@ Where the numbers come from:
   measured on this project's 2-core machine (``bench/RESULTS.md`` and the grid's recorded stage
   times; one thread per job, two jobs at a time, as ``make book`` runs); the GPU entries are the
   vendor's dense peak for the profile's dtype times a stated utilisation, and
-  :func:`paper_check` sets the plan beside the paper's own 17 GPU-hours for Gemma-2-2B.
+  :func:`paper_check` sets the plan beside the paper's reported training hours (17, 37 and 60 h
+  on A800s for its three models).
 
 The plan is an estimate: it holds the default's measured stage times within 30 %
 (``tests/test_plan.py``) and says nothing it cannot count.
@@ -62,6 +63,10 @@ ICL_TOKENS = 8
 #: Contexts per chunk of eval activations AutoInterp encodes at a time
 #: (:meth:`saelib.activations.ActivationStore.iter_contexts`).
 INTERP_CHUNK = 64
+#: Rounds of a streaming calibration (one pass of the model each) when knobs are searched for:
+#: the longest search sets them (3-4 probes on the default's first calibrated run; the smoke
+#: size, where few knobs reach the band, runs to the search's 8).
+ROUNDS_PER_SEARCH = 4
 #: Steering prompts are decoded in batches; a generation's KV cache is held for the whole batch.
 KV_BYTES = 4
 
@@ -274,10 +279,17 @@ def _forward_flops(shape: ModelShape, tokens: float, blocks: float, logits: floa
     return 2.0 * shape.per_layer * blocks * tokens + 2.0 * shape.embedding * logits
 
 
-def build_plan(profile: Profile, hw: str | Hardware | None = None, mode: str = "cached") -> Plan:
+def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
+               mode: str | None = None) -> Plan:
     """The plan of ``profile`` on ``hw`` (default: :func:`default_hardware`); ``mode`` 'cached'
-    (capture to disk, then one SAE at a time: today's path) or 'streaming' (the model runs once and
-    every SAE trains from an in-memory shuffling buffer)."""
+    (capture to disk, then one SAE per job) or 'streaming' (the model runs once per calibration
+    round and every SAE trains from the stream, :mod:`saelib.stages.streaming`); None: the
+    profile's own ``training.mode``."""
+    if isinstance(profile, str):
+        from .profiles import load_profile
+
+        profile = load_profile(profile)
+    mode = mode or profile.section("training").mode
     if mode not in ("cached", "streaming"):
         raise ValueError(f"mode must be 'cached' or 'streaming', got {mode!r}")
     hwd = hw if isinstance(hw, Hardware) else hardware(hw or default_hardware(profile))
@@ -332,24 +344,28 @@ def build_plan(profile: Profile, hw: str | Hardware | None = None, mode: str = "
 
         # training: every SAE (and its calibration probes) over the training tokens
         train_flops = 0.0
-        trainings = 0.0
+        rounds = 1
         for arch in grid.architectures:
             calibrated = get_arch(arch).sparsity_knob != "k" and grid.calibrate
-            probes = (1.0 if arch in grid.calibration_start else PROBES_PER_SEARCH) if calibrated else 1.0
+            searching = calibrated and arch not in grid.calibration_start
+            probes = PROBES_PER_SEARCH if searching else 1.0
+            rounds = max(rounds, ROUNDS_PER_SEARCH if searching else 1)
             for k in grid.targets:
                 train_flops += probes * corpus.train_tokens * train_flops_per_token(d, width, arch, k)
-                trainings += probes
         per_sae_state = max(sae_bytes.values()) * 4  # weights, gradients, two Adam moments
         batch_acts = train_cfg.batch_size * width * 4 * 6
         lm_flops = saes_per_model * 3 * _forward_flops(
             shape, core.lm_contexts * corpus.context, shape.n_layers, core.lm_contexts * corpus.context)
         if mode == "streaming":
-            fwd = _forward_flops(shape, corpus.train_tokens * max(trainings / saes_per_model, 1.0), blocks)
-            add("train", jobs=1, model_tokens=corpus.train_tokens, flops=train_flops + fwd + lm_flops,
-                seconds=(train_flops / hwd.train + (fwd + lm_flops) / hwd.forward
-                         + hwd.job_overhead_s * (1 + saes_per_model)),
+            # the capture job trains every SAE from the stream; the train jobs only measure them
+            fwd = _forward_flops(shape, corpus.train_tokens * rounds, blocks)
+            add("capture", model_tokens=corpus.train_tokens * rounds, flops=train_flops + fwd,
+                seconds=train_flops / hwd.train + fwd / hwd.forward,
                 peak_memory=model_bytes + saes_per_model * (per_sae_state + batch_acts),
-                disk_peak=eval_bytes + saes_bytes * 3, disk_final=eval_bytes + saes_bytes)
+                disk_peak=eval_bytes + saes_bytes * 3, disk_final=saes_bytes)
+            add("train", jobs=saes_per_model, flops=lm_flops,
+                seconds=lm_flops / hwd.forward + hwd.job_overhead_s * saes_per_model,
+                peak_memory=model_bytes)
         else:
             add("train", jobs=saes_per_model, model_tokens=0.0, flops=train_flops + lm_flops,
                 seconds=(train_flops / hwd.train + lm_flops / hwd.forward
@@ -457,10 +473,12 @@ def _work_text(profile: Profile, mode: str, gens_per_sae: int) -> dict[str, str]
     c, g, s = profile.corpus, profile.grid, profile.section("steering")
     n_saes = len(g.targets) * len(g.architectures) * len(profile.models)
     return {
-        "capture": (f"{c.eval_tokens:,.0f} eval tokens" if mode == "streaming"
+        "capture": (f"{c.eval_tokens:,.0f} eval tokens to disk; {n_saes} SAEs × "
+                    f"{c.train_tokens:,.0f} tokens trained from the model, once per calibration round"
+                    if mode == "streaming"
                     else f"{c.train_tokens + c.eval_tokens:,.0f} tokens to layer, to disk"),
-        "train": (f"{n_saes} SAEs × {c.train_tokens:,.0f} tokens"
-                  + (", one pass of the model" if mode == "streaming" else ", from the cache")),
+        "train": (f"{n_saes} SAEs measured (core metrics)" if mode == "streaming"
+                  else f"{n_saes} SAEs × {c.train_tokens:,.0f} tokens from the cache"),
         "interp": f"{min(profile.section('interp').n_latents, g.width):,} latents per SAE",
         "steering": (f"{gens_per_sae} answers per SAE ({s.n_concepts} concepts × "
                      f"{s.n_instructions} instructions × {len(s.factors)} factors)"),
@@ -468,6 +486,23 @@ def _work_text(profile: Profile, mode: str, gens_per_sae: int) -> dict[str, str]
         "judge": "the LLM judge's sample",
         "analysis": "the book's tables and figures",
     }
+
+
+def plan_vs_measured(p: Plan, measured_s: dict[str, float]) -> pd.DataFrame:
+    """The plan's seconds per stage beside a run's measured job seconds per stage (the grid's
+    ``job_seconds`` summed by stage; the two summary notebooks count as 'analysis')."""
+    measured: dict[str, float] = {}
+    for stage, seconds in measured_s.items():
+        key = "analysis" if stage == "observations" else stage
+        measured[key] = measured.get(key, 0.0) + float(seconds)
+    rows = [{"stage": s.stage, "planned s": s.seconds, "measured s": measured.get(s.stage),
+             "measured / planned": (measured[s.stage] / s.seconds
+                                    if s.stage in measured and s.seconds else None)}
+            for s in p.stages]
+    total_m = sum(measured.get(s.stage, 0.0) for s in p.stages)
+    rows.append({"stage": "all", "planned s": p.seconds, "measured s": total_m,
+                 "measured / planned": total_m / p.seconds if p.seconds else None})
+    return pd.DataFrame(rows)
 
 
 def paper_check(hw: str = "A800") -> pd.DataFrame:
@@ -486,7 +521,7 @@ def paper_check(hw: str = "A800") -> pd.DataFrame:
 
 
 def summary_rows(profiles: Sequence[str], hw: str | None = None,
-                 mode: str = "cached") -> pd.DataFrame:
+                 mode: str | None = None) -> pd.DataFrame:
     """One row per profile: hours, disk, memory and judge price (the book's appendix table)."""
     from .profiles import load_profile
 
@@ -495,7 +530,7 @@ def summary_rows(profiles: Sequence[str], hw: str | None = None,
         prof = load_profile(name)
         plan = build_plan(prof, hw, mode)
         t = plan.table()
-        rows.append({"profile": name, "hardware": plan.hardware.name, "mode": mode,
+        rows.append({"profile": name, "hardware": plan.hardware.name, "mode": plan.mode,
                      "SAEs": len(prof.grid.targets) * len(prof.grid.architectures) * len(prof.models),
                      "hours (wall)": plan.wall_seconds / 3600,
                      "disk peak GB": t["disk peak GB"].max(),
@@ -517,6 +552,10 @@ def format_plan(plan: Plan) -> str:
     lines.append("")
     for s in plan.stages:
         lines.append(f"  {s.stage}: {s.work}")
+    for s in plan.stages:
+        if s.peak_memory > plan.hardware.memory:
+            lines.append(f"WARNING: stage {s.stage} needs ~{s.peak_memory / 1e9:,.0f} GB, more than "
+                         f"{plan.hardware.name}'s {plan.hardware.memory / 1e9:,.0f} GB")
     lines.append(f"Total: {plan.seconds / 3600:,.2f} job-hours, {plan.wall_seconds / 3600:,.2f} h "
                  f"wall with {plan.hardware.workers} worker(s); judge calls "
                  f"{t['judge calls'].sum():,.0f}, ${plan.judge_usd:,.2f} at ${plan.price_in_per_1m:g} / "
@@ -534,7 +573,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     ap.add_argument("--profile", default="default")
     ap.add_argument("--hardware", default=None, choices=sorted(HARDWARE))
-    ap.add_argument("--mode", default="cached", choices=("cached", "streaming"))
+    ap.add_argument("--mode", default=None, choices=("cached", "streaming"),
+                    help="default: the profile's training.mode")
     args = ap.parse_args(argv)
     print(format_plan(build_plan(load_profile(args.profile), args.hardware, args.mode)))
 

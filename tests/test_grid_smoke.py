@@ -55,6 +55,13 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     assert sorted(report.ran) == sorted(j.name for j in jobs)
     print("smoke grid seconds:", {k: round(v, 1) for k, v in report.seconds.items()})
 
+    model_root = pipeline_stages.layout.model_dir(profile, profile.models[0])
+    streamed = json.loads((model_root / "capture.json").read_text())
+    assert [p.name for p in (model_root / "activations").iterdir()] == ["eval"]
+    assert streamed["splits"]["train"]["cells"] == 5 and streamed["splits"]["train"]["rounds"] >= 1
+    assert streamed["splits"]["train"]["forward_contexts"] == (
+        streamed["splits"]["train"]["rounds"] * streamed["splits"]["train"]["contexts"])
+
     results = pipeline_stages.analysis.load_results(profile)
     assert sorted(r["arch"] for r in results) == sorted(PAPER_ARCHITECTURES)
     for r in results:
@@ -69,6 +76,8 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
         # ReLU/Gated/JumpReLU keep their calibration's best probe (no second training)
         assert r["sparsity_method"].get("final_from_probe", False) == (
             r["sparsity_method"]["method"] == "calibrated"), r["arch"]
+        # streaming mode (params/smoke.yaml): the capture job trained every SAE from one stream
+        assert r["sparsity_method"]["streamed"] and r["train"]["n_steps"] > 0, r["arch"]
         steer = r["steering"]
         assert steer["g"] is not None and 0 <= steer["g"] <= 2, r["arch"]
         rows = read_jsonl(pipeline_stages.sae_dir(profile, pipeline_stages.SAEJob(r["model"], r["arch"], r["level"]))
@@ -138,7 +147,7 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     for heading in ("Judge agreement", "μ and g under both judges", "Apache-2.0"):
         assert heading in judge_html, heading
     analysis_html = summary.read_text()
-    for heading in ("Appendix: costs and runtimes", "Appendix: parameter shapes",
+    for heading in ("Appendix: costs and runtimes", "Appendix: the cost plan", "Appendix: parameter shapes",
                     "SAEBench metrics across L0", "How sure is each g(θ)?"):
         assert heading in analysis_html, heading
 
