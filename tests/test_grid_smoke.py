@@ -148,7 +148,8 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
         assert heading in judge_html, heading
     analysis_html = summary.read_text()
     for heading in ("Appendix: costs and runtimes", "Appendix: the cost plan", "Appendix: parameter shapes",
-                    "SAEBench metrics across L0", "How sure is each g(θ)?"):
+                    "SAEBench metrics across L0", "How sure is each g(θ)?",
+                    "Feature pages: the latents behind g(θ)"):
         assert heading in analysis_html, heading
 
     # A real browser: every page of the smoke book, served on 127.0.0.1, loads in headless
