@@ -20,6 +20,18 @@ def _runs(cfg=CFG, root=None, cells=CELLS):
             for i, (arch, knob) in enumerate(cells)]
 
 
+class Kill(RuntimeError):
+    """Stands for a kill: the stream stops mid-run."""
+
+
+def dying(after_rows):
+    """The test stream, raising :class:`Kill` once ``after_rows`` rows have been served."""
+    for i, chunk in enumerate(stream()):
+        if i * 200 >= after_rows:
+            raise Kill
+        yield chunk
+
+
 def _same_bytes(a, b):
     sa, sb = a.sae.state_dict(), b.sae.state_dict()
     assert sa.keys() == sb.keys()
@@ -51,18 +63,8 @@ def test_global_rng_use_between_steps_does_not_change_an_sae():
 def test_killed_stream_resumes_to_the_same_bytes(tmp_path):
     cfg = TrainConfig(batch_size=128, lr=3e-3, progress=False, checkpoint_every=5)
     full = train_saes(_runs(cfg), stream())
-
-    class Kill(RuntimeError):
-        pass
-
-    def dying():
-        for i, chunk in enumerate(stream()):
-            if i * 200 >= 128 * 17:
-                raise Kill
-            yield chunk
-
     with pytest.raises(Kill):
-        train_saes(_runs(cfg, tmp_path), dying())
+        train_saes(_runs(cfg, tmp_path), dying(128 * 17))
     for arch, _ in CELLS:
         assert latest_checkpoint(tmp_path / arch).name == "step_000000015"
     resumed = train_saes(_runs(cfg, tmp_path), stream())
@@ -77,22 +79,12 @@ def test_runs_at_different_steps_each_see_their_own_batches(tmp_path):
     at step 10; each ends as its uninterrupted self."""
     cfg10 = TrainConfig(batch_size=128, lr=3e-3, progress=False, checkpoint_every=10)
     cfg15 = TrainConfig(batch_size=128, lr=3e-3, progress=False, checkpoint_every=15)
-
-    class Kill(RuntimeError):
-        pass
-
-    def dying():
-        for i, chunk in enumerate(stream()):
-            if i * 200 >= 128 * 16:
-                raise Kill
-            yield chunk
-
     cells = CELLS[:2]
     full = train_saes(_runs(cfg10, cells=cells), stream())
     runs = [SAERun(arch, D_IN, D_SAE, knob, TOTAL, cfg, seed=7 + i, checkpoint_dir=tmp_path / arch)
             for i, ((arch, knob), cfg) in enumerate(zip(cells, (cfg10, cfg15)))]
     with pytest.raises(Kill):
-        train_saes(runs, dying())
+        train_saes(runs, dying(128 * 16))
     resumed = [SAERun(arch, D_IN, D_SAE, knob, TOTAL, cfg10, seed=7 + i,
                       checkpoint_dir=tmp_path / arch) for i, (arch, knob) in enumerate(cells)]
     assert [r.step_index for r in resumed] == [10, 15]
