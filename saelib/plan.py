@@ -60,6 +60,10 @@ PROBES_PER_SEARCH = 28 / 18
 #: Tokens per in-context example of the first-letter absorption prompts ("word has the first
 #: letter: W", SAEBench's template).
 ICL_TOKENS = 8
+#: ΔC_k's cached path (the prefix's activations reused, one batched pass for all latents) over
+#: one forward per latent: 30.59x (bench/selection.py, 2026-11-30); the FLOPs counted are the
+#: naive path's.
+SELECTION_CACHED_GAIN = 30.59
 #: Contexts per chunk of eval activations AutoInterp encodes at a time
 #: (:meth:`saelib.activations.ActivationStore.iter_contexts`).
 INTERP_CHUNK = 64
@@ -144,6 +148,9 @@ class Hardware:
     workers: int = 1
     per_latent_s: float = 0.01
     llm_call_s: Mapping[str, float] | None = None
+    #: speed-up of a per-model job (capture) that the grid gives every core, over ``forward``'s
+    #: one-job-per-core rate
+    all_cores_gain: float = 1.0
     source: str = ""
 
 
@@ -166,13 +173,14 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # capture 643 tokens/s through 15 of SmolLM2's 30 blocks (bench/capture.py --threads) is
     # 68 GFLOP/s; SAE training 1,420-4,959 tokens/s at d 640, width 2,048 (bench/train.py,
     # 2026-12-01) is 27-78 GFLOP/s by architecture under the FLOP count above; the lean decoder's
-    # 72 answers of 32 tokens in 20.5 s on two threads; the packaged judge ~3 s per rating and
+    # 72 answers of 32 tokens in 20.5 s on two threads; capture on both cores 1,096 tokens/s
+    # (1.70x one core, bench/capture.py --threads); the packaged judge ~3 s per rating and
     # ~23 s per explanation or detection on one thread beside other work (params/default.yaml:
     # 150 generations at ~9 s, 42 latents at ~46 s).
     Hardware("cpu-2core", forward=68e9, train=45e9, encode=60e9, decode=30e9, bandwidth=10e9,
              memory=24 * 2**30, job_overhead_s=20.0, workers=2, per_latent_s=0.02,
              llm_call_s={"rating": 3.0, "explanation": 23.0, "detection": 23.0},
-             source="measured on this project's 2-core machine (bench/RESULTS.md)"),
+             all_cores_gain=1.70, source="measured on this project's 2-core machine (bench/RESULTS.md)"),
     _gpu("A800", 312e12, 2.0e12, 80e9, "NVIDIA A800/A100 80GB: 312 TFLOP/s bf16 dense, 2.0 TB/s"),
     _gpu("H100", 989e12, 3.35e12, 80e9, "NVIDIA H100 SXM: 989 TFLOP/s bf16 dense, 3.35 TB/s"),
     _gpu("H200", 989e12, 4.8e12, 141e9, "NVIDIA H200: 989 TFLOP/s bf16 dense, 4.8 TB/s"),
@@ -338,7 +346,7 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         cap_tokens += probe_tokens + absorb_tokens
         cap_flops = _forward_flops(shape, cap_tokens, blocks)
         add("capture", jobs=1, model_tokens=cap_tokens, flops=cap_flops,
-            seconds=cap_flops / hwd.forward + hwd.job_overhead_s,
+            seconds=cap_flops / (hwd.forward * hwd.all_cores_gain) + hwd.job_overhead_s,
             peak_memory=model_bytes + profile.capture.shard_tokens * d * 4,
             disk_peak=cap_bytes, disk_final=cap_bytes)
 
@@ -360,7 +368,7 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
             # the capture job trains every SAE from the stream; the train jobs only measure them
             fwd = _forward_flops(shape, corpus.train_tokens * rounds, blocks)
             add("capture", model_tokens=corpus.train_tokens * rounds, flops=train_flops + fwd,
-                seconds=train_flops / hwd.train + fwd / hwd.forward,
+                seconds=(train_flops / hwd.train + fwd / hwd.forward) / hwd.all_cores_gain,
                 peak_memory=model_bytes + saes_per_model * (per_sae_state + batch_acts),
                 disk_peak=eval_bytes + saes_bytes * 3, disk_final=saes_bytes)
             add("train", jobs=saes_per_model, flops=lm_flops,
@@ -408,7 +416,7 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         sel_calls = sel_gens * 3
         add("selection", jobs=saes_per_model, model_tokens=score_tokens + sel["tokens"],
             flops=score_flops + sel["flops"],
-            seconds=(score_flops / hwd.forward + sel["seconds"]
+            seconds=(score_flops / hwd.forward / SELECTION_CACHED_GAIN + sel["seconds"]
                      + _judge_seconds(judge.backend, hwd, rating=sel_calls)
                      + saes_per_model * hwd.job_overhead_s),
             peak_memory=model_bytes + sel["kv_bytes"],
