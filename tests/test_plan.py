@@ -1,9 +1,11 @@
-"""saelib.plan: runs for every profile, counts what it claims exactly on small cases, and holds the
-profile's own numbers."""
+"""saelib.plan: runs for every profile, counts what it claims exactly on small cases (from the
+profile's own numbers), and holds the default's measured stage times within 30 %."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +114,26 @@ def test_cli_prints_a_plan(capsys):
     plan.main(["--profile", "smoke", "--hardware", "H100", "--mode", "streaming"])
     out = capsys.readouterr().out
     assert "on H100" in out and "mode streaming" in out
+
+
+#: Job seconds per stage of a fresh clone's `make book` on the default, with where they come from.
+MEASURED = Path(__file__).parent / "data" / "default_stage_seconds.json"
+
+
+def test_default_plan_holds_measured_stage_times():
+    """The default's plan against a fresh clone's `make book` on this machine: every stage that
+    takes at least 5 % of the run within 30 %, and their total within 30 %. Stages the record
+    marks as measured beside other work (named, with the reason) are left out."""
+    measured = json.loads(MEASURED.read_text())
+    seconds: dict[str, float] = {}
+    for stage, s in measured["stage_seconds"].items():  # the plan counts both summaries as analysis
+        if stage not in measured.get("contended", {}):
+            key = "analysis" if stage == "observations" else stage
+            seconds[key] = seconds.get(key, 0.0) + s
+    p = {s.stage: s.seconds for s in plan.build_plan(load_profile("default")).stages}
+    total = sum(measured["stage_seconds"].values())
+    checked = [k for k, s in seconds.items() if s >= 0.05 * total]
+    assert len(checked) >= 4
+    for stage in checked:
+        assert p[stage] == pytest.approx(seconds[stage], rel=0.3), (stage, p[stage], seconds[stage])
+    assert sum(p[k] for k in seconds) == pytest.approx(sum(seconds.values()), rel=0.3)
