@@ -222,6 +222,12 @@ def bracket_search(measure: Callable[[float], Probe], start: float, target: floa
         return stop.value
 
 
+def l0_miss(l0: float, target: float) -> float:
+    """How far a realised L0 is from its target, |log(L0 / target)|: the best probe of a search
+    is the one with the smallest."""
+    return abs(math.log(max(l0, 1e-2) / target))
+
+
 def _moved_the_wrong_way(before: Probe, after: Probe, sign: float, target: float) -> bool:
     """A step taken towards the target that moved L0 further from it, against the monotone
     response the search assumes (JumpReLU's target-L0 knob in short runs: on the default's
@@ -283,7 +289,7 @@ def calibrate_sparsity(arch: str, target_l0: float, *, model: str, layer: int, d
         cache = {}
 
     def miss(l0: float) -> float:
-        return abs(math.log(max(l0, 1e-2) / target_l0))
+        return l0_miss(l0, target_l0)
 
     kept: dict[str, Any] = {}
 

@@ -26,7 +26,6 @@ training checkpoints, so a killed job resumes where it stopped and ends with the
 
 from __future__ import annotations
 
-import math
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Generator
@@ -37,7 +36,7 @@ from ..activations import ActivationStore, ModelStream
 from ..data.corpus import load_token_splits
 from ..profiles import Profile
 from ..results import CorruptFileError, read_json, write_json
-from ..sae.calibrate import CalibrationConfig, Probe, bracket_steps
+from ..sae.calibrate import CalibrationConfig, Probe, bracket_steps, l0_miss
 from ..sae.io import save_sae
 from ..sae.metrics import reconstruction_metrics
 from ..sae.registry import get_arch
@@ -105,13 +104,11 @@ class _Cell:
     trace: list[Probe] = field(default_factory=list)
     best: Probe | None = None
 
-    def miss(self, l0: float) -> float:
-        return abs(math.log(max(l0, 1e-2) / self.target))
-
     def record(self, probe: Probe) -> bool:
         """Add a measured probe; True when it is the cell's best so far."""
         self.trace.append(probe)
-        better = self.best is None or self.miss(probe.realised_l0) < self.miss(self.best.realised_l0)
+        better = self.best is None or (l0_miss(probe.realised_l0, self.target)
+                                       < l0_miss(self.best.realised_l0, self.target))
         if better:
             self.best = probe
         if self.steps is None:
