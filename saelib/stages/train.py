@@ -242,6 +242,11 @@ def _streamed(profile: Profile, job: SAEJob,
     if rec is None or "sparsity_value" not in rec:
         raise ProfileError(f"{job.name} of {job.model}: no SAE trained in streaming mode under the "
                            "current settings; run the model's capture job first (it trains them)")
+    weights = sae_dir(profile, job) / "sae" / SAE_WEIGHTS
+    if not weights.exists() or rec.get("sae_sha256") != sae_weights_sha(profile, job):
+        raise ProfileError(f"{weights} is missing or differs from the checksum in its "
+                           f"{streaming.STREAM_RECORD}; run the model's capture job again (it "
+                           "trains this SAE again from the stream)")
     timer.timings["calibrate"] = float(rec["calibrate_seconds"])
     timer.timings["train"] = float(rec["train_seconds"])
     sae = SAE.load_from_disk(str(sae_dir(profile, job) / "sae"))

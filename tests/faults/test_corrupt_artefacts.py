@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from saelib import stages
-from saelib.profiles import RUNS_ENV, load_profile
+from saelib.profiles import RUNS_ENV, ProfileError, load_profile
 from saelib.results import sha256_file
 from saelib.sae.train import TrainConfig, latest_checkpoint, train_sae
 
@@ -65,9 +65,13 @@ def test_corrupt_shard_sae_and_inputs_are_recomputed_on_the_smoke_profile(smoke_
     profile = load_profile("smoke")
     entry = profile.models[0]
     assert stages.capture.done(profile, entry)
-    train_dir = stages.layout.activations_dir(profile, entry, "train")
-    manifest = json.loads((train_dir / "manifest.json").read_text())
-    shard = train_dir / manifest["shards"][1]["file"]
+    # The smoke profile streams its training split (no shards on disk): the eval split's shards
+    # are the ones the capture stage stores and checks.
+    assert stages.streaming.streaming(profile)
+    eval_dir = stages.layout.activations_dir(profile, entry, "eval")
+    assert not (stages.layout.activations_dir(profile, entry, "train") / "manifest.json").exists()
+    manifest = json.loads((eval_dir / "manifest.json").read_text())
+    shard = eval_dir / manifest["shards"][-1]["file"]
     before = sha256_file(shard)
 
     flip_bytes(shard, at=4096)
@@ -95,5 +99,12 @@ def test_corrupt_shard_sae_and_inputs_are_recomputed_on_the_smoke_profile(smoke_
     truncate(weights, keep=0.9)
     assert not stages.train.done(profile, job) and not stages.interp.descriptive_done(profile, job)
     assert weights.name in capsys.readouterr().err
+    # Streamed SAEs are trained by the model's capture job: the train job refuses the damaged
+    # file by name, and the capture job trains that one SAE again from the stream.
+    assert not stages.capture.done(profile, entry)
+    with pytest.raises(ProfileError, match="capture job"):
+        stages.train.run(profile, entry.name, "topk", 0, progress=False)
+    stages.capture.run(profile, entry.name, progress=False)
+    assert stages.capture.done(profile, entry) and sha256_file(weights) == saved
     stages.train.run(profile, entry.name, "topk", 0, progress=False)
     assert stages.train.done(profile, job) and sha256_file(weights) == saved  # same seed, same SAE
