@@ -95,6 +95,53 @@ def test_greedy_generation_identical(family):
     assert any(len(o) > 1 for o in out["lean"])
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_bfloat16_blocks_track_float32_and_keep_the_model_float32(family):
+    """bfloat16 blocks: a bfloat16 copy runs the blocks (the model itself stays float32), the
+    steering additions are rounded back to bfloat16, the logits come out float32 from the float32
+    head, close to the float32 decoder's (bfloat16 round-off, ~0.4 % per matmul), and greedy
+    generation runs to the same lengths of real tokens."""
+    tl = tiny(family)
+    from saelib.steering.generate import left_pad
+    tokens_BL, mask_BL = left_pad(PROMPTS, 0, "cpu")
+    hooks = engine.hooked_layers(steering_hooks(tl, 1, range(len(PROMPTS))))
+    logits = {}
+    for name, dtype in (("f32", None), ("bf16", torch.bfloat16)):
+        dec = engine.LeanDecoder(tl, dtype)
+        cache = dec.new_cache(len(PROMPTS), tokens_BL.shape[1])
+        with torch.inference_mode():
+            logits[name] = dec.prefill(tokens_BL, mask_BL, cache, hooks)
+        if dtype is not None:
+            assert cache.k[0].dtype == torch.float32 and dec.tl is not tl
+            assert next(dec.tl.parameters()).dtype == torch.bfloat16
+            assert engine.LeanDecoder(tl, dtype).tl is dec.tl  # one copy per model
+    assert next(tl.parameters()).dtype == torch.float32
+    assert logits["bf16"].dtype == torch.float32
+    scale = logits["f32"].abs().max()
+    err = (logits["bf16"] - logits["f32"]).abs().max() / scale
+    assert 0 < err < 0.05, err
+    # The head: bfloat16 proposes candidates, float32 decides; on one residual the two decoders'
+    # greedy picks and their logits agree to float32 round-off.
+    resid_BD = torch.randn(8, tl.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        f32, bf16 = engine.LeanDecoder(tl).logits(resid_BD), engine.LeanDecoder(tl, torch.bfloat16).logits(resid_BD)
+    assert torch.equal(f32.argmax(-1), bf16.argmax(-1))
+    torch.testing.assert_close(bf16.max(-1).values, f32.max(-1).values, rtol=1e-5, atol=1e-5)
+    out = generate(tl, PROMPTS, GenerationConfig(max_new_tokens=6, batch_size=4, dtype="bfloat16"),
+                   hooks_for=lambda rows: steering_hooks(tl, 2, rows), stop_ids=[60], pad_id=0)
+    assert len(out) == len(PROMPTS) and all(all(0 <= t < tl.cfg.d_vocab for t in o) for o in out)
+
+
+def test_bfloat16_needs_the_lean_engine():
+    with pytest.raises(ValueError, match="lean engine"):
+        GenerationConfig(engine="transformer_lens", dtype="bfloat16").validate()
+    with pytest.raises(ValueError, match="dtype"):
+        GenerationConfig(dtype="float16").validate()
+    from saelib.steering.axbench import SteeringConfig
+    with pytest.raises(ValueError, match="lean engine"):
+        SteeringConfig(engine="transformer_lens", dtype="bfloat16").validate()
+
+
 def test_sampling_identical_with_the_same_seed():
     tl = tiny("llama_gqa")
     out = [generate_batch(tl, PROMPTS, GenerationConfig(max_new_tokens=5, temperature=1.0, seed=3,

@@ -43,7 +43,8 @@ class SteeringConfig:
     ``instruction_source`` / ``instruction_field``: see :mod:`saelib.data.instructions`.
     ``n_examples``: concepts shown on the book's example page. ``engine``: the generator
     (:data:`saelib.steering.generate.ENGINES`; ``lean`` computes the reference's function at a
-    fraction of its cost, ``bench/steer.py``).
+    fraction of its cost, ``bench/steer.py``); ``dtype``: the weights its blocks run in (``float32``
+    or ``bfloat16``, :class:`saelib.steering.generate.GenerationConfig`).
     ``calibration_instructions`` × ``calibration_concepts``: the fixed seeded set the offline
     judge calibrates on, once per model (:func:`saelib.steering.run.judge_calibration`).
     """
@@ -63,6 +64,7 @@ class SteeringConfig:
     calibration_instructions: int = 24
     calibration_concepts: int = 24
     engine: str = "lean"
+    dtype: str = "float32"
 
     def validate(self) -> None:
         if self.n_concepts < 1:
@@ -83,10 +85,11 @@ class SteeringConfig:
             raise ValueError("max_new_tokens and batch_size must be >= 1, n_examples >= 0")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        from .generate import ENGINES  # here: importing it loads TransformerLens
+        from .generate import ENGINES, GenerationConfig  # here: importing it loads TransformerLens
 
         if self.engine not in ENGINES:
             raise ValueError(f"engine {self.engine!r} is unknown; valid: {', '.join(ENGINES)}")
+        GenerationConfig(engine=self.engine, dtype=self.dtype).validate()
         if self.calibration_instructions < 2 or self.calibration_concepts < 1:
             raise ValueError("calibration_instructions must be >= 2 and calibration_concepts >= 1, "
                              f"got {self.calibration_instructions}, {self.calibration_concepts}")

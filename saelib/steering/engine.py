@@ -19,6 +19,14 @@ attention core:
   steering adds at that layer's output (``hook_resid_post``), so those blocks see identical
   inputs for every factor and concept of one instruction (:meth:`LeanDecoder.prefill`).
 
+With ``dtype=torch.bfloat16`` the blocks run on a bfloat16 copy of the model's weights (the
+dtype the paper's GPU runs use; on a CPU with AVX-512 BF16 its linear layers, about 70 % of
+float32 decoding time, run at up to twice float32's rate). The rotary tables, the norms'
+statistics (TransformerLens computes them in float32), the key/value cache and attention (torch's
+bfloat16 CPU attention runs at under half its float32 rate), the steering additions and the final
+norm and unembedding stay float32, so greedy picks are not decided by bfloat16 logit ties. This is not the
+reference's function: ``bench/steer.py`` states its greedy agreement with float32.
+
 Only ``blocks.{l}.hook_resid_post`` hooks are supported (the steering site); configurations this
 decoder does not model (e.g. absolute positions, parallel attention/MLP, post-norm blocks) are
 named by :func:`unsupported_reason`, and :func:`saelib.steering.generate.generate` then uses the
@@ -28,7 +36,9 @@ in attention), so greedy text is identical but for exact near-ties (``tests/test
 
 from __future__ import annotations
 
+import copy
 import re
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -78,6 +88,47 @@ def hooked_layers(fwd_hooks: Sequence[tuple[str, Callable]]) -> dict[int, list[C
     return out
 
 
+#: Weight dtypes the lean decoder runs its blocks in (:class:`LeanDecoder`).
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+#: Logit candidates a bfloat16 unembedding proposes per row; their float32 logits are exact.
+CANDIDATES = 16
+
+#: Per model (kept while it lives): what the decoder derives from its weights once, not per batch.
+_DERIVED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _derived(tl, key, make):
+    store = _DERIVED.setdefault(tl, {})
+    if key not in store:
+        store[key] = make()
+    return store[key]
+
+
+def blocks_in(tl, dtype: torch.dtype):
+    """``tl`` itself when its weights are ``dtype``, else a copy in ``dtype`` made once per model
+    with ``tl``'s float32 rotary tables."""
+    if next(tl.parameters()).dtype == dtype:
+        return tl
+
+    def lowered():
+        low = copy.deepcopy(tl).to(dtype)
+        for blk, ref in zip(low.blocks, tl.blocks):
+            if hasattr(ref.attn, "rotary_cos"):
+                blk.attn.rotary_cos = ref.attn.rotary_cos
+                blk.attn.rotary_sin = ref.attn.rotary_sin
+        return low
+
+    return _derived(tl, ("blocks", dtype), lowered)
+
+
+def unembed_rows(tl) -> torch.Tensor:
+    """The unembedding as ``[V, D]`` rows, contiguous, made once per model: TransformerLens's
+    ``Unembed`` makes this copy of the whole vocabulary matrix on every call (113 MB for
+    SmolLM2, 671 MB for Gemma 3), i.e. on every new token."""
+    return _derived(tl, "W_U_VD", lambda: tl.unembed.W_U.T.contiguous())
+
+
 class KVCache:
     """Rotated keys and values of every layer, ``[B, n_kv_heads, T_max, d_head]``, written in
     place; ``length`` positions are filled."""
@@ -98,15 +149,18 @@ class LeanDecoder:
     as TransformerLens counts them, so the two compute the same function.
     """
 
-    def __init__(self, tl):
+    def __init__(self, tl, dtype: torch.dtype | None = None):
         reason = unsupported_reason(tl.cfg)
         if reason is not None:
             raise NotImplementedError(f"the lean decoder does not support this model: {reason}")
-        self.tl = tl
-        self.cfg = tl.cfg
+        self.head = tl  # final norm and unembedding, in the model's own dtype
+        self.tl = tl if dtype is None else blocks_in(tl, dtype)
+        self.dtype = next(self.tl.parameters()).dtype
+        self.cache_dtype = next(tl.parameters()).dtype
+        self.cfg = self.tl.cfg
         self.n_kv = int(tl.cfg.n_key_value_heads or tl.cfg.n_heads)
         self.W_O = [blk.attn.W_O.permute(2, 0, 1).reshape(tl.cfg.d_model, -1)
-                    for blk in tl.blocks]
+                    for blk in self.tl.blocks]
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -123,7 +177,7 @@ class LeanDecoder:
         else:
             half = rd // 2
             flip = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-        rotated = x_rot * cos + flip * sin
+        rotated = (x_rot * cos + flip * sin).to(x_BPHd.dtype)
         return rotated if x_pass.shape[-1] == 0 else torch.cat((rotated, x_pass), dim=-1)
 
     def _mask(self, attn, key_valid_BT: torch.Tensor, start: int, n_new: int) -> torch.Tensor:
@@ -139,6 +193,13 @@ class LeanDecoder:
         self_slot = (k_slot[None, :] == q_slot[:, None])[None, None]
         pad_query = ~key_valid_BT[:, start:start + n_new][:, None, :, None]
         return mask | (self_slot & pad_query)
+
+    def _qkv(self, attn, x_BPD, pos_BP):
+        """Rotated queries and keys, and values, ``[B, P, H, d]``, in the cache's dtype (float32)."""
+        q, k, v = attn.calculate_qkv_matrices(x_BPD, x_BPD, x_BPD)
+        q = self._rope(attn, q.to(self.cache_dtype), pos_BP)
+        k = self._rope(attn, k.to(self.cache_dtype), pos_BP)
+        return q, k, v.to(self.cache_dtype)
 
     def _attend(self, attn, q_BHPd, keys, values, mask) -> torch.Tensor:
         """Masked attention of ``[B, H, P, d]`` queries over grouped keys and values; an attention
@@ -157,9 +218,7 @@ class LeanDecoder:
 
     def _attention(self, layer: int, x_BPD, pos_BP, key_valid_BT, cache: KVCache, start: int):
         attn = self.tl.blocks[layer].attn
-        q, k, v = attn.calculate_qkv_matrices(x_BPD, x_BPD, x_BPD)
-        q = self._rope(attn, q, pos_BP)
-        k = self._rope(attn, k, pos_BP)
+        q, k, v = self._qkv(attn, x_BPD, pos_BP)
         n_new = x_BPD.shape[1]
         end = start + n_new
         cache.k[layer][:, :, start:end] = k.transpose(1, 2)
@@ -167,7 +226,7 @@ class LeanDecoder:
         keys, values = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
         mask = self._mask(attn, key_valid_BT[:, :end], start, n_new)
         z = self._attend(attn, q.transpose(1, 2), keys, values, mask)
-        z = z.transpose(1, 2).reshape(x_BPD.shape[0], n_new, -1)
+        z = z.transpose(1, 2).reshape(x_BPD.shape[0], n_new, -1).to(self.dtype)
         return F.linear(z, self.W_O[layer], attn.b_O)
 
     def _block(self, layer: int, resid_BPD, pos_BP, key_valid_BT, cache, start):
@@ -184,22 +243,47 @@ class LeanDecoder:
         followed by its ``hook_resid_post`` hooks."""
         for layer in layers:
             resid_BPD = self._block(layer, resid_BPD, pos_BP, key_valid_BT, cache, start)
-            for fn in hooks.get(layer, ()):
-                resid_BPD = fn(resid_BPD)
+            resid_BPD = self._hooked(hooks.get(layer, ()), resid_BPD)
         return resid_BPD
 
+    def _hooked(self, fns, resid):
+        """``resid`` through steering hooks ``fns``; their (float32) additions rounded back to
+        the blocks' dtype."""
+        for fn in fns:
+            resid = fn(resid).to(self.dtype)
+        return resid
+
     def logits(self, resid_BD: torch.Tensor) -> torch.Tensor:
-        """Next-token logits ``(B, V)`` from the last residual (final norm, unembed, soft-cap)."""
-        resid_B1D = resid_BD[:, None]
-        if self.cfg.normalization_type is not None:
-            resid_B1D = self.tl.ln_final(resid_B1D)
-        return apply_softcap(self.tl.unembed(resid_B1D), self.cfg.output_logits_soft_cap)[:, -1]
+        """Next-token logits ``(B, V)`` from the last residual (final norm, unembed, soft-cap),
+        TransformerLens's computation in the model's dtype.
+
+        With bfloat16 blocks the unembedding (a fifth of SmolLM2's and two thirds of Gemma 3's
+        decoding FLOPs) runs in bfloat16 and proposes :data:`CANDIDATES` tokens per row whose
+        logits are then computed in float32: greedy picks the float32 argmax unless it lies outside
+        the bfloat16 top 16 (bfloat16's round-off is ~0.4 %), and sampling sees the other logits
+        at bfloat16 precision."""
+        head = self.head
+        x_B1D = resid_BD[:, None].to(self.cache_dtype)
+        if head.cfg.normalization_type is not None:
+            x_B1D = head.ln_final(x_B1D)
+        x_BD = x_B1D[:, 0]
+        W_VD, b_V = unembed_rows(head), head.unembed.b_U
+        if self.tl is head:
+            out_BV = F.linear(x_BD, W_VD, b_V)
+        else:
+            out_BV = F.linear(x_BD.to(self.dtype), unembed_rows(self.tl),
+                              self.tl.unembed.b_U).to(self.cache_dtype)
+            top_BC = out_BV.topk(min(CANDIDATES, out_BV.shape[-1]), dim=-1).indices
+            exact_BC = (W_VD[top_BC] * x_BD[:, None, :]).sum(-1) + b_V[top_BC]
+            out_BV = out_BV.scatter(-1, top_BC, exact_BC)
+        return apply_softcap(out_BV, head.cfg.output_logits_soft_cap)
 
     # -- generation steps -----------------------------------------------------------------------
 
     def new_cache(self, batch: int, t_max: int) -> KVCache:
         p = next(self.tl.parameters())
-        return KVCache(self.cfg.n_layers, batch, self.n_kv, t_max, self.cfg.d_head, p.dtype, p.device)
+        return KVCache(self.cfg.n_layers, batch, self.n_kv, t_max, self.cfg.d_head,
+                       self.cache_dtype, p.device)
 
     def _packed_block(self, layer: int, resid_ND, rows_N, slots_N, pos_N, key_valid_BL,
                       cache: KVCache) -> torch.Tensor:
@@ -210,9 +294,8 @@ class LeanDecoder:
         attn = blk.attn
         n_rows, length = key_valid_BL.shape
         x = blk.ln1(resid_ND[None])
-        q, k, v = attn.calculate_qkv_matrices(x, x, x)
-        q = self._rope(attn, q, pos_N[None])[0]
-        k = self._rope(attn, k, pos_N[None])[0]
+        q, k, v = self._qkv(attn, x, pos_N[None])
+        q, k = q[0], k[0]
         cache.k[layer][rows_N, :, slots_N] = k
         cache.v[layer][rows_N, :, slots_N] = v[0]
         q_BLHd = q.new_zeros((n_rows, length) + tuple(q.shape[1:]))
@@ -220,7 +303,7 @@ class LeanDecoder:
         mask = self._mask(attn, key_valid_BL, 0, length)
         keys, values = cache.k[layer][:, :, :length], cache.v[layer][:, :, :length]
         z = self._attend(attn, q_BLHd.transpose(1, 2), keys, values, mask)
-        z_ND = z.transpose(1, 2)[rows_N, slots_N].reshape(len(rows_N), -1)
+        z_ND = z.transpose(1, 2)[rows_N, slots_N].reshape(len(rows_N), -1).to(self.dtype)
         out = F.linear(z_ND, self.W_O[layer], attn.b_O)
         if self.cfg.use_normalization_before_and_after:
             out = blk.ln1_post(out)
@@ -239,8 +322,7 @@ class LeanDecoder:
             if hooks.get(layer):
                 padded = resid_ND.new_zeros(tuple(mask_BL.shape) + (resid_ND.shape[-1],))
                 padded[rows_N, slots_N] = resid_ND
-                for fn in hooks[layer]:
-                    padded = fn(padded)
+                padded = self._hooked(hooks[layer], padded)
                 resid_ND = padded[rows_N, slots_N]
         return resid_ND
 
@@ -268,8 +350,7 @@ class LeanDecoder:
         padded = resid.new_zeros((len(uniq), length, resid.shape[-1]))
         padded[u_rows, u_slots] = resid
         padded = padded[inverse]
-        for fn in hooks.get(first, ()):
-            padded = fn(padded)
+        padded = self._hooked(hooks.get(first, ()), padded)
         rows_N, slots_N = torch.nonzero(mask_BL, as_tuple=True)
         resid = self._packed_blocks(padded[rows_N, slots_N], range(first + 1, self.cfg.n_layers),
                                     mask_BL, cache, hooks)

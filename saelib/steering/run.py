@@ -58,7 +58,8 @@ def prompt_ids(tokenizer, instruction: str) -> list[int]:
 
 
 def _unsteered_key(model: str, prompt: Sequence[int], cfg) -> str:
-    blob = json.dumps([model, list(prompt), cfg.max_new_tokens, cfg.temperature, cfg.seed])
+    low = [] if cfg.dtype == "float32" else [cfg.dtype]  # float32 keys as before dtypes existed
+    blob = json.dumps([model, list(prompt), cfg.max_new_tokens, cfg.temperature, cfg.seed, *low])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -69,8 +70,8 @@ def unsteered_answers(lm, prompts: Sequence[Sequence[int]], gen_cfg, *, stop_ids
     Why a cache: these answers depend on the model, the prompt and the generation settings only,
     not on the SAE, so the 30 SAEs of a model (steering and selection stages alike) share them
     instead of regenerating ~40 answers each. One small JSON file per answer, keyed by a hash of
-    (model, prompt ids, max_new_tokens, temperature, seed), written atomically, so concurrent
-    jobs never see half a file. Sampled answers (temperature > 0) depend on their batch and are
+    (model, prompt ids, max_new_tokens, temperature, seed, a non-float32 dtype), written
+    atomically, so concurrent jobs never see half a file. Sampled answers (temperature > 0) depend on their batch and are
     never cached. A batch-composition change can flip a greedy near-tie token, so a cached answer
     may differ from a fresh one in rare cases; it is always a real answer of the same model.
     """
@@ -139,7 +140,8 @@ def judge_calibration(lm, config: SteeringConfig, judge_cfg, path, *, unsteered_
     stop_ids, pad_id = stop_and_pad(tok)
     key = json.loads(json.dumps({
         "model": getattr(lm, "name", ""), "judge": asdict(judge_cfg),
-        "generation": [config.max_new_tokens, config.temperature, config.seed],
+        "generation": [config.max_new_tokens, config.temperature, config.seed,
+                       *([] if config.dtype == "float32" else [config.dtype])],
         "source": [config.instruction_source, config.instruction_field],
         "sizes": [config.calibration_instructions, config.calibration_concepts]}))
     path = Path(path) if path is not None else None
@@ -172,7 +174,7 @@ def judge_calibration(lm, config: SteeringConfig, judge_cfg, path, *, unsteered_
 def generation_config(config: SteeringConfig) -> generation.GenerationConfig:
     """The generation settings of a steering section (every generation of a run uses them)."""
     return generation.GenerationConfig(config.max_new_tokens, config.temperature, config.seed,
-                                       config.batch_size, config.engine)
+                                       config.batch_size, config.engine, config.dtype)
 
 
 def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], config: SteeringConfig,
