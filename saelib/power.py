@@ -110,11 +110,12 @@ def design_table(vc: VarianceComponents, *, budget_generations: int, n_factors: 
                  n_select: int = 5, min_concepts: int = 12, max_concepts: int = 100,
                  heldout: Iterable[int] = range(1, 11)) -> pd.DataFrame:
     """Every (concepts C ≥ ``min_concepts``, held-out H) design whose steered generations per SAE,
-    C · (``n_select`` + H) · ``n_factors``, fit ``budget_generations``, with its SE(g); sorted by
-    SE, best first. Empty when even the smallest design does not fit."""
+    C · (``n_select`` · ``n_factors`` + H) (selection instructions at every factor, held-out ones
+    at α* only), fit ``budget_generations``, with its SE(g); sorted by SE, best first. Empty when
+    even the smallest design does not fit."""
     rows = []
     for h in heldout:
-        per_concept = (n_select + h) * n_factors
+        per_concept = n_select * n_factors + h
         for c in range(min_concepts, max_concepts + 1):
             if c * per_concept > budget_generations:
                 break
@@ -185,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"profile {profile.name!r}: no steering rows under {profile.run_root()}; "
                          "run its grid first")
     vc = variance_components(rows)
-    now = steering.n_concepts * steering.n_instructions * len(steering.factors)
+    now = steering.n_concepts * (steering.n_select * len(steering.factors)
+                                 + steering.n_instructions - steering.n_select)
     budget = int(args.budget_factor * now)
     print(f"{vc.n_saes} SAEs; between-concept variance {vc.between_concept:.4f}, within-concept "
           f"{vc.within_concept:.4f}; SE(g) now {vc.se(vc.n_concepts, vc.n_heldout):.4f} "

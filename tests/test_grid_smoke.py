@@ -83,7 +83,9 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
         rows = read_jsonl(pipeline_stages.sae_dir(profile, pipeline_stages.SAEJob(r["model"], r["arch"], r["level"]))
                           / pipeline_stages.steering.STEER_ROWS)
         n_factors = len(profile.steering["factors"])
-        assert len(rows) == steer["n_concepts"] * 4 * n_factors and steer["n_concepts"] >= 1, r["arch"]
+        n_select = profile.steering["n_select"]  # selection at every factor, held out at α*
+        assert len(rows) == steer["n_concepts"] * (n_select * n_factors + 4 - n_select) \
+            and steer["n_concepts"] >= 1, r["arch"]
         assert {row["split"] for row in rows} == {"select", "heldout"}
         sel = r["selection"]
         assert sel["n_features"] == profile.grid.width and math.isfinite(sel["delta_conf"]["std"])

@@ -33,6 +33,29 @@ def test_g_rows_are_the_held_out_rows_at_each_concepts_alpha_star():
                                          {"latent": 2, "split": "heldout", "alpha": 1.0}]
 
 
+def test_each_chosen_sae_gives_whole_concepts_of_g_rows_and_half_the_sample_spreads():
+    """12 concepts × 5 held-out answers per SAE (the default's design): 6 chosen SAEs would fill
+    150 with their g rows alone; each gives two whole concepts (10 rows, ≤ 75 / 6) instead."""
+    from saelib.judges.agreement import JudgeAgreementConfig
+
+    jobs = [SAEJob("m", arch, level) for arch in ("standard", "gated", "topk") for level in range(3)]
+    steered, results = {}, {}
+    for job in jobs:
+        steered[job] = [{"sae": job.name, "latent": c, "split": split, "alpha": a}
+                        for c in range(12) for split, n in (("select", 5), ("heldout", 5))
+                        for _ in range(n) for a in ((1.0, 1.5, 2.0) if split == "select" else (1.5,))]
+        results[job] = {"steering": {"concepts": [{"latent": c, "alpha_star": 1.5} for c in range(12)]}}
+    cfg = JudgeAgreementConfig(n_generations=150, n_saes=6)
+    chosen, sample = judge.sample_generations(steered, results, cfg)
+    assert len(chosen) == 6 and len(sample) == 150
+    for job in chosen:
+        mine = [r for r in sample[:60] if r["sae"] == job.name]
+        per_concept = Counter(r["latent"] for r in mine)
+        assert len(mine) == 10 and set(per_concept.values()) == {5}, job
+        assert all(r["split"] == "heldout" for r in mine)
+    assert Counter(r["alpha"] for r in sample[60:]) == {1.0: 30, 1.5: 30, 2.0: 30}
+
+
 def test_fill_spreads_the_sample_evenly_over_the_factors():
     pool = [{"alpha": a, "i": i} for a in (1.0, 1.5, 2.0) for i in range(40 if a == 1.0 else 10)]
     got = judge.fill_by_factor(pool, 24, seed=0)

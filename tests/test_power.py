@@ -62,10 +62,18 @@ def test_design_table_respects_budget_and_minimum():
     table = power.design_table(vc, budget_generations=600, n_factors=3, n_select=5)
     assert len(table) and (table["generations"] <= 600).all() and (table["concepts"] >= 12).all()
     assert (table["instructions"] == table["heldout"] + 5).all()
+    assert (table["generations"] == table["concepts"] * (5 * 3 + table["heldout"])).all()
     best = table.iloc[0]
     assert best["se"] == table["se"].min()
-    # with a large σ²_c, concepts pay more than held-out answers: the best design has few of those
-    assert best["heldout"] <= 3
+    # A held-out answer costs one generation, a concept 5 · 3 more: with no within-concept noise
+    # only concepts lower the SE (the best design has one held-out answer); with no
+    # between-concept noise SE² = σ²_w / (C·H) and C·H = H · budget / (15 + H) grows with H.
+    no_within = power.design_table(power.VarianceComponents(0.04, 0.0, 30, 4, 3),
+                                   budget_generations=600, n_factors=3)
+    assert no_within.iloc[0]["heldout"] == 1 and no_within.iloc[0]["concepts"] == 600 // 16
+    no_between = power.design_table(power.VarianceComponents(0.0, 0.09, 30, 4, 3),
+                                    budget_generations=600, n_factors=3)
+    assert no_between.iloc[0]["heldout"] == 10
     assert power.design_table(vc, budget_generations=100, n_factors=3).empty
 
 
@@ -108,7 +116,7 @@ def test_cli_reads_a_runs_steering_rows(tmp_path, monkeypatch, capsys):
     power.main(["--profile", "smoke", "--budget-factor", "20"])
     out = capsys.readouterr().out
     assert f"{len(jobs)} SAEs; between-concept variance" in out
-    assert "designs within 320 steered generations" in out  # 20 x 2 concepts x 4 x 2 factors
+    assert "designs within 240 steered generations" in out  # 20 x 2 concepts x (2 x 2 factors + 2)
     assert "concepts" in out.splitlines()[2]
 
 

@@ -343,4 +343,9 @@ def test_one_judge_per_model_one_rating_per_generation(tiny_tokenizer, tmp_path,
     keys = ("instruction", "alpha", "output", "concept_rating", "instruction_rating",
             "fluency_rating", "hm")
     rows = [[tuple(r[k] for k in keys) for r in run.rows if r["latent"] == 3] for run in runs]
-    assert rows[0] == rows[1] and len(rows[0]) == 4
+    assert rows[0] == rows[1] and len(rows[0]) == 1 * 2 + 1  # select at both factors, held out at α*
+    for run in runs:  # selection instructions at every factor, held-out ones at α* only
+        star = {s.latent: s.alpha_star for s in run.scores}
+        held = [r for r in run.rows if r["split"] == "heldout"]
+        assert len(held) == 2 and all(r["alpha"] == star[r["latent"]] for r in held)
+        assert {r["alpha"] for r in run.rows if r["split"] == "select"} == set(cfg.factors)

@@ -235,9 +235,25 @@ def _steered(profile: Profile) -> tuple[dict[SAEJob, list[dict[str, Any]]], dict
 
 def sample_generations(steered: dict[SAEJob, list[dict[str, Any]]], results: dict[SAEJob, dict[str, Any]],
                        cfg: JudgeAgreementConfig) -> tuple[list[SAEJob], list[dict[str, Any]]]:
-    """The chosen SAEs and the generations: their g rows first, then the rest by factor."""
+    """The chosen SAEs and the generations: their g rows first, then the rest by factor.
+
+    Each chosen SAE gives the g rows of whole concepts (its g under both judges is a mean over
+    concepts), in its concepts' order, up to an equal share of half of ``n_generations`` (at least
+    one concept each), so that every chosen SAE has a g under both judges and the other half of
+    the sample spreads over the factors."""
     chosen = choose_saes(list(steered), cfg.n_saes, cfg.seed)
-    core = [r for job in chosen for r in g_rows(steered[job], results[job][steering.NAME])]
+    share = (cfg.n_generations // 2) // max(1, len(chosen))
+    core = []
+    for job in chosen:
+        by_concept: dict[int, list[dict[str, Any]]] = {}
+        for r in g_rows(steered[job], results[job][steering.NAME]):
+            by_concept.setdefault(int(r["latent"]), []).append(r)
+        mine: list[dict[str, Any]] = []
+        for rows in by_concept.values():
+            if mine and len(mine) + len(rows) > share:
+                break
+            mine += rows
+        core += mine
     core = core[:cfg.n_generations]
     taken = {id(r) for r in core}
     rest = [r for rows in steered.values() for r in rows if id(r) not in taken]

@@ -2,7 +2,9 @@
 
 For each concept (a CONCEPT100 latent, its AutoInterp explanation as the concept text), 10
 instructions are drawn; the first ``n_select`` choose the factor, the rest are held out. Each
-(instruction, factor) generation is rated 0–2 on concept, instruction and fluency, and
+selection instruction is steered at every factor, each held-out one at α* only (protocol §4: the
+held-out score is read at α*; :func:`saelib.steering.run.steer_concepts` generates in that
+order). Every generation is rated 0–2 on concept, instruction and fluency, and
 
 * HM = 0 if any rating is 0, else 3 / (1/C + 1/I + 1/F)  (:func:`harmonic_mean`);
 * α* = argmax over factors of the mean HM on the selection instructions (ties: the smaller
@@ -131,6 +133,20 @@ def _mean_by_alpha(rows: Iterable[Mapping[str, Any]]) -> dict[float, float]:
     return {a: float(np.mean(v)) for a, v in sorted(acc.items())}
 
 
+def alpha_stars(rows: Sequence[Mapping[str, Any]]) -> dict[int, float]:
+    """α* per concept from its ``select`` rows only (ties: the smaller factor)."""
+    by_latent: dict[int, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r["split"] == "select":
+            by_latent.setdefault(int(r["latent"]), []).append(r)
+    out = {}
+    for latent, rs in by_latent.items():
+        select = _mean_by_alpha(rs)
+        best = max(select.values())
+        out[latent] = min(a for a, v in select.items() if v == best)
+    return out
+
+
 def concept_scores(rows: Sequence[Mapping[str, Any]]) -> list[ConceptScore]:
     """Per concept: α* from the ``select`` rows only, then the mean HM of the ``heldout`` rows at
     α*. ``rows`` are steered generations with keys ``latent``, ``split``, ``alpha``, ``hm``."""
@@ -142,8 +158,7 @@ def concept_scores(rows: Sequence[Mapping[str, Any]]) -> list[ConceptScore]:
         select = _mean_by_alpha(r for r in rs if r["split"] == "select")
         if not select:
             raise ValueError(f"concept {latent} has no selection rows: α* cannot be chosen")
-        best = max(select.values())
-        alpha_star = min(a for a, v in select.items() if v == best)
+        alpha_star = alpha_stars(rs)[latent]
         heldout = _mean_by_alpha(r for r in rs if r["split"] == "heldout")
         if alpha_star not in heldout:
             raise ValueError(f"concept {latent} has no held-out rows at α* = {alpha_star}")

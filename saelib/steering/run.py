@@ -24,7 +24,8 @@ from ..judges.factory import make_judge
 from ..judges.offline import format_explanation
 from ..models import format_prompt, ids_with_bos
 from ..results import CorruptFileError, read_json, write_json
-from .axbench import ConceptScore, SteeringConfig, concept_scores, harmonic_mean, split_of
+from .axbench import (ConceptScore, SteeringConfig, alpha_stars, concept_scores, harmonic_mean,
+                      split_of)
 from . import generate as generation
 from .intervene import make_hook
 
@@ -44,7 +45,9 @@ class SteeringRun:
         """The scalars a ``result.json`` block records (g is added by the caller)."""
         return {"n_concepts": len(self.scores), "concepts": [s.to_json() for s in self.scores],
                 "alpha_star_counts": {str(a): sum(s.alpha_star == a for s in self.scores) for a in factors},
-                "mean_hm_by_alpha": {str(a): float(np.mean([r["hm"] for r in self.rows if r["alpha"] == a]))
+                "mean_hm_by_alpha": {str(a): float(np.mean([r["hm"] for r in self.rows
+                                                            if r["alpha"] == a
+                                                            and r["split"] == "select"]))
                                      for a in factors} if self.rows else {},
                 "generations": len(self.rows) + self.unsteered_generations,
                 "new_tokens": self.new_tokens, "judge": self.judge_name,
@@ -201,32 +204,42 @@ def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], conf
                                      progress=progress)
     unsteered = {i: tok.decode(ids, skip_special_tokens=True) for i, ids in zip(distinct, base_ids)}
 
-    plan = [(c, k, inst, alpha) for c in concepts
-            for k, inst in enumerate(instructions[c["latent"]]) for alpha in config.factors]
-
-    def hooks_for(rows: list[int]):
-        return [(hook_name, make_hook(config.mode, W_dec_FD=W_dec_FD,
-                                      latents_B=[plan[r][0]["latent"] for r in rows],
-                                      max_acts_B=[plan[r][0]["max_act"] for r in rows],
-                                      alphas_B=[plan[r][3] for r in rows], encode=sae.encode))]
-
-    with timer("generate_steered"):
-        steered_ids = generation.generate(lm.tl, [prompt_of[p[2]] for p in plan], gen_cfg, hooks_for=hooks_for,
-                               stop_ids=stop_ids, pad_id=pad_id, progress=progress, desc="steered")
-    outputs = [tok.decode(ids, skip_special_tokens=True) for ids in steered_ids]
-
     judge = make_judge(judge_cfg, loglik_fn=_loglik_fn(lm, config, pad_id))
     judge.load_calibration(calibration)
-    with timer("judge"):
-        ratings = judge.rate([RatingItem(p[0]["explanation"], p[2], o) for p, o in zip(plan, outputs)])
-    rows = []
-    for (c, k, inst, alpha), ids, text, r in zip(plan, steered_ids, outputs, ratings):
-        rows.append({"latent": c["latent"], "concept": c["explanation"], "max_act": c["max_act"],
-                     "instruction_index": k, "split": split_of(k, config.n_select),
-                     "instruction": inst, "alpha": alpha, "output": text, "new_tokens": len(ids),
-                     "unsteered_output": unsteered[inst], "concept_rating": r.concept,
-                     "instruction_rating": r.instruction, "fluency_rating": r.fluency,
-                     "hm": harmonic_mean(r)})
+    steered_ids: list[list[int]] = []
+
+    def steer_and_rate(plan: list[tuple[dict[str, Any], int, str, float]], desc: str) -> list[dict]:
+        def hooks_for(rows: list[int]):
+            return [(hook_name, make_hook(config.mode, W_dec_FD=W_dec_FD,
+                                          latents_B=[plan[r][0]["latent"] for r in rows],
+                                          max_acts_B=[plan[r][0]["max_act"] for r in rows],
+                                          alphas_B=[plan[r][3] for r in rows], encode=sae.encode))]
+
+        with timer("generate_steered"):
+            ids = generation.generate(lm.tl, [prompt_of[p[2]] for p in plan], gen_cfg,
+                                      hooks_for=hooks_for, stop_ids=stop_ids, pad_id=pad_id,
+                                      progress=progress, desc=desc)
+        steered_ids.extend(ids)
+        outputs = [tok.decode(i, skip_special_tokens=True) for i in ids]
+        with timer("judge"):
+            ratings = judge.rate([RatingItem(p[0]["explanation"], p[2], o)
+                                  for p, o in zip(plan, outputs)])
+        return [{"latent": c["latent"], "concept": c["explanation"], "max_act": c["max_act"],
+                 "instruction_index": k, "split": split_of(k, config.n_select),
+                 "instruction": inst, "alpha": alpha, "output": text, "new_tokens": len(i),
+                 "unsteered_output": unsteered[inst], "concept_rating": r.concept,
+                 "instruction_rating": r.instruction, "fluency_rating": r.fluency,
+                 "hm": harmonic_mean(r)}
+                for (c, k, inst, alpha), i, text, r in zip(plan, ids, outputs, ratings)]
+
+    # Selection instructions at every factor choose α*; held-out ones are then steered at α* only.
+    rows = steer_and_rate([(c, k, inst, alpha) for c in concepts
+                           for k, inst in enumerate(instructions[c["latent"]][:config.n_select])
+                           for alpha in config.factors], "steered (select)")
+    star = alpha_stars(rows)
+    rows += steer_and_rate([(c, k, inst, star[c["latent"]]) for c in concepts
+                            for k, inst in enumerate(instructions[c["latent"]])
+                            if k >= config.n_select], "steered (held out)")
     return SteeringRun(rows, concept_scores(rows) if rows else [], len(distinct),
                        sum(len(i) for i in steered_ids) + sum(len(i) for i in base_ids),
                        judge.name, asdict(judge.usage))
