@@ -13,7 +13,8 @@ Where the numbers come from:
   training; with ``grid.calibration_start`` the first probe is kept as the SAE, else the default's
   uncalibrated search took 28 trainings for 18 SAEs); AutoInterp encodes the eval split twice
   (top-k scan, windows) and asks the judge one explanation and one detection per scored latent;
-  steering generates ``concepts × instructions × factors`` answers per SAE with three ratings each;
+  steering generates ``concepts × (selection instructions × factors + held-out instructions)``
+  answers per SAE (held-out ones at α* only) with three ratings each;
   selection scores every latent with the prefix and steers the union of its tiers.
 * **FLOPs**: 2 per parameter per token through the model (the unembedding only where logits are
   read); an SAE training step is 3 × the forward's 4·d·F (encoder and decoder, forward and
@@ -41,6 +42,7 @@ import pandas as pd
 from . import paper
 from .profiles import Profile
 from .sae.registry import get_arch
+from .steering.axbench import steered_answers
 
 #: Bytes per element of the activation cache (float32 shards) and of saved SAEs.
 CACHE_BYTES = 4
@@ -151,6 +153,9 @@ class Hardware:
     #: speed-up of a per-model job (capture) that the grid gives every core, over ``forward``'s
     #: one-job-per-core rate
     all_cores_gain: float = 1.0
+    #: speed-up of steered generation with ``steering.dtype: bfloat16`` over ``decode``'s float32
+    #: rate (1 on the GPUs, whose ``decode`` is already a bfloat16 rate)
+    bf16_decode_gain: float = 1.0
     source: str = ""
 
 
@@ -174,13 +179,15 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # 68 GFLOP/s; SAE training 1,420-4,959 tokens/s at d 640, width 2,048 (bench/train.py,
     # 2026-12-01) is 27-78 GFLOP/s by architecture under the FLOP count above; the lean decoder's
     # 72 answers of 32 tokens in 20.5 s on two threads; capture on both cores 1,096 tokens/s
-    # (1.70x one core, bench/capture.py --threads); the packaged judge ~3 s per rating and
+    # (1.70x one core, bench/capture.py --threads); bfloat16 blocks 1.51x the float32 lean decoder
+    # (9.73 vs 14.68 s, bench/steer.py, 2026-12-06); the packaged judge ~3 s per rating and
     # ~23 s per explanation or detection on one thread beside other work (params/default.yaml:
     # 150 generations at ~9 s, 42 latents at ~46 s).
     Hardware("cpu-2core", forward=68e9, train=45e9, encode=60e9, decode=30e9, bandwidth=10e9,
              memory=24 * 2**30, job_overhead_s=20.0, workers=2, per_latent_s=0.02,
              llm_call_s={"rating": 3.0, "explanation": 23.0, "detection": 23.0},
-             all_cores_gain=1.70, source="measured on this project's 2-core machine (bench/RESULTS.md)"),
+             all_cores_gain=1.70, bf16_decode_gain=1.51,
+             source="measured on this project's 2-core machine (bench/RESULTS.md)"),
     _gpu("A800", 312e12, 2.0e12, 80e9, "NVIDIA A800/A100 80GB: 312 TFLOP/s bf16 dense, 2.0 TB/s"),
     _gpu("H100", 989e12, 3.35e12, 80e9, "NVIDIA H100 SXM: 989 TFLOP/s bf16 dense, 3.35 TB/s"),
     _gpu("H200", 989e12, 4.8e12, 141e9, "NVIDIA H200: 989 TFLOP/s bf16 dense, 4.8 TB/s"),
@@ -324,7 +331,8 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
                 row[key] = row.get(key, 0.0) + val
 
     dtype_bytes = 2 if getattr(train_cfg, "dtype", "float32") == "bfloat16" else 4
-    gens_per_sae = steer.n_concepts * steer.n_instructions * len(steer.factors)
+    gens_per_sae = steered_answers(steer.n_concepts, steer.n_select,
+                                   steer.n_instructions - steer.n_select, len(steer.factors))
     for entry in profile.models:
         shape = model_shape(entry.name)
         d, width = shape.d_model, grid.width
@@ -395,7 +403,8 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
             peak_memory=max(sae_bytes.values()) + INTERP_CHUNK * corpus.context * (d + width) * 4,
             judge_calls=calls, judge_tokens_in=t_in, judge_tokens_out=t_out)
 
-        # steering: concepts × instructions × factors answers per SAE, three ratings each
+        # steering: concepts × (selection instructions × factors + held-out ones at α*) answers
+        # per SAE, three ratings each
         gen = _generation(shape, hwd, saes_per_model * gens_per_sae, steer, model_bytes)
         rate_calls = saes_per_model * gens_per_sae * 3
         add("steering", jobs=saes_per_model, model_tokens=gen["tokens"], flops=gen["flops"],
@@ -410,7 +419,9 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         score_tokens = saes_per_model * width * PREFIX_TOKENS
         score_flops = _forward_flops(shape, score_tokens, shape.n_layers - blocks, score_tokens)
         n_feat = _features_steered(select, n_latents)
-        sel_gens = saes_per_model * n_feat * steer.n_instructions * len(steer.factors)
+        sel_gens = saes_per_model * steered_answers(n_feat, steer.n_select,
+                                                    steer.n_instructions - steer.n_select,
+                                                    len(steer.factors))
         sel = _generation(shape, hwd, sel_gens, steer, model_bytes) if sel_gens else \
             {"tokens": 0.0, "flops": 0.0, "seconds": 0.0, "kv_bytes": 0.0}
         sel_calls = sel_gens * 3
@@ -461,7 +472,8 @@ def _generation(shape: ModelShape, hwd: Hardware, n: float, steer, model_bytes: 
     flops = _forward_flops(shape, tokens, shape.n_layers, n * new)
     batches = math.ceil(n / max(steer.batch_size, 1))
     traffic = batches * new * model_bytes / hwd.bandwidth
-    seconds = max(flops / hwd.decode, traffic)
+    gain = hwd.bf16_decode_gain if getattr(steer, "dtype", "float32") == "bfloat16" else 1.0
+    seconds = max(flops / (hwd.decode * gain), traffic)
     kv = steer.batch_size * (PROMPT_TOKENS + new) * shape.n_layers * 2 * shape.d_model * KV_BYTES
     return {"tokens": tokens, "flops": flops, "seconds": seconds, "kv_bytes": kv}
 
@@ -488,8 +500,9 @@ def _work_text(profile: Profile, mode: str, gens_per_sae: int) -> dict[str, str]
         "train": (f"{n_saes} SAEs measured (core metrics)" if mode == "streaming"
                   else f"{n_saes} SAEs × {c.train_tokens:,.0f} tokens from the cache"),
         "interp": f"{min(profile.section('interp').n_latents, g.width):,} latents per SAE",
-        "steering": (f"{gens_per_sae} answers per SAE ({s.n_concepts} concepts × "
-                     f"{s.n_instructions} instructions × {len(s.factors)} factors)"),
+        "steering": (f"{gens_per_sae} answers per SAE ({s.n_concepts} concepts × ({s.n_select} "
+                     f"instructions × {len(s.factors)} factors + {s.n_instructions - s.n_select} "
+                     "at α*))"),
         "selection": f"ΔC_k for {g.width:,} latents per SAE, tiers steered",
         "judge": "the LLM judge's sample",
         "analysis": "the book's tables and figures",

@@ -27,7 +27,7 @@ import pandas as pd
 from scipy.stats import norm
 
 from .observations import mean_ci
-from .steering.axbench import concept_scores
+from .steering.axbench import concept_scores, steered_answers
 
 #: The paper's pooled τ_b(μ, g) (Table 1), the association the default should be able to see.
 PAPER_POOLED_TAU = 0.298
@@ -115,7 +115,7 @@ def design_table(vc: VarianceComponents, *, budget_generations: int, n_factors: 
     even the smallest design does not fit."""
     rows = []
     for h in heldout:
-        per_concept = n_select * n_factors + h
+        per_concept = steered_answers(1, n_select, h, n_factors)
         for c in range(min_concepts, max_concepts + 1):
             if c * per_concept > budget_generations:
                 break
@@ -186,8 +186,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"profile {profile.name!r}: no steering rows under {profile.run_root()}; "
                          "run its grid first")
     vc = variance_components(rows)
-    now = steering.n_concepts * (steering.n_select * len(steering.factors)
-                                 + steering.n_instructions - steering.n_select)
+    now = steered_answers(steering.n_concepts, steering.n_select,
+                          steering.n_instructions - steering.n_select, len(steering.factors))
     budget = int(args.budget_factor * now)
     print(f"{vc.n_saes} SAEs; between-concept variance {vc.between_concept:.4f}, within-concept "
           f"{vc.within_concept:.4f}; SE(g) now {vc.se(vc.n_concepts, vc.n_heldout):.4f} "

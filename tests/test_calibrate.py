@@ -207,3 +207,27 @@ def test_search_stops_when_the_knob_moves_l0_the_wrong_way():
     trace = bracket_search(measure, 8.0, 6.0, increasing=True, cfg=CalibrationConfig())
     assert len(trace) == 2 and trace[1].knob < trace[0].knob
     assert trace[1].realised_l0 > trace[0].realised_l0
+
+
+def test_a_search_starts_at_the_profiles_start_then_its_l1_then_the_target():
+    """One choice of first knob for both training modes (the cached search and the streaming
+    lockstep one): ``grid.calibration_start``, else the profile's λ (ReLU / Gated), else the
+    target itself (JumpReLU's knob is a target L0)."""
+    from saelib.profiles import load_profile
+    from saelib.sae.calibrate import CalibrationConfig, first_knob
+    from saelib.stages import train
+    from saelib.stages.layout import SAEJob
+
+    assert first_knob("l1", 10, CalibrationConfig(initial_l1=0.5, start=3.0)) == 3.0
+    assert first_knob("l1", 10, CalibrationConfig(initial_l1=0.5)) == 0.5
+    assert first_knob("l0_target", 10, CalibrationConfig(initial_l1=0.5)) == 10.0
+    default = load_profile("default")
+    model = default.models[0].name
+    cfg = train.search_start(default, SAEJob(model, "standard", 1))
+    assert cfg.start == default.grid.calibration_start["standard"][1]
+    assert cfg.initial_l1 == default.grid.l1["standard"][1]
+    smoke = load_profile("smoke")  # no calibration_start: the profile's λ, JumpReLU its target
+    relu = train.search_start(smoke, SAEJob(model, "standard", 0))
+    assert relu.start is None and first_knob("l1", 10, relu) == smoke.grid.l1["standard"][0]
+    jump = train.search_start(smoke, SAEJob(model, "jumprelu", 0))
+    assert first_knob("l0_target", smoke.grid.targets[0], jump) == smoke.grid.targets[0]

@@ -149,7 +149,7 @@ def _read_cache(path: Path | None) -> dict[str, Any]:
 def _initial_knob(key: CalibrationKey, knob_name: str, cache: dict[str, Any],
                   fingerprint: dict[str, Any], cfg: CalibrationConfig) -> float:
     """``cfg.start`` when given; else the nearest calibrated target of the same cell, scaled by a
-    power law; else the target (JumpReLU) or ``cfg.initial_l1`` (ReLU / Gated)."""
+    power law; else :func:`first_knob`."""
     if cfg.start is not None:
         return cfg.start
     best: tuple[float, float, float] | None = None
@@ -164,9 +164,19 @@ def _initial_knob(key: CalibrationKey, knob_name: str, cache: dict[str, Any],
         dist = abs(math.log(key.target_l0 / l0))
         if best is None or dist < best[0]:
             best = (dist, float(entry["result"]["knob_value"]), l0)
+    if best is None:
+        return first_knob(knob_name, key.target_l0, cfg)
     if knob_name == "l0_target":
-        return key.target_l0 if best is None else best[1] * key.target_l0 / best[2]
-    return cfg.initial_l1 if best is None else best[1] * best[2] / key.target_l0
+        return best[1] * key.target_l0 / best[2]
+    return best[1] * best[2] / key.target_l0
+
+
+def first_knob(knob_name: str, target_l0: float, cfg: CalibrationConfig) -> float:
+    """A search's first knob without a calibrated neighbour: ``cfg.start`` when given, else the
+    target itself (JumpReLU's knob is a target L0) or ``cfg.initial_l1`` (ReLU / Gated)."""
+    if cfg.start is not None:
+        return cfg.start
+    return float(target_l0) if knob_name == "l0_target" else cfg.initial_l1
 
 
 def bracket_steps(start: float, target: float, increasing: bool,

@@ -36,7 +36,7 @@ from ..activations import ActivationStore, ModelStream
 from ..data.corpus import load_token_splits
 from ..profiles import Profile
 from ..results import CorruptFileError, read_json, write_json
-from ..sae.calibrate import CalibrationConfig, Probe, bracket_steps, l0_miss
+from ..sae.calibrate import CalibrationConfig, Probe, bracket_steps, first_knob, l0_miss
 from ..sae.io import save_sae
 from ..sae.metrics import reconstruction_metrics
 from ..sae.registry import get_arch
@@ -121,26 +121,14 @@ class _Cell:
         return better
 
 
-def _start(profile: Profile, job: SAEJob) -> float:
-    """The knob a search starts at, as the cached mode's (:func:`train.sparsity_value`)."""
-    spec = get_arch(job.arch)
-    first = profile.grid.calibration_start.get(job.arch)
-    if first:
-        return float(first[job.level])
-    target = float(profile.grid.targets[job.level])
-    if spec.sparsity_knob == "l0_target":
-        return target
-    l1 = profile.grid.l1.get(job.arch) or profile.grid.l1.get(spec.name)
-    return float(l1[job.level]) if l1 else CalibrationConfig().initial_l1
-
-
 def _cell(profile: Profile, job: SAEJob, replay: list[dict[str, Any]]) -> _Cell:
     spec = get_arch(job.arch)
     target = float(profile.grid.targets[job.level])
     method = train.sparsity_method(profile, job)
     if method == "calibrated":
-        steps = bracket_steps(_start(profile, job), target, spec.sparsity_knob == "l0_target",
-                              CalibrationConfig().validate())
+        search = train.search_start(profile, job)
+        steps = bracket_steps(first_knob(spec.sparsity_knob, target, search), target,
+                              spec.sparsity_knob == "l0_target", search)
         cell = _Cell(job, spec.sparsity_knob, target, steps, next(steps))
     else:
         knob = train.sparsity_value(profile, job)[0]

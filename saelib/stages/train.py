@@ -135,23 +135,39 @@ def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int |
     method = sparsity_method(profile, job)
     if method in ("k", "l0_target"):
         return float(target), {"method": method}, None
-    start = (profile.grid.l1.get(job.arch) or profile.grid.l1.get(spec.name)
-             if spec.sparsity_knob == "l1" else None)
     if method != "calibrated":
+        start = _profile_l1(profile, job)
         if not start:
             raise ProfileError(f"grid.l1.{job.arch} is needed when grid.calibrate is false")
         return float(start[job.level]), {"method": method}, None
-    first = profile.grid.calibration_start.get(job.arch)
     entry = profile.model(job.model)
     store_tokens = train_tokens if train_tokens is not None else profile.corpus.train_tokens
     res = calibrate_sparsity(
         spec.name, float(target), model=entry.name, layer=entry.layer, d_in=d_in,
         d_sae=profile.grid.width, make_batches=make_batches, probe_tokens=store_tokens,
         cache_path=model_dir(profile, entry) / "calibration.json", train_cfg=train_cfg,
-        calib_cfg=CalibrationConfig(initial_l1=float(start[job.level]) if start else 1.0,
-                                    start=float(first[job.level]) if first else None),
+        calib_cfg=search_start(profile, job),
         heldout_acts_ND=heldout, seed=profile.seed, mean_D=mean_D)
     return float(res.knob_value), {"method": "calibrated", "trace": res.to_json()}, res.trained
+
+
+def _profile_l1(profile: Profile, job: SAEJob) -> list[float] | None:
+    """The profile's ``grid.l1`` list for a ReLU / Gated cell (by grid or registry name)."""
+    if get_arch(job.arch).sparsity_knob != "l1":
+        return None
+    return profile.grid.l1.get(job.arch) or profile.grid.l1.get(get_arch(job.arch).name)
+
+
+def search_start(profile: Profile, job: SAEJob) -> CalibrationConfig:
+    """Where a calibrated cell's knob search starts, in both training modes: the cell's
+    ``grid.calibration_start`` (an earlier run's calibrated knob: one probe when still in band),
+    else the profile's ``grid.l1`` for ReLU / Gated as the first λ; the cached mode's search may
+    instead start from a calibrated neighbour (:func:`saelib.sae.calibrate.first_knob` and the
+    calibration cache)."""
+    l1 = _profile_l1(profile, job)
+    first = profile.grid.calibration_start.get(job.arch)
+    return CalibrationConfig(initial_l1=float(l1[job.level]) if l1 else 1.0,
+                             start=float(first[job.level]) if first else None).validate()
 
 
 def read(profile: Profile, job: SAEJob) -> TrainRecord:

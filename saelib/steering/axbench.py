@@ -105,6 +105,12 @@ def harmonic_mean(r: Ratings) -> float:
     return 3.0 / sum(1.0 / v for v in vals)
 
 
+def steered_answers(n_concepts: int, n_select: int, n_heldout: int, n_factors: int) -> int:
+    """Steered generations of one SAE: each concept's selection instructions at every factor,
+    its held-out ones at α* only (:func:`saelib.steering.run.steer_concepts`)."""
+    return n_concepts * (n_select * n_factors + n_heldout)
+
+
 def split_of(index: int, n_select: int) -> str:
     """``select`` for the first ``n_select`` instructions of a concept, ``heldout`` after."""
     return "select" if index < n_select else "heldout"
