@@ -81,7 +81,11 @@ def _decode_picked(sae: TopKTrainingSAE, vals_BM: torch.Tensor, idx_BM: torch.Te
     ``rescale_acts_by_decoder_norm`` is on; doing it on the picked values only is the same product.
     """
     if sae.cfg.rescale_acts_by_decoder_norm:
-        vals_BM = vals_BM * (1 / sae.W_dec.norm(dim=-1))[idx_BM]
+        # index_select, not ``[idx_BM]``: advanced indexing's backward (an accumulating
+        # index_put) sums repeated latents in a thread-dependent order on the CPU, which made
+        # TopK training at width 2,048 differ between identical runs; index_select's is fixed.
+        inv_F = 1 / sae.W_dec.norm(dim=-1)
+        vals_BM = vals_BM * torch.index_select(inv_F, 0, idx_BM.reshape(-1)).view_as(idx_BM)
     return sparse_decode(idx_BM, vals_BM, sae.W_dec, sae.b_dec if with_bias else None)
 
 
