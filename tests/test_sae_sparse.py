@@ -162,3 +162,33 @@ def test_short_training_run_matches_dense_decode(arch, inference_cls, tmp_path):
     x = next(batches(seed=5))
     torch.testing.assert_close(loaded.decode(loaded.encode(x)),
                                dense_sae.decode(dense_sae.encode(x)), rtol=1e-4, atol=1e-3)
+
+
+def test_rescaled_decode_gradient_is_the_same_on_every_pass_with_two_threads():
+    """TopK's aux loss decodes ~d/2 dead latents for every token, so a few hundred latents repeat
+    across the whole batch. Gathering their 1 / ‖W_dec‖ by advanced indexing summed the repeats
+    in a thread-dependent order in backward (9e-8 apart over 10 passes, and TopK SAEs at width
+    2,048 differed between identical runs); the gather must give one gradient."""
+    from types import SimpleNamespace
+
+    from saelib.sae.sparse import _decode_picked
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        dead = torch.randperm(2048, generator=g)[:300]
+        idx_BK = torch.stack([dead[torch.randperm(300, generator=g)[:288]] for _ in range(512)])
+        vals_BK = torch.rand(512, 288, generator=g)
+        grad_BD = torch.randn(512, 64, generator=g)
+        W_dec = torch.randn(2048, 64, generator=g, requires_grad=True)
+        sae = SimpleNamespace(cfg=SimpleNamespace(rescale_acts_by_decoder_norm=True), W_dec=W_dec,
+                              b_dec=None)
+        grads = []
+        for _ in range(10):
+            W_dec.grad = None
+            _decode_picked(sae, vals_BK, idx_BK, with_bias=False).backward(grad_BD)
+            grads.append(W_dec.grad.clone())
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(grads[0], x) for x in grads[1:])
