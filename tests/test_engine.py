@@ -124,7 +124,8 @@ def test_bfloat16_blocks_track_float32_and_keep_the_model_float32(family):
     # greedy picks and their logits agree to float32 round-off.
     resid_BD = torch.randn(8, tl.cfg.d_model, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        f32, bf16 = engine.LeanDecoder(tl).logits(resid_BD), engine.LeanDecoder(tl, torch.bfloat16).logits(resid_BD)
+        f32 = engine.LeanDecoder(tl).logits(resid_BD)
+        bf16 = engine.LeanDecoder(tl, torch.bfloat16).logits(resid_BD)
     assert torch.equal(f32.argmax(-1), bf16.argmax(-1))
     torch.testing.assert_close(bf16.max(-1).values, f32.max(-1).values, rtol=1e-5, atol=1e-5)
     out = generate(tl, PROMPTS, GenerationConfig(max_new_tokens=6, batch_size=4, dtype="bfloat16"),

@@ -24,8 +24,9 @@ dtype the paper's GPU runs use; on a CPU with AVX-512 BF16 its linear layers, ab
 float32 decoding time, run at up to twice float32's rate). The rotary tables, the norms'
 statistics (TransformerLens computes them in float32), the key/value cache and attention (torch's
 bfloat16 CPU attention runs at under half its float32 rate), the steering additions and the final
-norm and unembedding stay float32, so greedy picks are not decided by bfloat16 logit ties. This is not the
-reference's function: ``bench/steer.py`` states its greedy agreement with float32.
+norm stay float32; the unembedding proposes candidates in bfloat16 and scores them in float32
+(:meth:`LeanDecoder.logits`), so greedy picks are not decided by bfloat16 logit ties. This is not
+the reference's function: ``bench/steer.py`` states its greedy agreement with float32.
 
 Only ``blocks.{l}.hook_resid_post`` hooks are supported (the steering site); configurations this
 decoder does not model (e.g. absolute positions, parallel attention/MLP, post-norm blocks) are

@@ -74,8 +74,8 @@ def unsteered_answers(lm, prompts: Sequence[Sequence[int]], gen_cfg, *, stop_ids
     not on the SAE, so the 30 SAEs of a model (steering and selection stages alike) share them
     instead of regenerating ~40 answers each. One small JSON file per answer, keyed by a hash of
     (model, prompt ids, max_new_tokens, temperature, seed, a non-float32 dtype), written
-    atomically, so concurrent jobs never see half a file. Sampled answers (temperature > 0) depend on their batch and are
-    never cached. A batch-composition change can flip a greedy near-tie token, so a cached answer
+    atomically, so concurrent jobs never see half a file. Sampled answers (temperature > 0)
+    depend on their batch and are never cached. A batch-composition change can flip a greedy near-tie token, so a cached answer
     may differ from a fresh one in rare cases; it is always a real answer of the same model.
     """
     use_cache = cache_dir is not None and gen_cfg.temperature == 0
