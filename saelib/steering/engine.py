@@ -96,6 +96,8 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 CANDIDATES = 16
 
 #: Per model (kept while it lives): what the decoder derives from its weights once, not per batch.
+#: Generation never changes weights; a caller that edits a model's weights in place after its
+#: first generation must generate from a new model object.
 _DERIVED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
