@@ -42,7 +42,6 @@ import pandas as pd
 from . import paper
 from .profiles import Profile
 from .sae.registry import get_arch
-from .steering.axbench import steered_answers
 
 #: Bytes per element of the activation cache (float32 shards) and of saved SAEs.
 CACHE_BYTES = 4
@@ -331,8 +330,7 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
                 row[key] = row.get(key, 0.0) + val
 
     dtype_bytes = 2 if getattr(train_cfg, "dtype", "float32") == "bfloat16" else 4
-    gens_per_sae = steered_answers(steer.n_concepts, steer.n_select,
-                                   steer.n_instructions - steer.n_select, len(steer.factors))
+    gens_per_sae = steer.answers_per_sae()
     for entry in profile.models:
         shape = model_shape(entry.name)
         d, width = shape.d_model, grid.width
@@ -419,9 +417,7 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         score_tokens = saes_per_model * width * PREFIX_TOKENS
         score_flops = _forward_flops(shape, score_tokens, shape.n_layers - blocks, score_tokens)
         n_feat = _features_steered(select, n_latents)
-        sel_gens = saes_per_model * steered_answers(n_feat, steer.n_select,
-                                                    steer.n_instructions - steer.n_select,
-                                                    len(steer.factors))
+        sel_gens = saes_per_model * steer.answers_per_sae(n_feat)
         sel = _generation(shape, hwd, sel_gens, steer, model_bytes) if sel_gens else \
             {"tokens": 0.0, "flops": 0.0, "seconds": 0.0, "kv_bytes": 0.0}
         sel_calls = sel_gens * 3
@@ -472,7 +468,7 @@ def _generation(shape: ModelShape, hwd: Hardware, n: float, steer, model_bytes: 
     flops = _forward_flops(shape, tokens, shape.n_layers, n * new)
     batches = math.ceil(n / max(steer.batch_size, 1))
     traffic = batches * new * model_bytes / hwd.bandwidth
-    gain = hwd.bf16_decode_gain if getattr(steer, "dtype", "float32") == "bfloat16" else 1.0
+    gain = hwd.bf16_decode_gain if steer.dtype == "bfloat16" else 1.0
     seconds = max(flops / (hwd.decode * gain), traffic)
     kv = steer.batch_size * (PROMPT_TOKENS + new) * shape.n_layers * 2 * shape.d_model * KV_BYTES
     return {"tokens": tokens, "flops": flops, "seconds": seconds, "kv_bytes": kv}

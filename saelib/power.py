@@ -186,8 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"profile {profile.name!r}: no steering rows under {profile.run_root()}; "
                          "run its grid first")
     vc = variance_components(rows)
-    now = steered_answers(steering.n_concepts, steering.n_select,
-                          steering.n_instructions - steering.n_select, len(steering.factors))
+    now = steering.answers_per_sae()
     budget = int(args.budget_factor * now)
     print(f"{vc.n_saes} SAEs; between-concept variance {vc.between_concept:.4f}, within-concept "
           f"{vc.within_concept:.4f}; SE(g) now {vc.se(vc.n_concepts, vc.n_heldout):.4f} "

@@ -68,6 +68,13 @@ class SteeringConfig:
     engine: str = "lean"
     dtype: str = "float32"
 
+    def answers_per_sae(self, n_concepts: int | None = None) -> int:
+        """Steered generations of one SAE under this section (:func:`steered_answers`), for
+        ``n_concepts`` concepts (default: the section's)."""
+        return steered_answers(self.n_concepts if n_concepts is None else n_concepts,
+                               self.n_select, self.n_instructions - self.n_select,
+                               len(self.factors))
+
     def validate(self) -> None:
         if self.n_concepts < 1:
             raise ValueError(f"n_concepts must be >= 1, got {self.n_concepts}")
@@ -139,18 +146,19 @@ def _mean_by_alpha(rows: Iterable[Mapping[str, Any]]) -> dict[float, float]:
     return {a: float(np.mean(v)) for a, v in sorted(acc.items())}
 
 
+def _best_alpha(select_hm: Mapping[float, float]) -> float:
+    """The factor with the best mean selection HM (ties: the smaller factor)."""
+    best = max(select_hm.values())
+    return min(a for a, v in select_hm.items() if v == best)
+
+
 def alpha_stars(rows: Sequence[Mapping[str, Any]]) -> dict[int, float]:
     """α* per concept from its ``select`` rows only (ties: the smaller factor)."""
     by_latent: dict[int, list[Mapping[str, Any]]] = {}
     for r in rows:
         if r["split"] == "select":
             by_latent.setdefault(int(r["latent"]), []).append(r)
-    out = {}
-    for latent, rs in by_latent.items():
-        select = _mean_by_alpha(rs)
-        best = max(select.values())
-        out[latent] = min(a for a, v in select.items() if v == best)
-    return out
+    return {latent: _best_alpha(_mean_by_alpha(rs)) for latent, rs in by_latent.items()}
 
 
 def concept_scores(rows: Sequence[Mapping[str, Any]]) -> list[ConceptScore]:
@@ -164,7 +172,7 @@ def concept_scores(rows: Sequence[Mapping[str, Any]]) -> list[ConceptScore]:
         select = _mean_by_alpha(r for r in rs if r["split"] == "select")
         if not select:
             raise ValueError(f"concept {latent} has no selection rows: α* cannot be chosen")
-        alpha_star = alpha_stars(rs)[latent]
+        alpha_star = _best_alpha(select)
         heldout = _mean_by_alpha(r for r in rs if r["split"] == "heldout")
         if alpha_star not in heldout:
             raise ValueError(f"concept {latent} has no held-out rows at α* = {alpha_star}")

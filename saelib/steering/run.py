@@ -60,9 +60,15 @@ def prompt_ids(tokenizer, instruction: str) -> list[int]:
     return ids_with_bos(tokenizer, format_prompt(tokenizer, instruction))
 
 
+def _dtype_key(dtype: str) -> list[str]:
+    """A generation dtype's part of a cache key: none for float32, so keys written before dtypes
+    existed stay valid."""
+    return [] if dtype == "float32" else [dtype]
+
+
 def _unsteered_key(model: str, prompt: Sequence[int], cfg) -> str:
-    low = [] if cfg.dtype == "float32" else [cfg.dtype]  # float32 keys as before dtypes existed
-    blob = json.dumps([model, list(prompt), cfg.max_new_tokens, cfg.temperature, cfg.seed, *low])
+    blob = json.dumps([model, list(prompt), cfg.max_new_tokens, cfg.temperature, cfg.seed,
+                       *_dtype_key(cfg.dtype)])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -75,8 +81,9 @@ def unsteered_answers(lm, prompts: Sequence[Sequence[int]], gen_cfg, *, stop_ids
     instead of regenerating ~40 answers each. One small JSON file per answer, keyed by a hash of
     (model, prompt ids, max_new_tokens, temperature, seed, a non-float32 dtype), written
     atomically, so concurrent jobs never see half a file. Sampled answers (temperature > 0)
-    depend on their batch and are never cached. A batch-composition change can flip a greedy near-tie token, so a cached answer
-    may differ from a fresh one in rare cases; it is always a real answer of the same model.
+    depend on their batch and are never cached. A batch-composition change can flip a greedy
+    near-tie token, so a cached answer may differ from a fresh one in rare cases; it is always a
+    real answer of the same model.
     """
     use_cache = cache_dir is not None and gen_cfg.temperature == 0
     keys = [_unsteered_key(getattr(lm, "name", ""), p, gen_cfg) for p in prompts]
@@ -144,7 +151,7 @@ def judge_calibration(lm, config: SteeringConfig, judge_cfg, path, *, unsteered_
     key = json.loads(json.dumps({
         "model": getattr(lm, "name", ""), "judge": asdict(judge_cfg),
         "generation": [config.max_new_tokens, config.temperature, config.seed,
-                       *([] if config.dtype == "float32" else [config.dtype])],
+                       *_dtype_key(config.dtype)],
         "source": [config.instruction_source, config.instruction_field],
         "sizes": [config.calibration_instructions, config.calibration_concepts]}))
     path = Path(path) if path is not None else None
@@ -206,7 +213,6 @@ def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], conf
 
     judge = make_judge(judge_cfg, loglik_fn=_loglik_fn(lm, config, pad_id))
     judge.load_calibration(calibration)
-    steered_ids: list[list[int]] = []
 
     def steer_and_rate(plan: list[tuple[dict[str, Any], int, str, float]], desc: str) -> list[dict]:
         def hooks_for(rows: list[int]):
@@ -219,7 +225,6 @@ def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], conf
             ids = generation.generate(lm.tl, [prompt_of[p[2]] for p in plan], gen_cfg,
                                       hooks_for=hooks_for, stop_ids=stop_ids, pad_id=pad_id,
                                       progress=progress, desc=desc)
-        steered_ids.extend(ids)
         outputs = [tok.decode(i, skip_special_tokens=True) for i in ids]
         with timer("judge"):
             ratings = judge.rate([RatingItem(p[0]["explanation"], p[2], o)
@@ -241,7 +246,7 @@ def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], conf
                             for k, inst in enumerate(instructions[c["latent"]])
                             if k >= config.n_select], "steered (held out)")
     return SteeringRun(rows, concept_scores(rows) if rows else [], len(distinct),
-                       sum(len(i) for i in steered_ids) + sum(len(i) for i in base_ids),
+                       sum(r["new_tokens"] for r in rows) + sum(len(i) for i in base_ids),
                        judge.name, asdict(judge.usage))
 
 
