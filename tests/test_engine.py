@@ -173,7 +173,10 @@ def test_prefill_runs_real_tokens_and_shares_prompts():
     assert seen == [(0, 14), (1, 14), (2, 30)]
 
 
-def test_unsupported_model_falls_back_to_the_reference():
+def test_unsupported_model_falls_back_to_the_reference(monkeypatch):
+    import saelib.steering.generate as generate_module
+
+    monkeypatch.setattr(generate_module, "_WARNED", set())  # warned once per process otherwise
     cfg = HookedTransformerConfig(n_layers=2, d_model=16, d_head=4, n_heads=4, d_mlp=32,
                                   d_vocab=30, n_ctx=32, act_fn="gelu", seed=0,
                                   positional_embedding_type="standard")
