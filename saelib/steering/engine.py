@@ -95,6 +95,10 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 #: Logit candidates a bfloat16 unembedding proposes per row; their float32 logits are exact.
 CANDIDATES = 16
 
+#: Logits computed at once when scoring tokens (:meth:`LeanDecoder.token_logprobs`), 128 MB in
+#: float32, so a 262k-token vocabulary (Gemma) scores a batch in slices instead of gigabytes.
+SCORE_CHUNK = 1 << 25
+
 #: Per model (kept while it lives): what the decoder derives from its weights once, not per batch.
 #: Generation never changes weights; a caller that edits a model's weights in place after its
 #: first generation must generate from a new model object.
@@ -372,3 +376,38 @@ class LeanDecoder:
         cache.length = start + 1
         return self.logits(resid[:, -1])
 
+
+    # -- scoring ---------------------------------------------------------------------------------
+
+    def token_logprobs(self, tokens_BL: torch.Tensor, mask_BL: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log-probability of every real token after its row's first, given its prefix, with
+        no hook: ``(logprob_N, row_N)``, flat over the batch.
+
+        Why here (the offline judge's fluency signal, :func:`saelib.steering.generate.mean_logprob`):
+        TransformerLens's forward would run the pads and materialise the full ``[B, L, V]`` logits
+        and their log-softmax (~0.6 GB for a 90-row batch of SmolLM2). The blocks run packed on
+        real tokens (any padding side, real tokens contiguous per row), in the decoder's dtype;
+        the final norm and unembedding run in float32 on :data:`SCORE_CHUNK` elements at a time,
+        so a score never rests on a bfloat16 logit."""
+        n, length = tokens_BL.shape
+        rows_N, slots_N = torch.nonzero(mask_BL, as_tuple=True)
+        resid_ND = self._packed_blocks(self.tl.embed(tokens_BL)[rows_N, slots_N],
+                                       range(self.cfg.n_layers), mask_BL,
+                                       self.new_cache(n, length), {})
+        has_next = rows_N[1:] == rows_N[:-1]
+        x_ND = resid_ND[:-1][has_next].to(self.cache_dtype)
+        target_N = tokens_BL[rows_N, slots_N][1:][has_next]
+        head = self.head
+        if head.cfg.normalization_type is not None:
+            x_ND = head.ln_final(x_ND[None])[0]
+        W_VD, b_V = unembed_rows(head), head.unembed.b_U
+        step = max(1, SCORE_CHUNK // W_VD.shape[0])
+        out = []
+        for s in range(0, len(target_N), step):
+            logits_CV = apply_softcap(F.linear(x_ND[s:s + step], W_VD, b_V),
+                                      head.cfg.output_logits_soft_cap)
+            out.append(logits_CV.gather(1, target_N[s:s + step, None])[:, 0]
+                       - torch.logsumexp(logits_CV, dim=-1))
+        empty = x_ND.new_zeros(0)
+        return (torch.cat(out) if out else empty), rows_N[:-1][has_next]

@@ -218,11 +218,18 @@ def generate(tl, prompts: Sequence[Sequence[int]], config: GenerationConfig, *,
 
 @torch.inference_mode()
 def mean_logprob(tl, texts_ids: Sequence[Sequence[int]], bos_id: int | None, batch_size: int = 16,
-                 pad_id: int = 0) -> list[float]:
+                 pad_id: int = 0, engine_name: str = "transformer_lens",
+                 dtype: str = "float32") -> list[float]:
     """Mean per-token log-probability of each token sequence under the (unhooked) model, each
     scored after a BOS where the tokenizer has one (without one, the first token has no prefix and
     is not scored): the offline judge's fluency signal (its module doc). Nothing to score gives
-    ``-inf``."""
+    ``-inf``. ``engine_name`` and ``dtype`` as in :class:`GenerationConfig`: the lean engine
+    (:meth:`~saelib.steering.engine.LeanDecoder.token_logprobs`) runs its blocks in ``dtype``
+    and scores in float32; a model it does not support falls back to the reference forward."""
+    GenerationConfig(engine=engine_name, dtype=dtype).validate()
+    lean = engine_name == "lean" and lean_unsupported(tl) is None
+    if engine_name == "lean" and not lean:
+        _warn_fallback(lean_unsupported(tl))
     out: list[float] = []
     for s in range(0, len(texts_ids), batch_size):
         chunk = [([bos_id] if bos_id is not None else []) + list(t) for t in texts_ids[s:s + batch_size]]
@@ -233,6 +240,13 @@ def mean_logprob(tl, texts_ids: Sequence[Sequence[int]], bos_id: int | None, bat
             tokens_BL[b, :len(c)] = torch.as_tensor(c, dtype=torch.long)
             mask_BL[b, :len(c)] = 1
         tokens_BL, mask_BL = tokens_BL.to(tl.cfg.device), mask_BL.to(tl.cfg.device)
+        if lean:
+            logp_N, row_N = engine.LeanDecoder(tl, engine.DTYPES[dtype]).token_logprobs(tokens_BL,
+                                                                                      mask_BL)
+            n_B = torch.bincount(row_N, minlength=len(chunk))
+            sum_B = logp_N.new_zeros(len(chunk)).index_add_(0, row_N, logp_N)
+            out += [float(sm / k) if k else float("-inf") for sm, k in zip(sum_B, n_B)]
+            continue
         logp_BLV = torch.log_softmax(tl(tokens_BL, attention_mask=mask_BL).float(), dim=-1)
         tok_logp_BL = torch.gather(logp_BLV[:, :-1], 2, tokens_BL[:, 1:, None])[..., 0]
         for b, c in enumerate(chunk):

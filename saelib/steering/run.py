@@ -108,11 +108,13 @@ def unsteered_answers(lm, prompts: Sequence[Sequence[int]], gen_cfg, *, stop_ids
 
 
 def _loglik_fn(lm, config: SteeringConfig, pad_id: int):
-    """Texts → the unsteered model's mean per-token log-prob (the offline judge's fluency rule)."""
+    """Texts → the unsteered model's mean per-token log-prob (the offline judge's fluency rule),
+    on the generation's engine and dtype."""
     tok = lm.tokenizer
     return lambda texts: generation.mean_logprob(
         lm.tl, [tok(t, add_special_tokens=False)["input_ids"] for t in texts], tok.bos_token_id,
-        batch_size=config.batch_size, pad_id=pad_id)
+        batch_size=config.batch_size, pad_id=pad_id, engine_name=config.engine,
+        dtype=config.dtype)
 
 
 def stop_and_pad(tok) -> tuple[list[int], int]:
@@ -143,7 +145,8 @@ def judge_calibration(lm, config: SteeringConfig, judge_cfg, path, *, unsteered_
     g_base and g_sel of one lift, a judge of its own. Here the set is fixed: a seeded
     ``calibration_instructions`` instructions (their unsteered answers, from the shared cache)
     crossed with ``calibration_concepts`` seeded vocabulary words. A stored calibration made
-    with other settings (model, judge, generation, set sizes) is recomputed. None for judges
+    with other settings (model, judge, generation, the log-likelihood's engine and dtype, set
+    sizes) is recomputed. None for judges
     that do not calibrate.
     """
     tok = lm.tokenizer
@@ -153,6 +156,7 @@ def judge_calibration(lm, config: SteeringConfig, judge_cfg, path, *, unsteered_
         "generation": [config.max_new_tokens, config.temperature, config.seed,
                        *_dtype_key(config.dtype)],
         "source": [config.instruction_source, config.instruction_field],
+        "loglik": [config.engine, config.dtype],
         "sizes": [config.calibration_instructions, config.calibration_concepts]}))
     path = Path(path) if path is not None else None
     if path is not None and path.exists():
