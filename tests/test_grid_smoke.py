@@ -78,6 +78,13 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
             r["sparsity_method"]["method"] == "calibrated"), r["arch"]
         # streaming mode (params/smoke.yaml): the capture job trained every SAE from one stream
         assert r["sparsity_method"]["streamed"] and r["train"]["n_steps"] > 0, r["arch"]
+        # ...and calibration put every ReLU / Gated / JumpReLU SAE in the ±25 % band at this size
+        if r["sparsity_method"]["method"] == "calibrated":
+            trace = r["sparsity_method"]["trace"]
+            assert trace["band"] == pytest.approx([0.75 * r["target_l0"], 1.25 * r["target_l0"]])
+            assert trace["within_band"] and trace["band"][0] <= trace["realised_l0"] <= \
+                trace["band"][1], (r["arch"], trace)
+            assert trace["realised_l0"] == pytest.approx(core["l0"], rel=0.25), r["arch"]
         steer = r["steering"]
         assert steer["g"] is not None and 0 <= steer["g"] <= 2, r["arch"]
         rows = read_jsonl(pipeline_stages.sae_dir(profile, pipeline_stages.SAEJob(r["model"], r["arch"], r["level"]))
