@@ -156,6 +156,7 @@ def test_lean_token_scores_match_the_reference_forward(family, monkeypatch):
     low = mean_logprob(tl, seqs, bos_id=1, batch_size=3, engine_name="lean", dtype="bfloat16")
     gaps = [abs(low[i] - ref[i]) for i in finite]
     assert 0 < max(gaps) < 0.05 * max(abs(ref[i]) for i in finite), gaps
+    assert mean_logprob(tl, [[], []], bos_id=1, engine_name="lean") == [float("-inf")] * 2
     with pytest.raises(ValueError, match="lean engine"):
         mean_logprob(tl, seqs, bos_id=1, dtype="bfloat16")
 
