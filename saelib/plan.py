@@ -14,12 +14,14 @@ Where the numbers come from:
   uncalibrated search took 28 trainings for 18 SAEs); AutoInterp encodes the eval split twice
   (top-k scan, windows) and asks the judge one explanation and one detection per scored latent;
   steering generates ``concepts × (selection instructions × factors + held-out instructions)``
-  answers per SAE (held-out ones at α* only) with three ratings each;
+  answers per SAE (held-out ones at α* only) with three ratings each, and the offline judge's
+  fluency rule runs every rated answer through the whole model once more (its mean log-prob);
   selection scores every latent with the prefix and steers the union of its tiers.
 * **FLOPs**: 2 per parameter per token through the model (the unembedding only where logits are
-  read); an SAE training step is 3 × the forward's 4·d·F (encoder and decoder, forward and
-  backward), 1.5 × that for Gated (its auxiliary decoder pass), and for TopK / BatchTopK a dense
-  encoder with a sparse (k-row) decoder.
+  read); an SAE training step costs its encoder's 2·d·F twice (forward, and the weight gradient:
+  activations need no gradient) and its decoder's 2·d·F three times (forward, the codes' gradient,
+  the weight gradient); Gated's auxiliary pass through the detached decoder adds the decoder twice
+  (forward, the gate's gradient); TopK / BatchTopK decode k rows (2·d·k).
 * **Rates**: a :class:`Hardware` holds effective FLOP/s per kind of work. The CPU entry is
   measured on this project's 2-core machine (``bench/RESULTS.md`` and the grid's recorded stage
   times; one thread per job, two jobs at a time, as ``make book`` runs); the GPU entries are the
@@ -69,8 +71,8 @@ SELECTION_CACHED_GAIN = 30.59
 #: (:meth:`saelib.activations.ActivationStore.iter_contexts`).
 INTERP_CHUNK = 64
 #: Rounds of a streaming calibration (one pass of the model each) when knobs are searched for:
-#: the longest search sets them (3-4 probes on the default's first calibrated run; the smoke
-#: size, where few knobs reach the band, runs to the search's 8).
+#: the longest search sets them (3-4 probes on the default's first calibrated run, 4 on the
+#: smoke size).
 ROUNDS_PER_SEARCH = 4
 #: Steering prompts are decoded in batches; a generation's KV cache is held for the whole batch.
 KV_BYTES = 4
@@ -155,6 +157,13 @@ class Hardware:
     #: speed-up of steered generation with ``steering.dtype: bfloat16`` over ``decode``'s float32
     #: rate (1 on the GPUs, whose ``decode`` is already a bfloat16 rate)
     bf16_decode_gain: float = 1.0
+    #: FLOP/s of the offline judge's log-likelihood pass (every rated answer through the whole
+    #: model, logits at every position; the lean decoder's packed scoring, float32 blocks), its
+    #: speed-up with bfloat16 blocks, and the seconds per rated answer it spends beside that pass
+    #: (sentence embeddings, rules)
+    score: float = 0.0
+    bf16_score_gain: float = 1.0
+    rule_item_s: float = 0.0
     source: str = ""
 
 
@@ -168,24 +177,31 @@ _GPU_UTIL = {"forward": 0.45, "train": 0.35, "encode": 0.35, "decode": 0.30}
 def _gpu(name: str, peak: float, bandwidth: float, memory: float, source: str) -> Hardware:
     return Hardware(name, forward=peak * _GPU_UTIL["forward"], train=peak * _GPU_UTIL["train"],
                     encode=peak * _GPU_UTIL["encode"], decode=peak * _GPU_UTIL["decode"],
-                    bandwidth=bandwidth * 0.6, memory=memory, job_overhead_s=30.0,
-                    per_latent_s=0.005, source=source)
+                    score=peak * _GPU_UTIL["forward"], bandwidth=bandwidth * 0.6, memory=memory,
+                    job_overhead_s=30.0, per_latent_s=0.005, rule_item_s=0.002, source=source)
 
 
 HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # Measured here (2 cores, torch 2.13.0+cpu, one thread per job, two jobs at a time):
     # capture 643 tokens/s through 15 of SmolLM2's 30 blocks (bench/capture.py --threads) is
     # 68 GFLOP/s; SAE training 1,420-4,959 tokens/s at d 640, width 2,048 (bench/train.py,
-    # 2026-12-01) is 27-78 GFLOP/s by architecture under the FLOP count above; the lean decoder's
-    # 72 answers of 32 tokens in 20.5 s on two threads; capture on both cores 1,096 tokens/s
-    # (1.70x one core, bench/capture.py --threads); bfloat16 blocks 1.51x the float32 lean decoder
-    # (9.73 vs 14.68 s, bench/steer.py, 2026-12-06); the packaged judge ~3 s per rating and
-    # ~23 s per explanation or detection on one thread beside other work (params/default.yaml:
-    # 150 generations at ~9 s, 42 latents at ~46 s).
-    Hardware("cpu-2core", forward=68e9, train=45e9, encode=60e9, decode=30e9, bandwidth=10e9,
+    # 2026-12-01) is 18-65 GFLOP/s by architecture under the FLOP count above (35 for the
+    # default's mix, which its measured train stage bears out); capture on both cores 1,096
+    # tokens/s (1.70x one core, bench/capture.py --threads); steered generation in the grid (the
+    # default's 30 steering jobs, 2026-12-06: 1,949 s of generation for 7,200 answers, bfloat16)
+    # is 96 GFLOP/s under the count above, 64 at float32 with bfloat16 blocks 1.51x the float32
+    # lean decoder (9.73 vs 14.68 s, bench/steer.py, 2026-12-06); the offline judge in the same
+    # jobs and the selection jobs rated 9,000 answers in 1,801 s, 78 % of it its log-likelihood
+    # pass on TransformerLens's forward (56 GFLOP/s), 0.044 s per answer the rest; the lean
+    # decoder's pass is 1.05x that in float32 and 1.43x more with bfloat16 blocks
+    # (bench/rule_judge.py, 2026-12-06: 15.20 / 14.47 / 10.10 s); the packaged judge ~3 s per
+    # rating and ~23 s per explanation or detection on one thread beside other work
+    # (params/default.yaml: 150 generations at ~9 s, 42 latents at ~46 s).
+    Hardware("cpu-2core", forward=68e9, train=35e9, encode=60e9, decode=64e9, bandwidth=10e9,
              memory=24 * 2**30, job_overhead_s=20.0, workers=2, per_latent_s=0.02,
              llm_call_s={"rating": 3.0, "explanation": 23.0, "detection": 23.0},
-             all_cores_gain=1.70, bf16_decode_gain=1.51,
+             all_cores_gain=1.70, bf16_decode_gain=1.51, score=59e9, bf16_score_gain=1.43,
+             rule_item_s=0.044,
              source="measured on this project's 2-core machine (bench/RESULTS.md)"),
     _gpu("A800", 312e12, 2.0e12, 80e9, "NVIDIA A800/A100 80GB: 312 TFLOP/s bf16 dense, 2.0 TB/s"),
     _gpu("H100", 989e12, 3.35e12, 80e9, "NVIDIA H100 SXM: 989 TFLOP/s bf16 dense, 3.35 TB/s"),
@@ -278,13 +294,15 @@ def sae_params(d_in: int, width: int, arch: str) -> int:
 
 
 def train_flops_per_token(d_in: int, width: int, arch: str, k: int) -> float:
-    """FLOPs of one training token of one SAE (module doc): 3 × forward, forward = 2·d·F encoder
-    plus 2·d·F decoder (2·d·k for a TopK-family sparse decode); Gated adds its auxiliary decoder."""
+    """FLOPs of one training token of one SAE (module doc): the encoder's 2·d·F forward and
+    weight gradient, the decoder's 2·d·F (2·d·k for a TopK-family sparse decode) forward, code
+    gradient and weight gradient; Gated's auxiliary reconstruction through the detached decoder
+    adds that decoder's forward and code gradient."""
     name = get_arch(arch).name
     enc = 2 * d_in * width
     dec = 2 * d_in * (k if name in ("topk", "batchtopk") else width)
-    extra = dec if name == "gated" else 0
-    return 3.0 * (enc + dec + extra)
+    aux = 2.0 * dec if name == "gated" else 0.0
+    return 2.0 * enc + 3.0 * dec + aux
 
 
 def _forward_flops(shape: ModelShape, tokens: float, blocks: float, logits: float = 0.0) -> float:
@@ -404,9 +422,12 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         # steering: concepts × (selection instructions × factors + held-out ones at α*) answers
         # per SAE, three ratings each
         gen = _generation(shape, hwd, saes_per_model * gens_per_sae, steer, model_bytes)
+        rule = _rule_scoring(shape, hwd, saes_per_model * gens_per_sae, steer, judge.backend)
         rate_calls = saes_per_model * gens_per_sae * 3
-        add("steering", jobs=saes_per_model, model_tokens=gen["tokens"], flops=gen["flops"],
-            seconds=(gen["seconds"] + _judge_seconds(judge.backend, hwd, rating=rate_calls)
+        add("steering", jobs=saes_per_model, model_tokens=gen["tokens"] + rule["tokens"],
+            flops=gen["flops"] + rule["flops"],
+            seconds=(gen["seconds"] + rule["seconds"]
+                     + _judge_seconds(judge.backend, hwd, rating=rate_calls)
                      + saes_per_model * hwd.job_overhead_s),
             peak_memory=model_bytes + gen["kv_bytes"],
             judge_calls=rate_calls, judge_tokens_in=rate_calls * JUDGE_TOKENS["rating"][0],
@@ -421,10 +442,12 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         sel = _generation(shape, hwd, sel_gens, steer, model_bytes) if sel_gens else \
             {"tokens": 0.0, "flops": 0.0, "seconds": 0.0, "kv_bytes": 0.0}
         sel_calls = sel_gens * 3
-        add("selection", jobs=saes_per_model, model_tokens=score_tokens + sel["tokens"],
-            flops=score_flops + sel["flops"],
+        sel_rule = _rule_scoring(shape, hwd, sel_gens, steer, judge.backend)
+        add("selection", jobs=saes_per_model,
+            model_tokens=score_tokens + sel["tokens"] + sel_rule["tokens"],
+            flops=score_flops + sel["flops"] + sel_rule["flops"],
             seconds=(score_flops / hwd.forward / SELECTION_CACHED_GAIN + sel["seconds"]
-                     + _judge_seconds(judge.backend, hwd, rating=sel_calls)
+                     + sel_rule["seconds"] + _judge_seconds(judge.backend, hwd, rating=sel_calls)
                      + saes_per_model * hwd.job_overhead_s),
             peak_memory=model_bytes + sel["kv_bytes"],
             judge_calls=sel_calls, judge_tokens_in=sel_calls * JUDGE_TOKENS["rating"][0],
@@ -451,9 +474,9 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
 
 
 def _judge_seconds(backend: str, hwd: Hardware, **calls: float) -> float:
-    """Seconds of judging ``calls`` (count per kind of call) on this machine: the rule judge is
-    free (thousands of items/s), the packaged LLM judge costs ``llm_call_s`` per call, an API's
-    latency overlaps the work."""
+    """Seconds of judging ``calls`` (count per kind of call) on this machine: the packaged LLM
+    judge costs ``llm_call_s`` per call, an API's latency overlaps the work; the rule judge's
+    cost is its model pass (:func:`_rule_scoring`)."""
     if backend == "llama" and hwd.llm_call_s is not None:
         return sum(n * hwd.llm_call_s[kind] for kind, n in calls.items())
     return 0.0
@@ -472,6 +495,20 @@ def _generation(shape: ModelShape, hwd: Hardware, n: float, steer, model_bytes: 
     seconds = max(flops / (hwd.decode * gain), traffic)
     kv = steer.batch_size * (PROMPT_TOKENS + new) * shape.n_layers * 2 * shape.d_model * KV_BYTES
     return {"tokens": tokens, "flops": flops, "seconds": seconds, "kv_bytes": kv}
+
+
+def _rule_scoring(shape: ModelShape, hwd: Hardware, n: float, steer, backend: str) -> dict:
+    """Tokens, FLOPs and seconds the offline judge spends rating ``n`` answers: its fluency rule
+    scores each answer (``max_new_tokens`` and a BOS) through the whole model with logits at every
+    position (:func:`saelib.steering.generate.mean_logprob`), and embeds and checks each answer.
+    Nothing for an LLM judge, which rates by calls (:func:`_judge_seconds`)."""
+    if backend != "offline" or not n:
+        return {"tokens": 0.0, "flops": 0.0, "seconds": 0.0}
+    new = steer.max_new_tokens
+    flops = _forward_flops(shape, n * (new + 1), shape.n_layers, n * new)
+    gain = hwd.bf16_score_gain if steer.dtype == "bfloat16" else 1.0
+    seconds = (flops / (hwd.score * gain) if hwd.score else 0.0) + n * hwd.rule_item_s
+    return {"tokens": n * (new + 1), "flops": flops, "seconds": seconds}
 
 
 def _features_steered(select, n_latents: int) -> int:

@@ -3,6 +3,7 @@ profile's own numbers), and holds the default's measured stage times within 30 %
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -49,9 +50,11 @@ def test_batchtopk_is_counted_as_saved_jumprelu():
 
 def test_training_flops_per_token():
     d, f, k = 4, 8, 2
-    assert plan.train_flops_per_token(d, f, "relu", k) == 3 * (2 * d * f + 2 * d * f)
-    assert plan.train_flops_per_token(d, f, "gated", k) == 3 * (2 * d * f + 4 * d * f)
-    assert plan.train_flops_per_token(d, f, "topk", k) == 3 * (2 * d * f + 2 * d * k)
+    # encoder: forward + weight gradient; decoder: forward + code gradient + weight gradient;
+    # Gated's detached auxiliary decoder: forward + the gate's gradient
+    assert plan.train_flops_per_token(d, f, "relu", k) == 2 * (2 * d * f) + 3 * (2 * d * f)
+    assert plan.train_flops_per_token(d, f, "gated", k) == 2 * (2 * d * f) + 5 * (2 * d * f)
+    assert plan.train_flops_per_token(d, f, "topk", k) == 2 * (2 * d * f) + 3 * (2 * d * k)
 
 
 def test_work_counts_follow_the_profile():
@@ -62,7 +65,10 @@ def test_work_counts_follow_the_profile():
     # selection instructions at every factor, held-out ones at α* only
     gens = n_saes * st.n_concepts * (st.n_select * len(st.factors) + st.n_instructions - st.n_select)
     assert p["steering"].judge_calls == 3 * gens
-    assert p["steering"].model_tokens == gens * (plan.PROMPT_TOKENS + st.max_new_tokens)
+    # the offline judge's fluency rule scores every answer (and a BOS) once more
+    assert profile.section("judge").backend == "offline"
+    assert p["steering"].model_tokens == gens * (plan.PROMPT_TOKENS + st.max_new_tokens) \
+        + gens * (st.max_new_tokens + 1)
     n_latents = min(profile.section("interp").n_latents, profile.grid.width)
     assert p["interp"].judge_calls == 2 * n_saes * n_latents
     assert p["train"].jobs == n_saes
@@ -140,3 +146,22 @@ def test_default_plan_holds_measured_stage_times():
     for stage in checked:
         assert p[stage] == pytest.approx(seconds[stage], rel=0.3), (stage, p[stage], seconds[stage])
     assert sum(p[k] for k in seconds) == pytest.approx(sum(seconds.values()), rel=0.3)
+
+
+def test_the_offline_judges_model_pass_is_counted_and_an_llm_judges_is_not():
+    """The rule judge's fluency signal runs every answer through the model once more: its FLOPs
+    are the forward of ``max_new_tokens + 1`` tokens with logits at every position, its time
+    falls with bfloat16 blocks; an LLM judge's cost is its calls instead."""
+    shape = plan.model_shape("smollm2-135m-instruct")
+    hw = plan.HARDWARE["cpu-2core"]
+    steer = load_profile("default").section("steering")
+    rule = plan._rule_scoring(shape, hw, 240, steer, "offline")
+    new = steer.max_new_tokens
+    assert rule["tokens"] == 240 * (new + 1)
+    assert rule["flops"] == pytest.approx(2 * shape.per_layer * shape.n_layers * 240 * (new + 1)
+                                          + 2 * shape.embedding * 240 * new)
+    assert rule["seconds"] > 240 * hw.rule_item_s
+    f32 = plan._rule_scoring(shape, hw, 240, dataclasses.replace(steer, dtype="float32"), "offline")
+    assert steer.dtype == "bfloat16" and f32["seconds"] > rule["seconds"]
+    for backend in ("llama", "openai", "local"):
+        assert plan._rule_scoring(shape, hw, 240, steer, backend)["seconds"] == 0.0
