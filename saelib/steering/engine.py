@@ -376,7 +376,6 @@ class LeanDecoder:
         cache.length = start + 1
         return self.logits(resid[:, -1])
 
-
     # -- scoring ---------------------------------------------------------------------------------
 
     def token_logprobs(self, tokens_BL: torch.Tensor, mask_BL: torch.Tensor
