@@ -188,20 +188,19 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # 2026-12-01) is 18-65 GFLOP/s by architecture under the FLOP count above (35 for the
     # default's mix, which its measured train stage bears out); capture on both cores 1,096
     # tokens/s (1.70x one core, bench/capture.py --threads); steered generation in the grid (the
-    # default's 30 steering jobs, 2026-12-06: 1,949 s of generation for 7,200 answers, bfloat16)
-    # is 96 GFLOP/s under the count above, 64 at float32 with bfloat16 blocks 1.51x the float32
-    # lean decoder (9.73 vs 14.68 s, bench/steer.py, 2026-12-06); the offline judge in the same
-    # jobs and the selection jobs rated 9,000 answers in 1,801 s, 78 % of it its log-likelihood
-    # pass on TransformerLens's forward (56 GFLOP/s), 0.044 s per answer the rest; the lean
-    # decoder's pass is 1.05x that in float32 and 1.43x more with bfloat16 blocks
-    # (bench/rule_judge.py, 2026-12-06: 15.20 / 14.47 / 10.10 s); the packaged judge ~3 s per
-    # rating and ~23 s per explanation or detection on one thread beside other work
-    # (params/default.yaml: 150 generations at ~9 s, 42 latents at ~46 s).
-    Hardware("cpu-2core", forward=68e9, train=35e9, encode=60e9, decode=64e9, bandwidth=10e9,
+    # default's 30 steering jobs on an idle machine, 2026-12-06: 1,657 s of generation for 7,200
+    # answers, bfloat16) is 111 GFLOP/s under the count above, 74 at float32 with bfloat16 blocks
+    # 1.51x the float32 lean decoder (9.73 vs 14.68 s, bench/steer.py, 2026-12-06); the offline
+    # judge rated those answers in 895 s, 70 % of it its log-likelihood pass on the lean decoder
+    # with bfloat16 blocks (bench/rule_judge.py, 2026-12-06: 10.10 of 14.45 s; 1.43x its float32
+    # pass, 14.47 s), i.e. 101 GFLOP/s, 71 at float32, and 0.037 s per answer the rest; the
+    # packaged judge ~3 s per rating and ~23 s per explanation or detection on one thread beside
+    # other work (params/default.yaml: 150 generations at ~9 s, 42 latents at ~46 s).
+    Hardware("cpu-2core", forward=68e9, train=35e9, encode=60e9, decode=74e9, bandwidth=10e9,
              memory=24 * 2**30, job_overhead_s=20.0, workers=2, per_latent_s=0.02,
              llm_call_s={"rating": 3.0, "explanation": 23.0, "detection": 23.0},
-             all_cores_gain=1.70, bf16_decode_gain=1.51, score=59e9, bf16_score_gain=1.43,
-             rule_item_s=0.044,
+             all_cores_gain=1.70, bf16_decode_gain=1.51, score=71e9, bf16_score_gain=1.43,
+             rule_item_s=0.037,
              source="measured on this project's 2-core machine (bench/RESULTS.md)"),
     _gpu("A800", 312e12, 2.0e12, 80e9, "NVIDIA A800/A100 80GB: 312 TFLOP/s bf16 dense, 2.0 TB/s"),
     _gpu("H100", 989e12, 3.35e12, 80e9, "NVIDIA H100 SXM: 989 TFLOP/s bf16 dense, 3.35 TB/s"),
