@@ -220,6 +220,12 @@ def test_unsupported_model_falls_back_to_the_reference(monkeypatch):
                                                             engine="transformer_lens"))
     assert lean == ref
     assert any("falls back" in str(w.message) for w in caught)
+    from saelib.steering.generate import mean_logprob
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scored = mean_logprob(tl, PROMPTS[:2], bos_id=None, engine_name="lean")
+    assert scored == mean_logprob(tl, PROMPTS[:2], bos_id=None)
+    assert any("log-likelihood pass falls back" in str(w.message) for w in caught)
 
 
 def test_hooks_elsewhere_than_resid_post_are_refused_by_the_decoder():

@@ -75,9 +75,10 @@ def test_work_counts_follow_the_profile():
 
 
 def test_streaming_keeps_the_paper_profile_off_the_disk():
-    """The paper's Gemma-2-2B profile as shipped caches 5·10⁸ float32 activations of width 2,304
-    (≈ 4.6 TB); streaming keeps the eval split and the SAEs only."""
+    """The paper's Gemma-2-2B profile in the cached mode caches 5·10⁸ float32 activations of width
+    2,304 (≈ 4.6 TB); streaming (as shipped) keeps the eval split and the SAEs only."""
     profile = load_profile("gemma-2-2b")
+    assert profile.section("training").mode == "streaming"
     cached = plan.build_plan(profile, "H100", "cached")
     streaming = plan.build_plan(profile, "H100", "streaming")
     corpus = profile.corpus

@@ -184,14 +184,15 @@ def lean_unsupported(tl, fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> str 
     return reason
 
 
-_WARNED: set[str] = set()
+_WARNED: set[tuple[str, str]] = set()
 
 
-def _warn_fallback(reason: str) -> None:
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        warnings.warn(f"steering generation falls back to the TransformerLens loop: {reason}",
-                      stacklevel=3)
+def _warn_fallback(reason: str, what: str = "steering generation falls back to the "
+                                            "TransformerLens loop") -> None:
+    """Warn once per process that ``what`` (a lean path) falls back, and why."""
+    if (what, reason) not in _WARNED:
+        _WARNED.add((what, reason))
+        warnings.warn(f"{what}: {reason}", stacklevel=3)
 
 
 def generate(tl, prompts: Sequence[Sequence[int]], config: GenerationConfig, *,
@@ -227,9 +228,14 @@ def mean_logprob(tl, texts_ids: Sequence[Sequence[int]], bos_id: int | None, bat
     (:meth:`~saelib.steering.engine.LeanDecoder.token_logprobs`) runs its blocks in ``dtype``
     and scores in float32; a model it does not support falls back to the reference forward."""
     GenerationConfig(engine=engine_name, dtype=dtype).validate()
-    lean = engine_name == "lean" and lean_unsupported(tl) is None
-    if engine_name == "lean" and not lean:
-        _warn_fallback(lean_unsupported(tl))
+    dec = None
+    if engine_name == "lean":
+        reason = lean_unsupported(tl)
+        if reason is None:
+            dec = engine.LeanDecoder(tl, engine.DTYPES[dtype])
+        else:
+            _warn_fallback(reason, "the offline judge's log-likelihood pass falls back to "
+                                   "TransformerLens's forward")
     out: list[float] = []
     for s in range(0, len(texts_ids), batch_size):
         chunk = [([bos_id] if bos_id is not None else []) + list(t) for t in texts_ids[s:s + batch_size]]
@@ -240,9 +246,8 @@ def mean_logprob(tl, texts_ids: Sequence[Sequence[int]], bos_id: int | None, bat
             tokens_BL[b, :len(c)] = torch.as_tensor(c, dtype=torch.long)
             mask_BL[b, :len(c)] = 1
         tokens_BL, mask_BL = tokens_BL.to(tl.cfg.device), mask_BL.to(tl.cfg.device)
-        if lean:
-            logp_N, row_N = engine.LeanDecoder(tl, engine.DTYPES[dtype]).token_logprobs(tokens_BL,
-                                                                                      mask_BL)
+        if dec is not None:
+            logp_N, row_N = dec.token_logprobs(tokens_BL, mask_BL)
             n_B = torch.bincount(row_N, minlength=len(chunk))
             sum_B = logp_N.new_zeros(len(chunk)).index_add_(0, row_N, logp_N)
             out += [float(sm / k) if k else float("-inf") for sm, k in zip(sum_B, n_B)]

@@ -146,8 +146,7 @@ def judge_calibration(lm, config: SteeringConfig, judge_cfg, path, *, unsteered_
     ``calibration_instructions`` instructions (their unsteered answers, from the shared cache)
     crossed with ``calibration_concepts`` seeded vocabulary words. A stored calibration made
     with other settings (model, judge, generation, the log-likelihood's engine and dtype, set
-    sizes) is recomputed. None for judges
-    that do not calibrate.
+    sizes) is recomputed. None for judges that do not calibrate.
     """
     tok = lm.tokenizer
     stop_ids, pad_id = stop_and_pad(tok)
