@@ -378,7 +378,7 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         rounds = 1
         for arch in grid.architectures:
             calibrated = get_arch(arch).sparsity_knob != "k" and grid.calibrate
-            searching = calibrated and arch not in grid.calibration_start
+            searching = calibrated and arch not in profile.calibration_start(entry.name)
             probes = PROBES_PER_SEARCH if searching else 1.0
             rounds = max(rounds, ROUNDS_PER_SEARCH if searching else 1)
             for k in grid.targets:

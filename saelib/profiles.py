@@ -58,11 +58,17 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model of the profile and the layer whose residual stream the SAEs read (protocol §2)."""
+    """One model of the profile and the layer whose residual stream the SAEs read (protocol §2).
+
+    ``calibration_start``: as ``grid.calibration_start``, for this model's SAEs only (it wins over
+    the grid's for the architectures it names). Calibrated knobs belong to a model and layer: an L1
+    coefficient that gives L0 6 on one residual stream gives another L0 on the next model's.
+    """
 
     name: str
     layer: int
     label: str = ""
+    calibration_start: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def validate(self) -> None:
         if not is_known_model(self.name):
@@ -160,15 +166,20 @@ class GridConfig:
                                    f"({len(self.targets)}), got {len(coeffs)}")
             if any(c <= 0 for c in coeffs):
                 raise ProfileError(f"grid.l1.{arch}: coefficients must be positive")
-        for arch, knobs in self.calibration_start.items():
-            if arch not in CALIBRATED_ARCHITECTURES:
-                raise ProfileError(f"grid.calibration_start is for {', '.join(CALIBRATED_ARCHITECTURES)} "
-                                   f"only (the others need no search), not {arch!r}")
-            if len(knobs) != len(self.targets):
-                raise ProfileError(f"grid.calibration_start.{arch} needs one knob per target "
-                                   f"({len(self.targets)}), got {len(knobs)}")
-            if not all(math.isfinite(k) and k > 0 for k in knobs):
-                raise ProfileError(f"grid.calibration_start.{arch}: knobs must be positive and finite")
+        check_calibration_start(self.calibration_start, len(self.targets), "grid.calibration_start")
+
+
+def check_calibration_start(starts: dict[str, tuple[float, ...]], n_targets: int, where: str) -> None:
+    """A ``calibration_start`` mapping (the grid's or a model's): calibrated architectures only,
+    one positive finite knob per target."""
+    for arch, knobs in starts.items():
+        if arch not in CALIBRATED_ARCHITECTURES:
+            raise ProfileError(f"{where} is for {', '.join(CALIBRATED_ARCHITECTURES)} "
+                               f"only (the others need no search), not {arch!r}")
+        if len(knobs) != n_targets:
+            raise ProfileError(f"{where}.{arch} needs one knob per target ({n_targets}), got {len(knobs)}")
+        if not all(math.isfinite(k) and k > 0 for k in knobs):
+            raise ProfileError(f"{where}.{arch}: knobs must be positive and finite")
 
 
 @dataclass(frozen=True)
@@ -205,6 +216,9 @@ class Profile:
         self.corpus.validate()
         self.capture.validate()
         self.grid.validate()
+        for m in self.models:
+            check_calibration_start(m.calibration_start, len(self.grid.targets),
+                                    f"models[{m.display}].calibration_start")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ProfileError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         # Frozen, so the typed sections are attached once here rather than as a field: two
@@ -233,6 +247,11 @@ class Profile:
         if not root.is_absolute():
             root = PARAMS_DIR.parent / root
         return root / self.name
+
+    def calibration_start(self, model: str) -> dict[str, tuple[float, ...]]:
+        """Where each calibrated architecture's search starts for ``model``'s SAEs, by level: the
+        model's own ``calibration_start`` over the grid's."""
+        return {**self.grid.calibration_start, **self.model(model).calibration_start}
 
     def model(self, name_or_label: str) -> ModelEntry:
         for m in self.models:

@@ -166,6 +166,28 @@ def test_profile_calibration_start_reaches_the_search(monkeypatch):
     assert seen["relu"].start is None  # sae-lens's name for the paper's "standard"
 
 
+def test_a_models_calibration_start_wins_over_the_grids(monkeypatch):
+    """Calibrated knobs belong to a model and layer: a model's ``calibration_start`` is used for
+    its SAEs, the grid's for the architectures it does not name, and the other model keeps the
+    grid's."""
+    from saelib import stages
+    from saelib.profiles import profile_from_dict
+
+    data = yaml.safe_load((PARAMS_DIR / "smoke.yaml").read_text())
+    data["grid"]["calibrate"] = True
+    data["grid"]["calibration_start"] = {"gated": [0.123], "jumprelu": [7.5]}
+    other = dict(data["models"][0], label="other")
+    data["models"][0]["calibration_start"] = {"gated": [0.456]}
+    data["models"].append(other)
+    profile = profile_from_dict(data, name="per-model")
+    first, second = profile.models
+    assert profile.calibration_start(first.display) == {"gated": (0.456,), "jumprelu": (7.5,)}
+    assert profile.calibration_start(second.display) == {"gated": (0.123,), "jumprelu": (7.5,)}
+    job = stages.SAEJob(first.name, "gated", 0)
+    assert stages.train.search_start(profile, job).start == 0.456
+    assert stages.train.search_start(profile, stages.SAEJob(first.name, "jumprelu", 0)).start == 7.5
+
+
 def test_topk_needs_no_search_and_jumprelu_starts_at_target():
     called = []
     res = calibrate_sparsity("topk", 7, model="m", layer=1, d_in=D_IN, d_sae=D_SAE,

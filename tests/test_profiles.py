@@ -125,6 +125,12 @@ BAD = [
                  id="start-zero"),
     pytest.param(with_change("grid.calibration_start", {"standard": [float("nan")]}),
                  r"knobs must be positive and finite", id="start-nan"),
+    pytest.param(with_change("models.0.calibration_start", {"gated": [1.0, 2.0]}),
+                 r"models\[SmolLM2-135M\]\.calibration_start\.gated needs one knob per target \(1\), "
+                 r"got 2", id="model-start-wrong-length"),
+    pytest.param(with_change("models.0.calibration_start", {"batchtopk": [3.0]}),
+                 r"models\[SmolLM2-135M\]\.calibration_start is for standard, gated, jumprelu only",
+                 id="model-start-for-batchtopk"),
     pytest.param(with_change("corpus.context", 4), r"corpus\.context must be >= 8", id="context-too-small"),
     pytest.param(with_change("corpus.train_tokens", 10), r"at least one context of 64 tokens",
                  id="train-tokens-below-context"),

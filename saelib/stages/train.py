@@ -160,12 +160,12 @@ def _profile_l1(profile: Profile, job: SAEJob) -> list[float] | None:
 
 def search_start(profile: Profile, job: SAEJob) -> CalibrationConfig:
     """Where a calibrated cell's knob search starts, in both training modes: the cell's
-    ``grid.calibration_start`` (an earlier run's calibrated knob: one probe when still in band),
-    else the profile's ``grid.l1`` for ReLU / Gated as the first λ; the cached mode's search may
-    instead start from a calibrated neighbour (:func:`saelib.sae.calibrate.first_knob` and the
-    calibration cache)."""
+    ``calibration_start``, its model's else the grid's (:meth:`Profile.calibration_start`: an
+    earlier run's calibrated knob, one probe when still in band), else the profile's ``grid.l1``
+    for ReLU / Gated as the first λ; the cached mode's search may instead start from a calibrated
+    neighbour (:func:`saelib.sae.calibrate.first_knob` and the calibration cache)."""
     l1 = _profile_l1(profile, job)
-    first = profile.grid.calibration_start.get(job.arch)
+    first = profile.calibration_start(job.model).get(job.arch)
     return CalibrationConfig(initial_l1=float(l1[job.level]) if l1 else 1.0,
                              start=float(first[job.level]) if first else None).validate()
 
