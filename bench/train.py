@@ -7,9 +7,11 @@ d_sae 2048 by default: Gemma-3-270M's width and the CPU profile's SAE width), th
   ``SAETrainer.step``, tail metrics, final fold), seconds as it reports them (training loop only);
 * sae-lens: ``SAETrainer(...).fit()`` fed by an iterator of the same batches, wall time.
 
-For TopK and BatchTopK saelib trains with :mod:`saelib.sae.sparse`'s embedding-bag decode; the
-same ``train_sae`` with ``TrainConfig(sparse_decode=False)`` (sae-lens's dense decode) is timed
-beside it, so the table shows what the sparse decode alone buys. Both report tokens/s. The roofline fraction compares saelib's achieved FLOP/s with this machine's
+saelib trains with its subclasses of sae-lens's training SAEs (every architecture's encoder
+without the input gradient, :mod:`saelib.sae.encoder`; TopK and BatchTopK also with
+:mod:`saelib.sae.sparse`'s embedding-bag decode); the same ``train_sae`` with
+``TrainConfig(sparse_decode=False)`` (sae-lens's own classes) is timed beside it, so the table
+shows what the subclasses alone buy ("classes"). Both report tokens/s. The roofline fraction compares saelib's achieved FLOP/s with this machine's
 measured float32 matmul FLOP/s (best of a few ``[B, d_in] @ [d_in, d_sae]`` products, counted as
 2·M·K·N FLOPs). Training FLOPs per token are taken as 12·d_in·d_sae for every architecture: the
 encoder and decoder matmuls are 2·d_in·d_sae FLOPs each forward and twice that backward
@@ -98,7 +100,7 @@ def run_saelib(arch: str, pool: list[torch.Tensor], steps: int, cfg: TrainConfig
 
 def run_saelib_dense(arch: str, pool: list[torch.Tensor], steps: int, cfg: TrainConfig,
                      d_sae: int) -> float:
-    """saelib's path with sae-lens's dense decode (``sparse_decode=False``)."""
+    """saelib's path with sae-lens's own training classes (``sparse_decode=False``)."""
     return run_saelib(arch, pool, steps, dataclasses.replace(cfg, sparse_decode=False), d_sae)
 
 
@@ -186,8 +188,8 @@ def main() -> None:
           f"d_sae={args.d_sae} batch={args.batch} steps={args.steps}")
     print(f"measured float32 matmul: {peak / 1e9:.1f} GFLOP/s; "
           f"training FLOPs/token counted: {flops_per_token:.3g}")
-    print(f"{'arch':10s} {'saelib tok/s':>13s} {'dense-dec tok/s':>16s} {'sae-lens tok/s':>15s} "
-          f"{'ratio':>6s} {'sparse/dense':>13s} {'roofline':>9s}")
+    print(f"{'arch':10s} {'saelib tok/s':>13s} {'sl-class tok/s':>16s} {'sae-lens tok/s':>15s} "
+          f"{'ratio':>6s} {'classes':>13s} {'roofline':>9s}")
     # one untimed warm-up step so allocator and thread-pool start-up hit neither side
     run_saelib("relu", pool, 1, cfg, args.d_sae)
     ratios, fractions = [], []

@@ -7,9 +7,11 @@ class per architecture; this module says, once, which paper name goes with which
 which knob the sparsity value feeds, and which inference class the trained SAE is saved as
 (sae-lens saves BatchTopK as JumpReLU with a threshold, as its ``BatchTopKTrainingSAEConfig`` does).
 Everything else in ``saelib.sae`` looks architectures up here instead of branching on names.
-TopK and BatchTopK train with :mod:`saelib.sae.sparse`'s subclasses, which decode the k-sparse code
-by embedding bag (same numbers, ~F/k less decoder work); ``sae_lens_training_sae_cls`` keeps
-sae-lens's own dense-decoding class (``TrainConfig.sparse_decode=False``, benchmarks).
+Every architecture trains with a saelib subclass of sae-lens's training class that computes the
+same numbers with less work: all five skip the encoder's input gradient
+(:mod:`saelib.sae.encoder`), and TopK and BatchTopK also decode the k-sparse code by embedding bag
+(:mod:`saelib.sae.sparse`, ~F/k less decoder work). ``sae_lens_training_sae_cls`` keeps sae-lens's
+own class (``TrainConfig.sparse_decode=False``: tests and benchmarks compare the two).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from sae_lens.saes import (
     TrainingSAEConfig,
 )
 
+from saelib.sae.encoder import (CentredGatedTrainingSAE, CentredJumpReLUTrainingSAE,
+                                CentredStandardTrainingSAE)
 from saelib.sae.sparse import SparseBatchTopKTrainingSAE, SparseTopKTrainingSAE
 
 if TYPE_CHECKING:
@@ -62,12 +66,12 @@ class ArchSpec:
     inference_architecture: str
     sparsity_knob: SparsityKnob
     build_config: Callable[[int, int, float, int, "TrainConfig"], TrainingSAEConfig]
-    #: sae-lens's own training class when ``training_sae_cls`` is saelib's sparse-decode subclass.
+    #: sae-lens's own training class, of which ``training_sae_cls`` is saelib's subclass.
     sae_lens_training_sae_cls: type[TrainingSAE[Any]] | None = None
 
     def training_class(self, sparse_decode: bool = True) -> type[TrainingSAE[Any]]:
-        """The class that trains this architecture: saelib's sparse-decode subclass (TopK,
-        BatchTopK) unless ``sparse_decode`` is False, then sae-lens's own class."""
+        """The class that trains this architecture: saelib's subclass (module doc) unless
+        ``sparse_decode`` (``TrainConfig``'s name for it) is False, then sae-lens's own class."""
         if sparse_decode or self.sae_lens_training_sae_cls is None:
             return self.training_sae_cls
         return self.sae_lens_training_sae_cls
@@ -145,12 +149,14 @@ def _batchtopk(d_in: int, d_sae: int, value: float, warm: int,
 
 #: Paper name (lower case) -> architecture spec. The grid's architecture axis (protocol §2).
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "relu": ArchSpec("relu", "ReLU", "standard", StandardTrainingSAEConfig, StandardTrainingSAE,
-                     "StandardSAE", "standard", "l1", _relu),
-    "gated": ArchSpec("gated", "Gated", "gated", GatedTrainingSAEConfig, GatedTrainingSAE,
-                      "GatedSAE", "gated", "l1", _gated),
+    "relu": ArchSpec("relu", "ReLU", "standard", StandardTrainingSAEConfig,
+                     CentredStandardTrainingSAE, "StandardSAE", "standard", "l1", _relu,
+                     StandardTrainingSAE),
+    "gated": ArchSpec("gated", "Gated", "gated", GatedTrainingSAEConfig, CentredGatedTrainingSAE,
+                      "GatedSAE", "gated", "l1", _gated, GatedTrainingSAE),
     "jumprelu": ArchSpec("jumprelu", "JumpReLU", "jumprelu", JumpReLUTrainingSAEConfig,
-                         JumpReLUTrainingSAE, "JumpReLUSAE", "jumprelu", "l0_target", _jumprelu),
+                         CentredJumpReLUTrainingSAE, "JumpReLUSAE", "jumprelu", "l0_target",
+                         _jumprelu, JumpReLUTrainingSAE),
     "topk": ArchSpec("topk", "TopK", "topk", TopKTrainingSAEConfig, SparseTopKTrainingSAE,
                      "TopKSAE", "topk", "k", _topk, TopKTrainingSAE),
     "batchtopk": ArchSpec("batchtopk", "BatchTopK", "batchtopk", BatchTopKTrainingSAEConfig,

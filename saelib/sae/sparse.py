@@ -35,6 +35,7 @@ from sae_lens.saes import BatchTopKTrainingSAE, TopKTrainingSAE
 from typing_extensions import override
 
 from saelib.kernels import sparse_decode
+from saelib.sae.encoder import CentredEncoderMixin
 
 
 def active_latents(acts_BF: torch.Tensor, k: int | None = None,
@@ -89,12 +90,23 @@ def _decode_picked(sae: TopKTrainingSAE, vals_BM: torch.Tensor, idx_BM: torch.Te
     return sparse_decode(idx_BM, vals_BM, sae.W_dec, sae.b_dec if with_bias else None)
 
 
-class SparseTopKTrainingSAE(TopKTrainingSAE):
-    """sae-lens's ``TopKTrainingSAE`` with the decode and aux-loss decode done by embedding bag."""
+class SparseTopKTrainingSAE(CentredEncoderMixin, TopKTrainingSAE):
+    """sae-lens's ``TopKTrainingSAE`` with the decode and aux-loss decode done by embedding bag,
+    and the encoder's backward without the input gradient (:mod:`saelib.sae.encoder`)."""
 
     def max_active_per_token(self) -> int | None:
         """A bound on any token's non-zeros known before the forward: TopK keeps at most k."""
         return int(self.cfg.k)
+
+    @override
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sae-lens 6.54's TopK encode (pre-activations scaled by decoder norms when
+        ``rescale_acts_by_decoder_norm``), projected by :meth:`CentredEncoderMixin.project`."""
+        sae_in, shortcut = self.centred_input(x)
+        hidden_pre = self.hook_sae_acts_pre(self.project(sae_in, shortcut, self.W_enc, self.b_enc))
+        if self.cfg.rescale_acts_by_decoder_norm:
+            hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
+        return self.hook_sae_acts_post(self.activation_fn(hidden_pre)), hidden_pre
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:

@@ -131,8 +131,9 @@ class TrainConfig:
     batchtopk_threshold_lr: float = 0.01
     #: sae-lens's ``rescale_acts_by_decoder_norm`` for BatchTopK (module doc, BatchTopK: off).
     batchtopk_rescale_acts: bool = False
-    #: decode TopK/BatchTopK codes by embedding bag (saelib.sae.sparse: same numbers, ~F/k less
-    #: decoder work); False trains with sae-lens's dense ``feature_acts @ W_dec`` decode.
+    #: train with saelib's subclasses of sae-lens's training SAEs (same numbers, less work: no
+    #: encoder input gradient, saelib.sae.encoder; TopK/BatchTopK codes decoded by embedding bag,
+    #: saelib.sae.sparse); False trains with sae-lens's own classes (dense decode).
     sparse_decode: bool = True
     #: batches used to estimate the centring mean and the scale (clipped to the run).
     norm_estimate_batches: int = 8
