@@ -169,7 +169,8 @@ class GridConfig:
         check_calibration_start(self.calibration_start, len(self.targets), "grid.calibration_start")
 
 
-def check_calibration_start(starts: dict[str, tuple[float, ...]], n_targets: int, where: str) -> None:
+def check_calibration_start(starts: dict[str, tuple[float, ...]], n_targets: int,
+                            where: str) -> None:
     """A ``calibration_start`` mapping (the grid's or a model's): calibrated architectures only,
     one positive finite knob per target."""
     for arch, knobs in starts.items():
@@ -177,7 +178,8 @@ def check_calibration_start(starts: dict[str, tuple[float, ...]], n_targets: int
             raise ProfileError(f"{where} is for {', '.join(CALIBRATED_ARCHITECTURES)} "
                                f"only (the others need no search), not {arch!r}")
         if len(knobs) != n_targets:
-            raise ProfileError(f"{where}.{arch} needs one knob per target ({n_targets}), got {len(knobs)}")
+            raise ProfileError(f"{where}.{arch} needs one knob per target ({n_targets}), "
+                               f"got {len(knobs)}")
         if not all(math.isfinite(k) and k > 0 for k in knobs):
             raise ProfileError(f"{where}.{arch}: knobs must be positive and finite")
 

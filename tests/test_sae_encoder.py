@@ -43,7 +43,8 @@ def step(sae, x):
         sae_in=x, coefficients={"l1": 0.5, "l0": 0.5}, dead_neuron_mask=None, n_training_steps=0,
         is_logging_step=False))
     out.loss.backward()
-    return out, {n: p.grad.detach().clone() for n, p in sae.named_parameters() if p.grad is not None}
+    return out, {n: p.grad.detach().clone() for n, p in sae.named_parameters()
+                 if p.grad is not None}
 
 
 class LargeMatmuls(TorchDispatchMode):

@@ -7,8 +7,8 @@ import torch
 from sae_lens.saes import StandardSAE, StandardSAEConfig
 
 from saelib.sae.metrics import reconstruct, reconstruction_metrics
-from saelib.sae.train import (PAPER_TOTAL_STEPS, BatchStream, TrainConfig, latest_checkpoint,
-                              train_sae)
+from saelib.sae.train import (PAPER_TOTAL_STEPS, BatchStream, SAERun, TrainConfig, fuse_adam,
+                              latest_checkpoint, train_sae)
 
 D_IN, D_SAE = 16, 32
 CFG = TrainConfig(batch_size=256, lr=3e-3, progress=False)
@@ -135,6 +135,11 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt is not None and ckpt.name == "step_000000040"
     assert not list(tmp_path.glob(".*tmp"))
+    # the fused Adam update survives the checkpoint's own param groups
+    opt = SAERun("topk", D_IN, D_SAE, 4, total, cfg, checkpoint_dir=tmp_path,
+                 seed=3).trainer.optimizer
+    assert all(g["fused"] for g in opt.param_groups)
+    assert {s["step"].dtype for s in opt.state.values()} == {torch.float32}
     resumed = train_sae("topk", D_IN, D_SAE, 4, stream(), total, cfg, checkpoint_dir=tmp_path,
                         seed=3)
     assert resumed.resumed_from_step == 40
@@ -178,3 +183,27 @@ def test_jumprelu_realised_l0_follows_the_penalty_target():
     high = train_sae("jumprelu", D_IN, D_SAE, 16, stream(), 256 * 300, CFG)
     assert 6 <= low.l0 <= 10 and 13 <= high.l0 <= 19
     assert low.dead_fraction == 0 and low.explained_variance > 0.85
+
+
+def test_fused_adam_takes_the_unfused_step():
+    """``fuse_adam`` switches sae-lens's Adam to torch's fused update mid-run (as a resumed
+    checkpoint does): its state carries over and every step matches the unfused path's to float
+    rounding."""
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(32, 64, generator=g), torch.randn(64, generator=g)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(6)]
+    finals = []
+    for fuse in (False, True):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = torch.optim.Adam(params, lr=3e-3, betas=(0.9, 0.999))
+        for i, step_grads in enumerate(grads):
+            if fuse and i == 1:
+                fuse_adam(opt)
+            for p, grad in zip(params, step_grads):
+                p.grad = grad.clone()
+            opt.step()
+        finals.append(params)
+    assert all(grp["fused"] for grp in opt.param_groups)
+    for ours, theirs, first in zip(finals[1], finals[0], start):
+        assert (ours - first).abs().mean() > 1e-3  # six steps of ~lr moved the weights
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)

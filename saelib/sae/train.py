@@ -40,6 +40,11 @@ What is added here (protocol §2):
   0.001-0.01, which put L0 at 4.6 for target 4 where 0.01 gave 5.4 (MMCS 0.90 vs 0.87). The
   price: in 512 steps realised L0 has a floor (about 10 on the default's activations; lower
   targets, or a stronger penalty, gave a higher L0), which calibration reports rather than hides.
+* **Fused Adam.** sae-lens's Adam (same betas, lr and schedule) with torch's ``fused`` update: one
+  pass over each weight per step instead of the single-tensor path's ~8 (``lerp_``, ``mul_``,
+  ``addcmul_``, ``sqrt``, ``div``, ``add_``, ``addcdiv_``, ...), which torch picks on the CPU when
+  neither ``foreach`` nor ``fused`` is set. Same update up to float rounding; on this CPU the
+  optimiser step of a 576 × 2,048 SAE took ~7 % of a ReLU training step before.
 * **BatchTopK.** Trained without ``rescale_acts_by_decoder_norm`` (the batch-wide top-k compares
   raw pre-activations, as Bussmann et al.'s unit-norm decoder does): with sae-lens's rescaling on,
   the same planted run left 12 % of the latents dead and MMCS at 0.81 (TopK 0.93); without it,
@@ -371,7 +376,22 @@ def _make_trainer(sae: TrainingSAE[Any], cfg: TrainConfig, sched: Schedule) -> S
         dead_feature_window=sched.dead_feature_window,
         feature_sampling_window=max(1, sched.total_steps), n_checkpoints=0)
     # sae-lens reads batches through step(); the provider is never pulled.
-    return SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(()))
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(()))
+    fuse_adam(trainer.optimizer)
+    return trainer
+
+
+def fuse_adam(optimizer: torch.optim.Optimizer) -> None:
+    """Switch sae-lens's Adam to torch's fused update (module doc, "Fused Adam"), before its first
+    step or after a checkpoint's state is loaded (a loaded state brings its own param groups).
+    The fused path keeps each parameter's step count as a float32 tensor on the parameter's
+    device; a state written by the unfused path is moved there."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and "step" in state:
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
 
 def _get_rng(device: str) -> dict[str, torch.Tensor]:
@@ -475,6 +495,7 @@ def _load_checkpoint(path: Path, trainer: SAETrainer, tail: _TailStats,
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     trainer.optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    fuse_adam(trainer.optimizer)
     trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
     for name, sd in state["coefficient_schedulers"].items():
         trainer.coefficient_schedulers[name].load_state_dict(sd)
