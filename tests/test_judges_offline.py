@@ -275,3 +275,21 @@ def test_stuffed_runs_need_a_repeated_word(embed):
     assert (use.natural, use.stuffed_words, use.n_words) == (2, 3, 10)
     assert use.clean == "Marine life is rich. The is deep."
     assert concept_use("cat, cats and dogs", ["cat"]).stuffed_words == 2
+
+
+def test_each_distinct_text_is_embedded_once_per_rating_call(embed):
+    """An output is its own first piece when nothing is cut out of it: one encoder call embeds
+    outputs and pieces, each distinct text once (before, every such output was embedded twice)."""
+    seen: list[str] = []
+
+    def counting(texts):
+        seen.extend(texts)
+        return embed(texts)
+
+    items = [RatingItem("cooking", SPEAKING_INSTR, FLUENT_COOKING),
+             RatingItem("finance", SPEAKING_INSTR, OFF_TOPIC),
+             RatingItem("speaking", SPEAKING_INSTR, SPEAKING_OUT)]
+    ratings = OfflineJudge(JudgeConfig(), embed_fn=counting).rate(items)
+    assert len(seen) == len(set(seen))
+    assert {FLUENT_COOKING, OFF_TOPIC, SPEAKING_OUT} <= set(seen)
+    assert ratings[2].instruction > ratings[1].instruction  # on-topic answer vs off-topic one

@@ -441,8 +441,10 @@ class OfflineJudge(Judge):
         out (:func:`concept_use`), whole or any one sentence of it, so that one natural sentence
         about the concept in a longer answer counts and a pasted run of concept words does not.
         Instruction: cosine between instruction and the whole output.
+
+        Outputs and their pieces go to the encoder in one call, which embeds each distinct text
+        once: an output with nothing cut out is its own first piece (most are).
         """
-        out_ND = self.embed([it.output for it in items])
         ins_ND = self.embed([it.instruction for it in items], remember=True)
         con_ND = self.embed([self._concept_embed_text(it.concept) for it in items], remember=True)
         pieces: list[list[str]] = []
@@ -451,7 +453,8 @@ class OfflineJudge(Judge):
             parts = [clean, *sentences(clean)] if _WORD.search(clean) else []
             pieces.append(list(dict.fromkeys(parts)))
         flat = [p for ps in pieces for p in ps]
-        emb = self.embed(flat) if flat else np.zeros((0, con_ND.shape[1]), np.float32)
+        both = self.embed([it.output for it in items] + flat)
+        out_ND, emb = both[:len(items)], both[len(items):]
         sim_c, k = np.full(len(items), -1.0), 0
         for n, ps in enumerate(pieces):
             if ps:
