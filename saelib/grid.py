@@ -100,9 +100,14 @@ def run_notebook(profile: Profile, job: Job, log_output: bool = False) -> None:
     # CSV, land beside its executed copy) through nbclient's ``resources.metadata.path``, not
     # papermill's ``cwd``: that one os.chdir()s this whole process, and jobs run as threads of it
     # (``dask_client``), so two jobs starting together would swap folders.
+    # ``shutdown_kernel="immediate"``: once the last cell has run and its outputs are in, nbclient
+    # stops the kernel at once instead of asking it to exit and polling for up to 5 s; the job's
+    # results are written by its cells, so nothing is lost, and each of the grid's ~120 notebooks
+    # is ~2.5 s shorter (measured with papermill 2.7 on this machine).
     pm.execute_notebook(str(notebook), str(tmp), parameters=job.parameters,
                         kernel_name="python3", progress_bar=False, log_output=log_output,
-                        resources={"metadata": {"path": str(out.parent)}})
+                        resources={"metadata": {"path": str(out.parent)}},
+                        shutdown_kernel="immediate")
     _retitle(tmp, job)
     tmp.replace(out)
 
