@@ -7,6 +7,8 @@ same sum in another order), short training runs to 1e-4; and the claim itself, c
 B·F·D matmul fewer per step (two for Gated, whose auxiliary loss re-encodes).
 """
 
+import itertools
+
 import pytest
 import torch
 from sae_lens.saes.sae import TrainStepInput
@@ -112,23 +114,16 @@ def test_an_input_that_needs_a_gradient_gets_it():
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
-def batches(seed: int = 0, n: int = 64):
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(3 * D_IN, D_IN, generator=g)
-    while True:
-        on = (torch.rand(n, 3 * D_IN, generator=g) < 0.1).float()
-        yield (on * torch.rand(n, 3 * D_IN, generator=g)) @ dirs + 5.0
-
-
 @pytest.mark.parametrize("arch", ["relu", "gated", "jumprelu"])
 def test_short_training_run_matches_sae_lens(arch):
     """30 Adam steps give the same SAE with saelib's class as with sae-lens's (TopK and BatchTopK:
     tests/test_sae_sparse.py)."""
     results = {}
     for ours in (True, False):
-        cfg = TrainConfig(batch_size=64, lr=3e-3, progress=False, norm_estimate_batches=2,
+        cfg = TrainConfig(batch_size=B, lr=3e-3, progress=False, norm_estimate_batches=2,
                           sparse_decode=ours)
-        results[ours] = train_sae(arch, D_IN, D_SAE, KNOB[arch], batches(), 30 * 64, cfg)
+        batches = (inputs(seed) for seed in itertools.count())
+        results[ours] = train_sae(arch, D_IN, D_SAE, KNOB[arch], batches, 30 * B, cfg)
     assert results[True].l0 == pytest.approx(results[False].l0, abs=1e-3)
     theirs = results[False].sae.state_dict()
     for name, value in results[True].sae.state_dict().items():
