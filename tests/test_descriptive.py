@@ -249,3 +249,27 @@ def test_descriptive_profile_section_rejects_bad_values(section, match):
     profile = dataclasses.replace(load_profile("smoke"), descriptive=section)
     with pytest.raises(ProfileError, match=match):
         section_config(D.DescriptiveConfig, profile, "descriptive")
+
+
+@pytest.mark.parametrize("scale,dtype", [(3.0, np.float16), (1e5, np.float32)])
+def test_padded_residuals_keep_float32_when_float16_would_overflow(scale, dtype):
+    """Gemma-3-270M's massive activations at BOS overflowed the float16 store and stopped the
+    cpu-pair capture; values that fit stay float16 (half the disk)."""
+    tokens_NL = np.array([[1, 5, 7, 0], [1, 2, 0, 0], [1, 3, 4, 6]])
+    lengths_N = np.array([3, 2, 4])
+
+    def residual(toks_BL):
+        return toks_BL.float()[..., None] * torch.tensor([scale, -scale / 2])
+
+    out = D._residual_padded(residual, tokens_NL, lengths_N, 2, "test", progress=False)
+    assert out.dtype == dtype and out.shape == (3, 4, 2)
+    want = tokens_NL[..., None] * np.array([scale, -scale / 2])
+    mask = np.arange(4)[None, :] < lengths_N[:, None]
+    np.testing.assert_allclose(out[mask].astype(np.float64), want[mask], rtol=1e-3)
+    assert not out[~mask].any()  # padding stays zero
+
+
+def test_padded_residuals_refuse_non_finite_values():
+    with pytest.raises(ValueError, match="non-finite"):
+        D._residual_padded(lambda t: torch.full((*t.shape, 2), float("nan")),
+                           np.array([[1, 2]]), np.array([2]), 4, "test", progress=False)

@@ -112,7 +112,9 @@ def _probe_tokens(tokenizer, texts: Iterable[str], context: int) -> tuple[np.nda
 def _residual_padded(residual, tokens_NL: np.ndarray, lengths_N: np.ndarray, batch: int,
                      desc: str, progress: bool) -> np.ndarray:
     """Residual of right-padded texts (causal attention: padding never reaches earlier tokens),
-    batched by length so short texts do not pay for long ones; stored as float16."""
+    batched by length so short texts do not pay for long ones; stored as float16 when every value
+    fits it, else float32 (Gemma-3-270M's massive activations at BOS exceed float16's 65,504: the
+    cpu-pair profile's capture stopped on them; readers take either)."""
     N, L = tokens_NL.shape
     out = None
     order = np.argsort(lengths_N, kind="stable")
@@ -122,10 +124,12 @@ def _residual_padded(residual, tokens_NL: np.ndarray, lengths_N: np.ndarray, bat
         with torch.no_grad():
             acts = residual(torch.as_tensor(tokens_NL[idx, :width])).float().cpu().numpy()
         if out is None:
-            out = np.zeros((N, L, acts.shape[-1]), dtype=np.float16)
+            out = np.zeros((N, L, acts.shape[-1]), dtype=np.float32)
         out[idx, :width] = acts
     if not np.isfinite(out).all():
-        raise ValueError(f"{desc}: non-finite activations (float16 overflow or an unstable model)")
+        raise ValueError(f"{desc}: non-finite activations (an unstable model)")
+    if np.abs(out).max(initial=0.0) < np.finfo(np.float16).max:
+        out = out.astype(np.float16)
     return out
 
 
