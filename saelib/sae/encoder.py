@@ -54,14 +54,19 @@ class CentredEncoderMixin:
             pre = pre + (b_D.detach() - b_D) @ W_DF
         return pre
 
+    def encoder_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """sae-lens's hooked ``(x − b_dec) W_enc + b_enc`` (ReLU, JumpReLU, TopK, BatchTopK),
+        projected by :meth:`project`."""
+        sae_in, shortcut = self.centred_input(x)
+        return self.hook_sae_acts_pre(self.project(sae_in, shortcut, self.W_enc, self.b_enc))
+
 
 class CentredStandardTrainingSAE(CentredEncoderMixin, StandardTrainingSAE):
     """sae-lens's ReLU (``standard``) training SAE; same numbers, no input-gradient matmul."""
 
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sae_in, shortcut = self.centred_input(x)
-        hidden_pre = self.hook_sae_acts_pre(self.project(sae_in, shortcut, self.W_enc, self.b_enc))
+        hidden_pre = self.encoder_pre(x)
         return self.hook_sae_acts_post(self.activation_fn(hidden_pre)), hidden_pre
 
 
@@ -70,8 +75,7 @@ class CentredJumpReLUTrainingSAE(CentredEncoderMixin, JumpReLUTrainingSAE):
 
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sae_in, shortcut = self.centred_input(x)
-        hidden_pre = self.hook_sae_acts_pre(self.project(sae_in, shortcut, self.W_enc, self.b_enc))
+        hidden_pre = self.encoder_pre(x)
         feature_acts = self.hook_sae_acts_post(JumpReLU.apply(
             hidden_pre, self.threshold.to(hidden_pre.dtype), self.bandwidth,
             self.cfg.jumprelu_ste_to_input))

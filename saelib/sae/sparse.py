@@ -101,9 +101,8 @@ class SparseTopKTrainingSAE(CentredEncoderMixin, TopKTrainingSAE):
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sae-lens 6.54's TopK encode (pre-activations scaled by decoder norms when
-        ``rescale_acts_by_decoder_norm``), projected by :meth:`CentredEncoderMixin.project`."""
-        sae_in, shortcut = self.centred_input(x)
-        hidden_pre = self.hook_sae_acts_pre(self.project(sae_in, shortcut, self.W_enc, self.b_enc))
+        ``rescale_acts_by_decoder_norm``), from :meth:`CentredEncoderMixin.encoder_pre`."""
+        hidden_pre = self.encoder_pre(x)
         if self.cfg.rescale_acts_by_decoder_norm:
             hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
         return self.hook_sae_acts_post(self.activation_fn(hidden_pre)), hidden_pre
