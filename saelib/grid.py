@@ -112,6 +112,12 @@ def run_notebook(profile: Profile, job: Job, log_output: bool = False) -> None:
     tmp.replace(out)
 
 
+def error_file(profile: Profile, job: Job) -> Path:
+    """Where a failed job's traceback goes, beside its executed notebook; a later successful run
+    of the job removes it, so what is left names only jobs that are failing now."""
+    return executed_dir(profile) / job.stage / f"{job.name}.error.txt"
+
+
 def _retitle(path: Path, job: Job) -> None:
     """Append the job's parameters to the notebook's title, so the book's table of contents tells
     the thirty 'Train one SAE' pages apart."""
@@ -199,11 +205,11 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
                     report.seconds[job.name] = fut.result()
                     report.ran.append(job.name)
                     finished.add(job.name)
+                    error_file(profile, job).unlink(missing_ok=True)  # an earlier run's, now stale
                 except Exception as e:  # one job's failure must not stop the grid
                     report.failed[job.name] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
-                    (executed_dir(profile) / job.stage).mkdir(parents=True, exist_ok=True)
-                    (executed_dir(profile) / job.stage / f"{job.name}.error.txt").write_text(
-                        "".join(traceback.format_exception(e)))
+                    error_file(profile, job).parent.mkdir(parents=True, exist_ok=True)
+                    error_file(profile, job).write_text("".join(traceback.format_exception(e)))
                 bar.update(1)
             start_ready(client, slots)
     bar.close()

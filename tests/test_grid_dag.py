@@ -35,7 +35,8 @@ def test_jobs_form_a_dag_in_order(tmp_path):
 
 def test_failure_blocks_dependants_only_and_resume_skips_done(tmp_path, monkeypatch):
     """Through the real Dask LocalCluster. Dask pickles each task, so the fake job records what it
-    ran in a file (a closure's list would be a copy), and a job is done when its marker exists."""
+    ran in a file (a closure's list would be a copy), and a job is done when its marker exists. A
+    failed job's traceback stays while it fails and goes once it succeeds."""
     profile = _profile(tmp_path)
     monkeypatch.setattr(stages.capture, "prepare", lambda p: {})
     log = tmp_path / "ran.txt"
@@ -45,7 +46,7 @@ def test_failure_blocks_dependants_only_and_resume_skips_done(tmp_path, monkeypa
     def fake_run(profile_, job):
         with open(log, "a") as f:
             f.write(job.name + "\n")
-        if job.name.endswith("gated-s0"):
+        if job.name.endswith("gated-s0") and (tmp_path / "fail").exists():
             raise RuntimeError("boom")
         job.output(profile_).parent.mkdir(parents=True, exist_ok=True)
         job.output(profile_).write_text("{}")
@@ -64,6 +65,7 @@ def test_failure_blocks_dependants_only_and_resume_skips_done(tmp_path, monkeypa
         return jobs
 
     monkeypatch.setattr(grid, "build_jobs", jobs_with_fake_done)
+    (tmp_path / "fail").touch()
     report = grid.run_grid(profile, progress=False, workers=2)
     assert list(report.failed) == ["train-smollm2-135m-instruct-gated-s0"]
     assert "boom" in report.failed["train-smollm2-135m-instruct-gated-s0"]
@@ -81,6 +83,12 @@ def test_failure_blocks_dependants_only_and_resume_skips_done(tmp_path, monkeypa
     report2 = grid.run_grid(profile, progress=False)
     assert ran() == ["train-smollm2-135m-instruct-gated-s0"], "a rerun must redo only the unfinished job"
     assert len(report2.skipped) == 17
+    assert error_file.exists(), "a job that fails again keeps its traceback"
+
+    (tmp_path / "fail").unlink()
+    report3 = grid.run_grid(profile, progress=False)
+    assert report3.ok and "train-smollm2-135m-instruct-gated-s0" in report3.ran
+    assert not error_file.exists(), "a job that now succeeds leaves no stale traceback"
 
 
 def test_the_grid_runs_on_a_running_scheduler_by_address(tmp_path, monkeypatch):
