@@ -377,8 +377,12 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         train_flops = 0.0
         rounds = 1
         for arch in grid.architectures:
-            calibrated = get_arch(arch).sparsity_knob != "k" and grid.calibrate
-            searching = calibrated and arch not in profile.calibration_start(entry.name)
+            knob = get_arch(arch).sparsity_knob
+            calibrated = knob != "k" and grid.calibrate
+            # the L0 controller trains a ReLU / Gated SAE once (saelib.sae.controller)
+            controlled = calibrated and grid.calibrate_by == "controller" and knob == "l1"
+            searching = (calibrated and not controlled
+                         and arch not in profile.calibration_start(entry.name))
             probes = PROBES_PER_SEARCH if searching else 1.0
             rounds = max(rounds, ROUNDS_PER_SEARCH if searching else 1)
             for k in grid.targets:

@@ -122,6 +122,10 @@ class CaptureConfig:
             raise ProfileError("capture.batch_size and capture.shard_tokens must be >= 1")
 
 
+#: How a calibrated ReLU / Gated knob is found (:class:`GridConfig`'s ``calibrate_by``).
+CALIBRATE_BY = ("search", "controller")
+
+
 @dataclass(frozen=True)
 class GridConfig:
     """The SAE grid: architectures × sparsity levels (protocol §2).
@@ -134,6 +138,12 @@ class GridConfig:
     (:func:`saelib.sae.calibrate.calibrate_sparsity`): an earlier run's calibrated knobs for the
     same setting, so that a fresh run's search lands in the band at its first probe (one training
     instead of three or four) while still measuring, and searching again if the band is missed.
+    ``calibrate_by``: ``search`` (those probe trainings) or ``controller``: a ReLU / Gated SAE
+    trains once while the L0 controller moves its λ toward the target
+    (:mod:`saelib.sae.controller`; ``calibration_start`` or ``l1`` is where λ starts), for
+    profiles without calibrated starts, where a search costs rounds of full-length probes (one
+    pass of the model each when streaming). JumpReLU is searched either way: its L0 follows its
+    knob too slowly for control in a short run.
     """
 
     width: int = 2048
@@ -141,6 +151,7 @@ class GridConfig:
     targets: tuple[int, ...] = (8, 13, 26, 51, 83, 131)
     l1: dict[str, tuple[float, ...]] = field(default_factory=dict)
     calibrate: bool = True
+    calibrate_by: str = "search"
     calibration_start: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -166,6 +177,9 @@ class GridConfig:
                                    f"({len(self.targets)}), got {len(coeffs)}")
             if any(c <= 0 for c in coeffs):
                 raise ProfileError(f"grid.l1.{arch}: coefficients must be positive")
+        if self.calibrate_by not in CALIBRATE_BY:
+            raise ProfileError(f"grid.calibrate_by must be one of {', '.join(CALIBRATE_BY)}, "
+                               f"got {self.calibrate_by!r}")
         check_calibration_start(self.calibration_start, len(self.targets), "grid.calibration_start")
 
 

@@ -253,3 +253,29 @@ def test_a_search_starts_at_the_profiles_start_then_its_l1_then_the_target():
     assert relu.start is None and first_knob("l1", 10, relu) == smoke.grid.l1["standard"][0]
     jump = train.search_start(smoke, SAEJob(model, "jumprelu", 0))
     assert first_knob("l0_target", smoke.grid.targets[0], jump) == smoke.grid.targets[0]
+
+
+def test_the_controller_trains_relu_and_gated_from_their_start_and_jumprelu_is_searched():
+    """``grid.calibrate_by: controller``: ReLU and Gated are 'controlled' (one training from the
+    search's first knob, no probes), JumpReLU keeps the search, TopK its k; the record's trace
+    says whether the realised L0 landed in the band."""
+    from saelib import stages
+    from saelib.profiles import profile_from_dict
+
+    data = yaml.safe_load((PARAMS_DIR / "smoke.yaml").read_text())
+    data["grid"]["calibrate_by"] = "controller"
+    data["grid"]["calibration_start"] = {"gated": [0.123]}
+    profile = profile_from_dict(data, name="controlled")
+    model = profile.models[0].name
+    job = {arch: stages.SAEJob(model, arch, 0) for arch in ("standard", "gated", "jumprelu", "topk")}
+    methods = {arch: stages.train.sparsity_method(profile, j) for arch, j in job.items()}
+    assert methods == {"standard": "controlled", "gated": "controlled", "jumprelu": "calibrated",
+                       "topk": "k"}
+    assert stages.train.sparsity_value(profile, job["standard"]) == \
+        (profile.grid.l1["standard"][0], {"method": "controlled"}, None)
+    assert stages.train.sparsity_value(profile, job["gated"])[0] == 0.123
+    target = profile.grid.targets[0]
+    inside = stages.train.controlled_trace(profile, job["gated"], 0.5, target * 1.2, 0.9, None)
+    outside = stages.train.controlled_trace(profile, job["gated"], 0.5, target * 1.3, 0.9, None)
+    assert inside["within_band"] and not outside["within_band"]
+    assert inside["band"] == [target * 0.75, target * 1.25] and inside["knob_name"] == "l1"

@@ -9,9 +9,10 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from saelib import plan
-from saelib.profiles import available_profiles, load_profile
+from saelib.profiles import PARAMS_DIR, available_profiles, load_profile, profile_from_dict
 from saelib.sae.registry import get_arch
 from saelib.sae.train import TrainConfig
 from saelib.stages import STAGES
@@ -91,6 +92,26 @@ def test_streaming_keeps_the_paper_profile_off_the_disk():
     # split once per calibration round (the profile has no calibration starts: searches)
     assert cap_c.model_tokens >= corpus.train_tokens + corpus.eval_tokens
     assert cap_s.model_tokens >= corpus.eval_tokens + plan.ROUNDS_PER_SEARCH * corpus.train_tokens
+
+
+def test_the_l0_controller_trains_relu_and_gated_once_and_jumprelu_is_still_searched():
+    """``grid.calibrate_by: controller``: a ReLU / Gated SAE is one training (no probes), so
+    without JumpReLU the stream passes once; JumpReLU's search keeps its rounds."""
+    def streamed(calibrate_by, architectures):
+        data = yaml.safe_load((PARAMS_DIR / "gemma-2-2b.yaml").read_text())
+        data["grid"]["calibrate_by"] = calibrate_by
+        data["grid"]["architectures"] = architectures
+        p = profile_from_dict(data, name=f"{calibrate_by}-{len(architectures)}")
+        return next(s for s in plan.build_plan(p, "H100").stages if s.stage == "capture")
+
+    corpus = load_profile("gemma-2-2b").corpus
+    search = streamed("search", ["standard", "gated"])
+    controlled = streamed("controller", ["standard", "gated"])
+    passes = (search.model_tokens - controlled.model_tokens) / corpus.train_tokens
+    assert passes == plan.ROUNDS_PER_SEARCH - 1  # the stream passes once instead of per round
+    assert controlled.flops < search.flops / 1.4  # no probes: 28/18 trainings per SAE -> 1
+    with_jump = streamed("controller", ["standard", "gated", "jumprelu"])
+    assert with_jump.model_tokens == search.model_tokens
 
 
 def test_paper_check_is_of_the_papers_order():

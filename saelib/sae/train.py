@@ -74,6 +74,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
 from saelib.results import CorruptFileError, files_match, read_json, sha256_file, write_json
+from saelib.sae.controller import L0Controller
 from saelib.sae.registry import ArchSpec, get_arch
 
 #: The paper's step counts (protocol §2): ~5e8 tokens / 2,048-token batches.
@@ -146,6 +147,13 @@ class TrainConfig:
     checkpoint_every: int = 0
     #: final L0 / MSE / explained variance are averaged over this many last training batches.
     metrics_tail_batches: int = 8
+    #: the L0 controller's time constant and batch-L0 average, as fractions of the run's steps
+    #: (used only by a run given a ``target_l0``: :mod:`saelib.sae.controller`).
+    l0_control_time_frac: float = 0.1
+    l0_control_ema_frac: float = 0.02
+    #: the controller acts from this fraction of the run on (or the sparsity warm-up's end if
+    #: later): before, L0 falls as the untrained SAE learns, whatever the knob.
+    l0_control_start_frac: float = 0.2
     progress: bool = True
 
     def validate(self) -> "TrainConfig":
@@ -183,6 +191,11 @@ class TrainConfig:
         need(self.norm_estimate_batches >= 1, "norm_estimate_batches must be >= 1")
         need(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
         need(self.metrics_tail_batches >= 1, "metrics_tail_batches must be >= 1")
+        for name in ("l0_control_time_frac", "l0_control_ema_frac"):
+            v = getattr(self, name)
+            need(0 < v <= 1, f"{name} must be in (0, 1], got {v}")
+        need(0 <= self.l0_control_start_frac < 1,
+             f"l0_control_start_frac must be in [0, 1), got {self.l0_control_start_frac}")
         return self
 
     def schedule(self, total_steps: int) -> "Schedule":
@@ -243,6 +256,9 @@ class TrainResult:
     input_scale: float
     mean_D: torch.Tensor
     resumed_from_step: int | None
+    #: the L0 controller's start and final knob, target and last batch-L0 average; None when the
+    #: knob was fixed (:mod:`saelib.sae.controller`).
+    l0_control: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-able fields (everything but the SAE and the mean vector)."""
@@ -251,7 +267,8 @@ class TrainResult:
                 "n_steps": self.n_steps, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
                 "l0": self.l0, "mse": self.mse, "explained_variance": self.explained_variance,
                 "dead_fraction": self.dead_fraction, "schedule": asdict(self.schedule),
-                "input_scale": self.input_scale, "resumed_from_step": self.resumed_from_step}
+                "input_scale": self.input_scale, "resumed_from_step": self.resumed_from_step,
+                **({"l0_control": self.l0_control} if self.l0_control is not None else {})}
 
 
 class BatchStream:
@@ -348,8 +365,10 @@ def trajectory_settings(cfg: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The training settings that change what is trained (a checkpoint resumes, and a saved SAE
     counts as current, only when they agree). ``sparse_decode`` changes float rounding only, so
     either setting may resume the other's run; progress bars and checkpoint spacing change
-    nothing. Accepts the config or its dict as stored in a result's provenance."""
-    irrelevant = {"progress", "checkpoint_every", "sparse_decode"}
+    nothing; the L0 controller's settings act only on a run given a target L0, whose identity
+    names them itself. Accepts the config or its dict as stored in a result's provenance."""
+    irrelevant = {"progress", "checkpoint_every", "sparse_decode", "l0_control_time_frac",
+                  "l0_control_ema_frac", "l0_control_start_frac"}
     items = cfg.items() if isinstance(cfg, Mapping) else ((f.name, getattr(cfg, f.name))
                                                          for f in fields(cfg))
     # The mode changes the centring mean (streaming centres with the eval split's), so it counts;
@@ -410,7 +429,8 @@ def _set_rng(state: Mapping[str, torch.Tensor], device: str) -> None:
 
 def _save_checkpoint(folder: Path, trainer: SAETrainer, tail: _TailStats, mean_D: torch.Tensor,
                      scale: float, seconds: float, identity: dict[str, Any],
-                     rng: Mapping[str, torch.Tensor]) -> None:
+                     rng: Mapping[str, torch.Tensor],
+                     l0_control: dict[str, Any] | None = None) -> None:
     step = trainer.n_training_steps
     tensors: dict[str, torch.Tensor] = {
         f"sae.{k}": v.detach().cpu().contiguous() for k, v in trainer.sae.state_dict().items()}
@@ -433,6 +453,7 @@ def _save_checkpoint(folder: Path, trainer: SAETrainer, tail: _TailStats, mean_D
         "coefficient_schedulers": {n: s.state_dict()
                                    for n, s in trainer.coefficient_schedulers.items()},
         "n_frac_active_samples": trainer.n_frac_active_samples, "tail": tail_js,
+        **({"l0_control": l0_control} if l0_control is not None else {}),
     }
     name = f"step_{step:09d}"
     tmp = folder / f".{name}.tmp"
@@ -608,7 +629,8 @@ class SAERun:
 
     def __init__(self, arch: str, d_in: int, d_sae: int, sparsity_value: float, total_tokens: int,
                  train_cfg: TrainConfig | None = None, checkpoint_dir: str | Path | None = None,
-                 seed: int = 0, metadata: Mapping[str, Any] | None = None):
+                 seed: int = 0, metadata: Mapping[str, Any] | None = None,
+                 target_l0: float | None = None):
         self.spec: ArchSpec = get_arch(arch)
         self.cfg = cfg = (train_cfg or TrainConfig()).validate()
         if total_tokens < cfg.batch_size:
@@ -619,6 +641,20 @@ class SAERun:
         self.sched = cfg.schedule(total_tokens // cfg.batch_size)
         self.identity = _identity(self.spec.name, d_in, d_sae, sparsity_value, total_tokens, seed,
                                   cfg)
+        # target_l0: the knob (λ or JumpReLU's penalty target) starts at sparsity_value and the L0
+        # controller moves it; TopK's k is its L0 already, so there is nothing to control.
+        self.controller: L0Controller | None = None
+        if target_l0 is not None and self.spec.sparsity_knob != "k":
+            self.controller = L0Controller(
+                target_l0, sparsity_value, increasing=self.spec.sparsity_knob == "l0_target",
+                total_steps=self.sched.total_steps,
+                start_step=max(self.sched.sparsity_warm_up_steps,
+                               round(cfg.l0_control_start_frac * self.sched.total_steps)),
+                time_frac=cfg.l0_control_time_frac, ema_frac=cfg.l0_control_ema_frac)
+            self.identity["l0_control"] = {"target_l0": float(target_l0),
+                                           "time_frac": cfg.l0_control_time_frac,
+                                           "ema_frac": cfg.l0_control_ema_frac,
+                                           "start_frac": cfg.l0_control_start_frac}
         outer_rng = _get_rng(cfg.device)
         torch.manual_seed(seed)
         sae_cfg = self.spec.make_config(d_in, d_sae, sparsity_value,
@@ -639,6 +675,10 @@ class SAERun:
             self.prior_seconds = float(state["seconds"])
             self.resumed_from = self.trainer.n_training_steps
             self._set(mean, float(state["scale"]))
+            if self.controller is not None:
+                self.controller.load(state["l0_control"])
+                if self.resumed_from > self.controller.start_step:
+                    self._set_knob(self.controller.knob)
         self.rng = _get_rng(cfg.device)
         _set_rng(outer_rng, cfg.device)
         self.seconds_here = 0.0
@@ -686,6 +726,13 @@ class SAERun:
         out = self.trainer.step(z)
         if self.trainer.n_training_steps >= self._tail_start:
             self.tail.update(out)
+        if self.controller is not None:
+            acts = out.feature_acts.detach()
+            batch_l0 = float((acts != 0).sum()) / acts.shape[0]
+            index = self.trainer.n_training_steps
+            knob = self.controller.update(index, batch_l0)
+            if index >= self.controller.start_step:
+                self._set_knob(knob)
         self.trainer.n_training_steps += 1
         self.rng = _get_rng(self.cfg.device)
         _set_rng(outer, self.cfg.device)
@@ -699,13 +746,28 @@ class SAERun:
                 and step % self.cfg.checkpoint_every == 0 and not self.finished):
             self.checkpoint()
 
+    def _set_knob(self, knob: float) -> None:
+        """The knob for the next step: λ in sae-lens's coefficient scheduler (past its warm-up,
+        where its value is the final value), or the quadratic L0 penalty's target in the config."""
+        if self.spec.sparsity_knob == "l1":
+            scheduler = self.trainer.coefficient_schedulers["l1"]
+            scheduler.final_value = scheduler.current_value = knob
+        else:
+            self.sae.cfg.target_l0 = knob
+
+    @property
+    def knob(self) -> float:
+        """The sparsity value the run trains at now (the controller's, when it has one)."""
+        return self.controller.knob if self.controller is not None else self.sparsity_value
+
     @property
     def seconds(self) -> float:
         return self.prior_seconds + self.seconds_here
 
     def checkpoint(self) -> None:
         _save_checkpoint(self.checkpoint_dir, self.trainer, self.tail, self.mean, self.scale,
-                         self.seconds, self.identity, self.rng)
+                         self.seconds, self.identity, self.rng,
+                         None if self.controller is None else self.controller.state())
 
     def finish(self) -> TrainResult:
         """The trained SAE folded to raw coordinates, with its summary (after the last step)."""
@@ -722,26 +784,28 @@ class SAERun:
         sae.eval()
         fold_to_raw(sae, self.mean, self.scale)
         sae.cfg.metadata["saelib_arch"] = spec.name
-        sae.cfg.metadata["saelib_sparsity_value"] = self.sparsity_value
+        sae.cfg.metadata["saelib_sparsity_value"] = self.knob
         sae.cfg.metadata["saelib_tokens"] = int(self.trainer.n_training_samples)
         sae.cfg.metadata["saelib_seed"] = int(self.seed)
         inference = to_inference_sae(sae)
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         return TrainResult(sae=inference, arch=spec.name, d_in=self.d_in, d_sae=self.d_sae,
-                           sparsity_value=self.sparsity_value,
+                           sparsity_value=self.knob,
                            tokens_seen=self.trainer.n_training_samples,
                            n_steps=self.trainer.n_training_steps, seconds=self.seconds,
                            peak_rss_mb=peak_rss_mb, l0=l0, mse=mse, explained_variance=ev,
                            dead_fraction=dead_fraction, schedule=self.sched,
                            input_scale=self.scale, mean_D=self.mean.float(),
-                           resumed_from_step=self.resumed_from)
+                           resumed_from_step=self.resumed_from,
+                           l0_control=None if self.controller is None else self.controller.summary())
 
 
 def train_sae(arch: str, d_in: int, d_sae: int, sparsity_value: float,
               batches: Iterable[torch.Tensor] | Callable[[int], Iterable[torch.Tensor]],
               total_tokens: int, train_cfg: TrainConfig | None = None,
               checkpoint_dir: str | Path | None = None, mean_D: torch.Tensor | None = None,
-              seed: int = 0, metadata: Mapping[str, Any] | None = None) -> TrainResult:
+              seed: int = 0, metadata: Mapping[str, Any] | None = None,
+              target_l0: float | None = None) -> TrainResult:
     """Train one SAE on raw activations and return it folded to raw coordinates.
 
     Args:
@@ -759,9 +823,11 @@ def train_sae(arch: str, d_in: int, d_sae: int, sparsity_value: float,
             ``norm_estimate_batches`` batches when None.
         seed: seeds the weight initialisation.
         metadata: extra fields for the saved cfg's metadata (e.g. model_name, hook_name).
+        target_l0: when given (and the knob is not k), ``sparsity_value`` is only where the knob
+            starts: the L0 controller (:mod:`saelib.sae.controller`) moves it toward this L0.
     """
     run = SAERun(arch, d_in, d_sae, sparsity_value, total_tokens, train_cfg, checkpoint_dir,
-                 seed, metadata)
+                 seed, metadata, target_l0)
     return train_saes([run], batches, mean_D)[0]
 
 

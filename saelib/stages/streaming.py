@@ -103,6 +103,8 @@ class _Cell:
     next_knob: float | None
     trace: list[Probe] = field(default_factory=list)
     best: Probe | None = None
+    #: the target L0 the controller steers its one training to ('controlled' cells), else None.
+    control: float | None = None
 
     def record(self, probe: Probe) -> bool:
         """Add a measured probe; True when it is the cell's best so far."""
@@ -130,9 +132,10 @@ def _cell(profile: Profile, job: SAEJob, replay: list[dict[str, Any]]) -> _Cell:
         steps = bracket_steps(first_knob(spec.sparsity_knob, target, search), target,
                               spec.sparsity_knob == "l0_target", search)
         cell = _Cell(job, spec.sparsity_knob, target, steps, next(steps))
-    else:
+    else:  # one training: at the knob, or from where the controller starts it
         knob = train.sparsity_value(profile, job)[0]
-        cell = _Cell(job, spec.sparsity_knob, target, None, knob)
+        cell = _Cell(job, spec.sparsity_knob, target, None, knob,
+                     control=target if method == "controlled" else None)
     for p in replay:  # the probes an earlier, interrupted run measured
         cell.record(Probe(**p))
     return cell
@@ -173,7 +176,8 @@ def run(profile: Profile, model: str, tl, progress: bool = False) -> dict[str, A
             break
         runs = [SAERun(c.job.arch, source.d_model, profile.grid.width, c.next_knob, total, cfg,
                        checkpoint_dir=root / CHECKPOINTS / f"{c.job.name}-p{len(c.trace)}",
-                       seed=profile.seed, metadata=metadata) for c in active]
+                       seed=profile.seed, metadata=metadata, target_l0=c.control)
+                for c in active]
         results = train_saes(runs, lambda start: source.iter_batches(
             cfg.batch_size, seed=profile.seed, max_tokens=total, start_batch=start), mean_D)
         summary["rounds"] += 1
@@ -222,6 +226,10 @@ def _finish(profile: Profile, cell: _Cell, cfg: TrainConfig) -> None:
                         "realised_l0": best.realised_l0,
                         "within_band": band[0] <= best.realised_l0 <= band[1], "band": list(band),
                         "trace": [asdict(p) for p in cell.trace]}
+    elif method == "controlled":
+        how["trace"] = train.controlled_trace(profile, cell.job, best.knob, best.realised_l0,
+                                              best.explained_variance,
+                                              partial["train"].get("l0_control"))
     seconds = sum(p.seconds for p in cell.trace)
     write_json(out / STREAM_RECORD, {
         "sparsity_value": best.knob, "sparsity_method": how, "train": partial["train"],

@@ -24,7 +24,7 @@ from ..evals.core import CoreConfig, lm_metrics
 from ..models import load_model
 from ..profiles import Profile, ProfileError
 from ..results import Timer, provenance, write_json
-from ..sae.calibrate import CalibrationConfig, calibrate_sparsity
+from ..sae.calibrate import CalibrationConfig, calibrate_sparsity, first_knob
 from ..sae.io import save_sae
 from ..sae.metrics import reconstruct, reconstruction_metrics
 from ..sae.registry import get_arch
@@ -108,6 +108,8 @@ def sparsity_method(profile: Profile, job: SAEJob) -> str:
     knob = get_arch(job.arch).sparsity_knob
     if knob == "k":
         return "k"
+    if profile.grid.calibrate and profile.grid.calibrate_by == "controller" and knob == "l1":
+        return "controlled"
     if profile.grid.calibrate:
         return "calibrated"
     return "profile l1 (uncalibrated)" if knob == "l1" else knob
@@ -135,6 +137,9 @@ def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int |
     method = sparsity_method(profile, job)
     if method in ("k", "l0_target"):
         return float(target), {"method": method}, None
+    if method == "controlled":  # where λ starts; the training moves it (controlled_trace)
+        search = search_start(profile, job)
+        return first_knob(spec.sparsity_knob, float(target), search), {"method": method}, None
     if method != "calibrated":
         start = _profile_l1(profile, job)
         if not start:
@@ -149,6 +154,21 @@ def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int |
         calib_cfg=search_start(profile, job),
         heldout_acts_ND=heldout, seed=profile.seed, mean_D=mean_D)
     return float(res.knob_value), {"method": "calibrated", "trace": res.to_json()}, res.trained
+
+
+def controlled_trace(profile: Profile, job: SAEJob, knob: float, realised_l0: float,
+                     explained_variance: float, l0_control: dict[str, Any] | None
+                     ) -> dict[str, Any]:
+    """What the record says of a controlled SAE, in a search trace's terms: the knob it ended at,
+    its realised L0 on held-out activations and whether that is within the ±25 % band, with the
+    controller's start knob and last batch-L0 average (:mod:`saelib.sae.controller`)."""
+    target = float(profile.grid.targets[job.level])
+    tol = CalibrationConfig().tolerance
+    band = (target * (1 - tol), target * (1 + tol))
+    return {"knob_name": get_arch(job.arch).sparsity_knob, "knob_value": float(knob),
+            "realised_l0": float(realised_l0), "within_band": band[0] <= realised_l0 <= band[1],
+            "band": list(band), "explained_variance": float(explained_variance),
+            "l0_control": l0_control}
 
 
 def _profile_l1(profile: Profile, job: SAEJob) -> list[float] | None:
@@ -234,15 +254,22 @@ def _train_cached(profile: Profile, job: SAEJob, cfg: TrainConfig, heldout_ND,
                                          heldout_ND, train_tokens=total, mean_D=mean_D)
     metadata = {"model_name": entry.name, "hook_name": f"blocks.{entry.layer}.hook_resid_post",
                 "hook_layer": entry.layer, "context_size": profile.corpus.context}
+    controlled = how["method"] == "controlled"
     with timer("train"):
         if res is None:
             res = train_sae(job.arch, train_store.d_model, profile.grid.width, value,
                             make_batches(), total, cfg, checkpoint_dir=out / "checkpoints",
-                            mean_D=mean_D, seed=profile.seed, metadata=metadata)
+                            mean_D=mean_D, seed=profile.seed, metadata=metadata,
+                            target_l0=float(profile.grid.targets[job.level]) if controlled else None)
         else:  # the calibration's best probe is this SAE, trained on the same data and seed
             for key, item in metadata.items():  # as train_sae sets them (SAEMetadata)
                 res.sae.cfg.metadata[key] = item
             how["final_from_probe"] = True
+    if controlled:
+        value = res.sparsity_value
+        m = reconstruction_metrics(res.sae, heldout_ND)
+        how["trace"] = controlled_trace(profile, job, value, m.l0, m.explained_variance,
+                                        res.l0_control)
     save_sae(res.sae, out / "sae")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return value, how, res.sae, res.summary()
