@@ -22,10 +22,14 @@ reach the target within T steps. Control runs to the end: the learning rate deca
 last 20 %, so the SAE and its L0 settle while the knob's last moves fade. The knob the run ended
 at is the SAE's sparsity value in its record.
 
-Runs shorter than :data:`MIN_STEPS` are refused: on planted data 160-step runs still collapsed
-from some starts, 400-step runs landed within ±25 % from starts 30x below to 5x above the answer.
-On the default's SmolLM2 activations (508 steps, λ starting at 1.0), ReLU and Gated ended at L0
-6.7 and 6.9 for target 6, 110 and 105 for target 102. JumpReLU is not controlled by the profiles:
+Control starts at ``start_frac`` of the run (or the end of the sparsity warm-up if later): before,
+L0 falls as the untrained SAE learns, whatever λ. Runs shorter than :data:`MIN_STEPS` are
+refused: the SAE answers a new λ over tens to hundreds of steps, and in 160-step runs on planted
+data the controller overshot into dead latents from some starts. Measured (2026-12-06): on
+planted data (``tests/test_sae_controller.py``'s), 400-step runs ended at held-out L0 5.0-5.9
+for target 6 from λ starts ~70x below to 5x above the answer, ReLU and Gated; on the default's
+SmolLM2 activations (508 steps, λ starting at 1.0), ReLU and Gated ended at 7.1 and 7.4 for
+target 6 (λ 10.8 and 13.7), 106 and 103 for target 102. JumpReLU is not controlled by the profiles:
 its thresholds move at most ~lr per step, so in a 508-step run its L0 hardly follows its knob
 (target 20: L0 81 with the knob driven to 0.001).
 
