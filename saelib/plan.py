@@ -185,8 +185,11 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # Measured here (2 cores, torch 2.13.0+cpu, one thread per job, two jobs at a time):
     # capture 643 tokens/s through 15 of SmolLM2's 30 blocks (bench/capture.py --threads) is
     # 68 GFLOP/s; SAE training 1,420-4,959 tokens/s at d 640, width 2,048 (bench/train.py,
-    # 2026-12-01) is 18-65 GFLOP/s by architecture under the FLOP count above (35 for the
-    # default's mix, which its measured train stage bears out); capture on both cores 1,096
+    # 2026-12-01) was 18-65 GFLOP/s by architecture under the FLOP count above (35 for the
+    # default's mix, which its measured train stage bore out: 3,141 job seconds on a fresh clone
+    # of 68052a2); 56 since the encoder skips its input gradient and Adam is fused (the train
+    # stage of a fresh clone of 7dcba0d, 2026-12-06: 2,303 job seconds, median 68.6 s, 1.36x);
+    # capture on both cores 1,096
     # tokens/s (1.70x one core, bench/capture.py --threads); steered generation in the grid (the
     # default's 30 steering jobs on an idle machine, 2026-12-06: 1,657 s of generation for 7,200
     # answers, bfloat16) is 111 GFLOP/s under the count above, 74 at float32 with bfloat16 blocks
@@ -194,11 +197,12 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # judge rated those answers in 895 s, 70 % of it its log-likelihood pass on the lean decoder
     # with bfloat16 blocks (bench/rule_judge.py, 2026-12-06: 10.10 of 14.45 s; 1.43x its float32
     # pass, 14.47 s), i.e. 101 GFLOP/s, 71 at float32, and 0.037 s per answer the rest; the
-    # packaged judge ~3 s per rating and ~23 s per explanation or detection on one thread beside
-    # other work (params/default.yaml: 150 generations at ~9 s, 42 latents at ~46 s).
-    Hardware("cpu-2core", forward=68e9, train=35e9, encode=60e9, decode=74e9, bandwidth=10e9,
+    # packaged judge on two threads with the machine to itself (the judge job of a fresh clone of
+    # 68052a2, 2026-12-06: 534 requests in 1,831 s): 1.87 s per rating, 12.8 s per explanation,
+    # 10.8 s per detection.
+    Hardware("cpu-2core", forward=68e9, train=56e9, encode=60e9, decode=74e9, bandwidth=10e9,
              memory=24 * 2**30, job_overhead_s=20.0, workers=2, per_latent_s=0.02,
-             llm_call_s={"rating": 3.0, "explanation": 23.0, "detection": 23.0},
+             llm_call_s={"rating": 1.87, "explanation": 12.8, "detection": 10.8},
              all_cores_gain=1.70, bf16_decode_gain=1.51, score=71e9, bf16_score_gain=1.43,
              rule_item_s=0.037,
              source="measured on this project's 2-core machine (bench/RESULTS.md)"),
@@ -218,6 +222,12 @@ def hardware(name: str) -> Hardware:
 def default_hardware(profile: Profile) -> str:
     """The class a profile is planned on unless told: the CPU for CPU profiles, else an H100."""
     return "cpu-2core" if profile.device == "cpu" else "H100"
+
+
+#: Stages whose jobs take every core with nothing beside them: a model's capture opens its part
+#: of the grid (the DAG's root), the LLM judge runs after the last steering job on all its
+#: threads (a fresh clone of 68052a2: 1,852 s alone at the end of the grid).
+ALONE = ("capture", "judge")
 
 
 @dataclass(frozen=True)
@@ -257,8 +267,10 @@ class Plan:
     @property
     def wall_seconds(self) -> float:
         """Wall time with ``hardware.workers`` jobs at a time (the grid's scheduler keeps them
-        busy: its per-SAE jobs outnumber the workers)."""
-        return self.seconds / self.hardware.workers
+        busy: its per-SAE jobs outnumber the workers), except the stages in :data:`ALONE`: their
+        jobs have every core (their seconds are counted at that speed) and nothing beside them."""
+        alone = sum(s.seconds for s in self.stages if s.stage in ALONE)
+        return alone + (self.seconds - alone) / self.hardware.workers
 
     @property
     def judge_usd(self) -> float:
@@ -389,8 +401,12 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
                 train_flops += probes * corpus.train_tokens * train_flops_per_token(d, width, arch, k)
         per_sae_state = max(sae_bytes.values()) * 4  # weights, gradients, two Adam moments
         batch_acts = train_cfg.batch_size * width * 4 * 6
-        lm_flops = saes_per_model * 3 * _forward_flops(
-            shape, core.lm_contexts * corpus.context, shape.n_layers, core.lm_contexts * corpus.context)
+        # CE-loss recovered and KL from the cached residual after the SAE's layer: the clean and the
+        # spliced pass per SAE through the blocks after it, the zero-ablated one once per model
+        # (saelib.evals.core.lm_metrics)
+        lm_tokens = core.lm_contexts * corpus.context
+        lm_flops = (2 * saes_per_model + 1) * _forward_flops(shape, lm_tokens,
+                                                             shape.n_layers - blocks, lm_tokens)
         if mode == "streaming":
             # the capture job trains every SAE from the stream; the train jobs only measure them
             fwd = _forward_flops(shape, corpus.train_tokens * rounds, blocks)

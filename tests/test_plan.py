@@ -170,6 +170,16 @@ def test_default_plan_holds_measured_stage_times():
     assert sum(p[k] for k in seconds) == pytest.approx(sum(seconds.values()), rel=0.3)
 
 
+def test_wall_time_counts_the_jobs_that_run_alone_in_full():
+    """The capture and the LLM judge take every core with nothing beside them; the per-SAE
+    stages share the workers."""
+    p = plan.build_plan(load_profile("default"))
+    s = {st.stage: st.seconds for st in p.stages}
+    alone = s["capture"] + s["judge"]
+    assert p.wall_seconds == pytest.approx(alone + (p.seconds - alone) / 2)
+    assert p.seconds / 2 < p.wall_seconds < p.seconds
+
+
 def test_the_offline_judges_model_pass_is_counted_and_an_llm_judges_is_not():
     """The rule judge's fluency signal runs every answer through the model once more: its FLOPs
     are the forward of ``max_new_tokens + 1`` tokens with logits at every position, its time
