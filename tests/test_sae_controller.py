@@ -9,7 +9,7 @@ import torch
 from saelib.sae.controller import MAX_MISS, MIN_STEPS, L0Controller
 from saelib.sae.metrics import reconstruction_metrics
 from saelib.sae.train import SAERun, TrainConfig, latest_checkpoint, train_sae
-from test_sae_train import D_IN, D_SAE, heldout, stream
+from test_sae_train import D_IN, D_SAE, Crash, crashing, heldout, stream
 
 CFG = TrainConfig(batch_size=256, lr=3e-3, progress=False)
 TOTAL = 256 * 400
@@ -134,19 +134,9 @@ def test_a_controlled_run_resumes_to_the_same_bytes(tmp_path):
     cfg = TrainConfig(batch_size=256, lr=3e-3, progress=False, checkpoint_every=100)
     total = TOTAL
     full = train_sae("relu", D_IN, D_SAE, 0.1, stream(), total, cfg, seed=3, target_l0=6.0)
-
-    class Crash(RuntimeError):
-        pass
-
-    def crashing():
-        for i, chunk in enumerate(stream()):
-            if i * 200 >= 256 * 250:
-                raise Crash
-            yield chunk
-
     with pytest.raises(Crash):
-        train_sae("relu", D_IN, D_SAE, 0.1, crashing(), total, cfg, checkpoint_dir=tmp_path,
-                  seed=3, target_l0=6.0)
+        train_sae("relu", D_IN, D_SAE, 0.1, crashing(256 * 250), total, cfg,
+                  checkpoint_dir=tmp_path, seed=3, target_l0=6.0)
     assert latest_checkpoint(tmp_path).name == "step_000000200"
     with pytest.raises(ValueError, match="different run"):  # the target is part of the run
         train_sae("relu", D_IN, D_SAE, 0.1, stream(), total, cfg, checkpoint_dir=tmp_path,

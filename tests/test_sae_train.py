@@ -34,6 +34,18 @@ def heldout(n=2048):
     return torch.cat(list(stream(seed=99, chunk=n, n_chunks=1)))
 
 
+class Crash(RuntimeError):
+    """A training killed mid-stream (:func:`crashing`)."""
+
+
+def crashing(after_tokens: int):
+    """:func:`stream` until about ``after_tokens`` rows were handed out, then :class:`Crash`."""
+    for i, chunk in enumerate(stream()):
+        if i * 200 >= after_tokens:
+            raise Crash
+        yield chunk
+
+
 def test_paper_schedule_is_recovered_at_paper_scale():
     sched = TrainConfig().schedule(PAPER_TOTAL_STEPS)
     assert sched.lr_warm_up_steps == 1000
@@ -120,18 +132,9 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     cfg = TrainConfig(batch_size=256, lr=3e-3, progress=False, checkpoint_every=20)
     total = 256 * 60
     full = train_sae("topk", D_IN, D_SAE, 4, stream(), total, cfg, seed=3)
-
-    class Crash(RuntimeError):
-        pass
-
-    def crashing():
-        for i, chunk in enumerate(stream()):
-            if i * 200 >= 256 * 45:
-                raise Crash
-            yield chunk
-
     with pytest.raises(Crash):
-        train_sae("topk", D_IN, D_SAE, 4, crashing(), total, cfg, checkpoint_dir=tmp_path, seed=3)
+        train_sae("topk", D_IN, D_SAE, 4, crashing(256 * 45), total, cfg, checkpoint_dir=tmp_path,
+                  seed=3)
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt is not None and ckpt.name == "step_000000040"
     assert not list(tmp_path.glob(".*tmp"))
