@@ -47,6 +47,10 @@ class CalibrationConfig:
     #: largest factor by which one step may move the knob before the target is bracketed.
     max_step_factor: float = 8.0
 
+    def band(self, target: float) -> tuple[float, float]:
+        """The realised L0s that count as hitting ``target``."""
+        return target * (1 - self.tolerance), target * (1 + self.tolerance)
+
     def validate(self) -> "CalibrationConfig":
         if not 0 < self.tolerance < 1:
             raise ValueError(f"CalibrationConfig: tolerance must be in (0, 1), "
@@ -190,7 +194,7 @@ def bracket_steps(start: float, target: float, increasing: bool,
     that many cells' searches can advance in lockstep, each round's probes trained together on
     one stream (:mod:`saelib.stages.streaming`); :func:`bracket_search` drives one alone.
     """
-    lo_band, hi_band = target * (1 - cfg.tolerance), target * (1 + cfg.tolerance)
+    lo_band, hi_band = cfg.band(target)
     sign = 1.0 if increasing else -1.0
     neg: tuple[float, float] | None = None  # (u, h) with h < 0
     pos: tuple[float, float] | None = None  # (u, h) with h > 0
@@ -281,7 +285,7 @@ def calibrate_sparsity(arch: str, target_l0: float, *, model: str, layer: int, d
                          f"({tcfg.batch_size})")
     key = CalibrationKey(model=model, layer=int(layer), arch=spec.name,
                          target_l0=float(target_l0), width=int(d_sae), tokens=int(probe_tokens))
-    band = (target_l0 * (1 - ccfg.tolerance), target_l0 * (1 + ccfg.tolerance))
+    band = ccfg.band(target_l0)
     if spec.sparsity_knob == "k":
         k = float(int(round(target_l0))) if spec.name == "topk" else float(target_l0)
         return CalibrationResult(key=key, knob_name="k", knob_value=k, realised_l0=k,

@@ -220,16 +220,11 @@ def _finish(profile: Profile, cell: _Cell, cfg: TrainConfig) -> None:
     how: dict[str, Any] = {"method": method, "streamed": True}
     if method == "calibrated":
         how["final_from_probe"] = True
-        tol = CalibrationConfig().tolerance
-        band = (cell.target * (1 - tol), cell.target * (1 + tol))
+        band = CalibrationConfig().band(cell.target)
         how["trace"] = {"knob_name": cell.knob_name, "knob_value": best.knob,
                         "realised_l0": best.realised_l0,
                         "within_band": band[0] <= best.realised_l0 <= band[1], "band": list(band),
                         "trace": [asdict(p) for p in cell.trace]}
-    elif method == "controlled":
-        how["trace"] = train.controlled_trace(profile, cell.job, best.knob, best.realised_l0,
-                                              best.explained_variance,
-                                              partial["train"].get("l0_control"))
     seconds = sum(p.seconds for p in cell.trace)
     write_json(out / STREAM_RECORD, {
         "sparsity_value": best.knob, "sparsity_method": how, "train": partial["train"],

@@ -162,9 +162,7 @@ def controlled_trace(profile: Profile, job: SAEJob, knob: float, realised_l0: fl
     """What the record says of a controlled SAE, in a search trace's terms: the knob it ended at,
     its realised L0 on held-out activations and whether that is within the ±25 % band, with the
     controller's start knob and last batch-L0 average (:mod:`saelib.sae.controller`)."""
-    target = float(profile.grid.targets[job.level])
-    tol = CalibrationConfig().tolerance
-    band = (target * (1 - tol), target * (1 + tol))
+    band = CalibrationConfig().band(float(profile.grid.targets[job.level]))
     return {"knob_name": get_arch(job.arch).sparsity_knob, "knob_value": float(knob),
             "realised_l0": float(realised_l0), "within_band": band[0] <= realised_l0 <= band[1],
             "band": list(band), "explained_variance": float(explained_variance),
@@ -214,6 +212,9 @@ def run(profile: Profile | str, model: str, arch: str, level: int,
         value, how, sae, summary = _train_cached(profile, job, cfg, heldout_ND, timer)
     with timer("heldout_metrics"):
         rec = reconstruction_metrics(sae, heldout_ND)
+    if how["method"] == "controlled":  # both modes: the held-out L0 measured just now
+        how["trace"] = controlled_trace(profile, job, value, rec.l0, rec.explained_variance,
+                                        summary.get("l0_control"))
     with timer("lm_metrics"):
         lm = load_model(entry.name, device=profile.device)
         tokens = load_token_splits(tokens_dir(profile, entry)).eval_NL
@@ -266,10 +267,7 @@ def _train_cached(profile: Profile, job: SAEJob, cfg: TrainConfig, heldout_ND,
                 res.sae.cfg.metadata[key] = item
             how["final_from_probe"] = True
     if controlled:
-        value = res.sparsity_value
-        m = reconstruction_metrics(res.sae, heldout_ND)
-        how["trace"] = controlled_trace(profile, job, value, m.l0, m.explained_variance,
-                                        res.l0_control)
+        value = res.sparsity_value  # where the controller left λ
     save_sae(res.sae, out / "sae")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return value, how, res.sae, res.summary()
