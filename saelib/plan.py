@@ -359,6 +359,7 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
                 row[key] = row.get(key, 0.0) + val
 
     dtype_bytes = 2 if getattr(train_cfg, "dtype", "float32") == "bfloat16" else 4
+    passes = 1  # the most passes of the model over a training split (streaming: one per round)
     gens_per_sae = steer.answers_per_sae()
     for entry in profile.models:
         shape = model_shape(entry.name)
@@ -391,14 +392,16 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         for arch in grid.architectures:
             knob = get_arch(arch).sparsity_knob
             calibrated = knob != "k" and grid.calibrate
-            # the L0 controller trains a ReLU / Gated SAE once (saelib.sae.controller)
-            controlled = calibrated and grid.calibrate_by == "controller" and knob == "l1"
+            # under the controller every SAE trains once: ReLU / Gated with the L0 controller
+            # moving λ, JumpReLU at its target-L0 penalty's target (saelib.stages.train)
+            controlled = calibrated and grid.calibrate_by == "controller"
             searching = (calibrated and not controlled
                          and arch not in profile.calibration_start(entry.name))
             probes = PROBES_PER_SEARCH if searching else 1.0
             rounds = max(rounds, ROUNDS_PER_SEARCH if searching else 1)
             for k in grid.targets:
                 train_flops += probes * corpus.train_tokens * train_flops_per_token(d, width, arch, k)
+        passes = max(passes, rounds)
         per_sae_state = max(sae_bytes.values()) * 4  # weights, gradients, two Adam moments
         batch_acts = train_cfg.batch_size * width * 4 * 6
         # CE-loss recovered and KL from the cached residual after the SAE's layer: the clean and the
@@ -485,7 +488,7 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
             + agree.n_latents * (JUDGE_TOKENS["explanation"][1] + JUDGE_TOKENS["detection"][1]))
     add("analysis", jobs=2, seconds=2 * (hwd.job_overhead_s + 30.0 * n_models))
 
-    works = _work_text(profile, mode, gens_per_sae)
+    works = _work_text(profile, mode, gens_per_sae, passes)
     stages = tuple(StagePlan(stage=name, jobs=int(row.get("jobs", 0)), work=works.get(name, ""),
                              **{k: v for k, v in row.items() if k != "jobs"})
                    for name, row in totals.items())
@@ -541,12 +544,13 @@ def _features_steered(select, n_latents: int) -> int:
     return min(3 * max(select.top_ks, default=0), n_latents)
 
 
-def _work_text(profile: Profile, mode: str, gens_per_sae: int) -> dict[str, str]:
+def _work_text(profile: Profile, mode: str, gens_per_sae: int, passes: int) -> dict[str, str]:
     c, g, s = profile.corpus, profile.grid, profile.section("steering")
     n_saes = len(g.targets) * len(g.architectures) * len(profile.models)
+    times = "once" if passes == 1 else f"{passes} times (once per calibration round)"
     return {
         "capture": (f"{c.eval_tokens:,.0f} eval tokens to disk; {n_saes} SAEs × "
-                    f"{c.train_tokens:,.0f} tokens trained from the model, once per calibration round"
+                    f"{c.train_tokens:,.0f} tokens trained from the model, which runs {times}"
                     if mode == "streaming"
                     else f"{c.train_tokens + c.eval_tokens:,.0f} tokens to layer, to disk"),
         "train": (f"{n_saes} SAEs measured (core metrics)" if mode == "streaming"

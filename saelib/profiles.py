@@ -122,7 +122,7 @@ class CaptureConfig:
             raise ProfileError("capture.batch_size and capture.shard_tokens must be >= 1")
 
 
-#: How a calibrated ReLU / Gated knob is found (:class:`GridConfig`'s ``calibrate_by``).
+#: How a calibrated knob is found (:class:`GridConfig`'s ``calibrate_by``).
 CALIBRATE_BY = ("search", "controller")
 
 
@@ -142,8 +142,10 @@ class GridConfig:
     trains once while the L0 controller moves its λ toward the target
     (:mod:`saelib.sae.controller`; ``calibration_start`` or ``l1`` is where λ starts), for
     profiles without calibrated starts, where a search costs rounds of full-length probes (one
-    pass of the model each when streaming). JumpReLU is searched either way: its L0 follows its
-    knob too slowly for control in a short run.
+    pass of the model each when streaming); JumpReLU then trains once at knob = target, its
+    target-L0 penalty being the pull (method ``penalty``: its L0 follows a moving knob too slowly
+    for the controller, and lands near the target only once its thresholds have room to travel,
+    thousands of steps: :mod:`saelib.sae.controller`).
     """
 
     width: int = 2048

@@ -255,10 +255,10 @@ def test_a_search_starts_at_the_profiles_start_then_its_l1_then_the_target():
     assert first_knob("l0_target", smoke.grid.targets[0], jump) == smoke.grid.targets[0]
 
 
-def test_the_controller_trains_relu_and_gated_from_their_start_and_jumprelu_is_searched():
+def test_the_controller_trains_every_calibrated_sae_once():
     """``grid.calibrate_by: controller``: ReLU and Gated are 'controlled' (one training from the
-    search's first knob, no probes), JumpReLU keeps the search, TopK its k; the record's trace
-    says whether the realised L0 landed in the band."""
+    search's first knob, no probes), JumpReLU is 'penalty' (one training at its target), TopK
+    keeps its k; the record's trace says whether the realised L0 landed in the band."""
     from saelib import stages
     from saelib.profiles import profile_from_dict
 
@@ -269,8 +269,11 @@ def test_the_controller_trains_relu_and_gated_from_their_start_and_jumprelu_is_s
     model = profile.models[0].name
     job = {arch: stages.SAEJob(model, arch, 0) for arch in ("standard", "gated", "jumprelu", "topk")}
     methods = {arch: stages.train.sparsity_method(profile, j) for arch, j in job.items()}
-    assert methods == {"standard": "controlled", "gated": "controlled", "jumprelu": "calibrated",
+    assert methods == {"standard": "controlled", "gated": "controlled", "jumprelu": "penalty",
                        "topk": "k"}
+    assert set(methods.values()) - {"k"} <= set(stages.train.SELF_TARGETING)
+    assert stages.train.sparsity_value(profile, job["jumprelu"]) == \
+        (float(profile.grid.targets[0]), {"method": "penalty"}, None)
     assert stages.train.sparsity_value(profile, job["standard"]) == \
         (profile.grid.l1["standard"][0], {"method": "controlled"}, None)
     assert stages.train.sparsity_value(profile, job["gated"])[0] == 0.123
@@ -279,3 +282,34 @@ def test_the_controller_trains_relu_and_gated_from_their_start_and_jumprelu_is_s
     outside = stages.train.controlled_trace(profile, job["gated"], 0.5, target * 1.3, 0.9, None)
     assert inside["within_band"] and not outside["within_band"]
     assert inside["band"] == [target * 0.75, target * 1.25] and inside["knob_name"] == "l1"
+
+
+@pytest.mark.slow
+def test_a_streamed_jumprelu_under_the_controller_trains_once_at_its_target(tmp_path, monkeypatch):
+    """The smoke profile with ``calibrate_by: controller`` and JumpReLU alone, in its streaming
+    mode on the real packaged model: the stream passes once (no rounds of probes), the SAE's knob
+    is its target and its record carries the held-out L0 and the band it is judged by."""
+    from saelib import stages
+    from saelib.profiles import RUNS_ENV, profile_from_dict
+
+    data = yaml.safe_load((PARAMS_DIR / "smoke.yaml").read_text())
+    data["grid"]["calibrate_by"] = "controller"
+    data["grid"]["architectures"] = ["jumprelu"]
+    profile = profile_from_dict(data, name="penalty")
+    assert profile.section("training").mode == "streaming"
+    monkeypatch.setenv(RUNS_ENV, str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    entry = profile.models[0]
+    stages.capture.prepare(profile, progress=False)
+    stages.capture.run(profile, entry.name, progress=False)
+    split = read_json(stages.layout.model_dir(profile, entry) / "capture.json")["splits"]["train"]
+    assert split["cells"] == 1 and split["rounds"] == 1
+    rec = stages.train.run(profile, entry.name, "jumprelu", 0, progress=False)
+    target = float(profile.grid.targets[0])
+    assert rec.sparsity_method["method"] == "penalty" and rec.sparsity_method["streamed"]
+    assert rec.sparsity_value == target
+    trace = rec.sparsity_method["trace"]
+    assert trace["knob_value"] == target and trace["l0_control"] is None
+    assert trace["realised_l0"] == pytest.approx(rec.core["l0"])
+    assert trace["band"] == [0.75 * target, 1.25 * target]
+    assert trace["within_band"] == (0.75 * target <= rec.core["l0"] <= 1.25 * target)

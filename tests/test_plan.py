@@ -89,14 +89,16 @@ def test_streaming_keeps_the_paper_profile_off_the_disk():
     cap_c = next(s for s in cached.stages if s.stage == "capture")
     cap_s = next(s for s in streaming.stages if s.stage == "capture")
     # cached: both splits through the model once; streaming: the eval split, and the training
-    # split once per calibration round (the profile has no calibration starts: searches)
+    # split once (under the controller every SAE trains once: no rounds of probes)
     assert cap_c.model_tokens >= corpus.train_tokens + corpus.eval_tokens
-    assert cap_s.model_tokens >= corpus.eval_tokens + plan.ROUNDS_PER_SEARCH * corpus.train_tokens
+    assert corpus.eval_tokens + corpus.train_tokens <= cap_s.model_tokens \
+        < corpus.eval_tokens + 2 * corpus.train_tokens
 
 
-def test_the_l0_controller_trains_relu_and_gated_once_and_jumprelu_is_still_searched():
-    """``grid.calibrate_by: controller``: a ReLU / Gated SAE is one training (no probes), so
-    without JumpReLU the stream passes once; JumpReLU's search keeps its rounds."""
+def test_under_the_controller_every_sae_trains_once_and_the_stream_passes_once():
+    """``grid.calibrate_by: controller``: a ReLU / Gated SAE is one training (no probes), and
+    JumpReLU one training at its penalty's target, so the stream passes once; under the search,
+    JumpReLU's probes cost their rounds."""
     def streamed(calibrate_by, architectures):
         data = yaml.safe_load((PARAMS_DIR / "gemma-2-2b.yaml").read_text())
         data["grid"]["calibrate_by"] = calibrate_by
@@ -111,7 +113,10 @@ def test_the_l0_controller_trains_relu_and_gated_once_and_jumprelu_is_still_sear
     assert passes == plan.ROUNDS_PER_SEARCH - 1  # the stream passes once instead of per round
     assert controlled.flops < search.flops / 1.4  # no probes: 28/18 trainings per SAE -> 1
     with_jump = streamed("controller", ["standard", "gated", "jumprelu"])
-    assert with_jump.model_tokens == search.model_tokens
+    assert with_jump.model_tokens == controlled.model_tokens
+    searched_jump = streamed("search", ["standard", "gated", "jumprelu"])
+    assert searched_jump.model_tokens == search.model_tokens
+    assert with_jump.flops < searched_jump.flops / 1.4
 
 
 def test_paper_check_is_of_the_papers_order():

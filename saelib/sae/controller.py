@@ -29,9 +29,20 @@ data the controller overshot into dead latents from some starts. Measured (2026-
 planted data (``tests/test_sae_controller.py``'s), 400-step runs ended at held-out L0 5.0-5.9
 for target 6 from λ starts ~70x below to 5x above the answer, ReLU and Gated; on the default's
 SmolLM2 activations (508 steps, λ starting at 1.0), ReLU and Gated ended at 7.1 and 7.4 for
-target 6 (λ 10.8 and 13.7), 106 and 103 for target 102. JumpReLU is not controlled by the profiles:
-its thresholds move at most ~lr per step, so in a 508-step run its L0 hardly follows its knob
-(target 20: L0 81 with the knob driven to 0.001).
+target 6 (λ 10.8 and 13.7), 106 and 103 for target 102.
+
+JumpReLU is not moved by this controller: its thresholds move at most ~lr per step, so in a
+508-step run its L0 hardly follows its knob (target 20: L0 81 with the knob driven to 0.001).
+It needs none: its knob is the target of sae-lens's quadratic penalty 2/T·(L0 − T)², itself a
+pull toward T, so under ``grid.calibrate_by: controller`` it trains once at knob = T (method
+``penalty``, :mod:`saelib.stages.train`). It lands above T by a bias where the reconstruction's
+gain from one more latent balances the penalty's slope; the reconstruction term is summed over the
+input's d dimensions (inputs scaled to norm √d), so the coefficient that keeps the bias small grows
+with d. Measured on the default's activations (d 576, lr 3e-3, knob = T): 2,048 steps at
+coefficient 1 gave +40 % and +16 % for T 10 and 65; at coefficient 4, +25 %, +19 %, +6 %, +5 % for
+T 6, 10, 65, 102 (T 6: +26 % after 4,096 steps, so a settled bias, and +18 % at coefficient 8);
+in 512 steps the thresholds had not arrived (T 10: +96 %). The paper profiles train ~240,000
+steps at lr 3e-4, about 12x the threshold travel of those 2,048, at targets of 50 to 820.
 
 Not a search: the SAE is trained at a moving knob, which the fixed-knob trainings of the paper
 were not. Its realised L0 is still measured on held-out activations, and the calibration record

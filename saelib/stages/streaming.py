@@ -132,7 +132,7 @@ def _cell(profile: Profile, job: SAEJob, replay: list[dict[str, Any]]) -> _Cell:
         steps = bracket_steps(first_knob(spec.sparsity_knob, target, search), target,
                               spec.sparsity_knob == "l0_target", search)
         cell = _Cell(job, spec.sparsity_knob, target, steps, next(steps))
-    else:  # one training: at the knob, or from where the controller starts it
+    else:  # one training: at the knob (JumpReLU's 'penalty' too), or where the controller starts
         knob = train.sparsity_value(profile, job)[0]
         cell = _Cell(job, spec.sparsity_knob, target, None, knob,
                      control=target if method == "controlled" else None)

@@ -108,8 +108,8 @@ def sparsity_method(profile: Profile, job: SAEJob) -> str:
     knob = get_arch(job.arch).sparsity_knob
     if knob == "k":
         return "k"
-    if profile.grid.calibrate and profile.grid.calibrate_by == "controller" and knob == "l1":
-        return "controlled"
+    if profile.grid.calibrate and profile.grid.calibrate_by == "controller":
+        return "controlled" if knob == "l1" else "penalty"
     if profile.grid.calibrate:
         return "calibrated"
     return "profile l1 (uncalibrated)" if knob == "l1" else knob
@@ -120,11 +120,12 @@ def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int |
                    mean_D=None) -> tuple[float, dict[str, Any], Any]:
     """The knob that targets this level's L0 (protocol §2): k for TopK/BatchTopK; for JumpReLU the
     L0 target handed to sae-lens, calibrated (sae-lens's target-L0 penalty lands well above its
-    target here: 10.9 and 16.2 for targets 6 and 10 in the default profile); for ReLU/Gated a
-    calibrated L1 coefficient. With ``grid.calibrate: false`` the profile's values are used as
-    they are. The search starts at ``grid.calibration_start`` where the profile gives it (an
-    earlier run's calibrated knobs: one probe each, the same SAEs), else from a calibrated
-    neighbour or the profile's ``l1``.
+    target here: 10.9 and 16.2 for targets 6 and 10 in the default profile; under
+    ``grid.calibrate_by: controller`` the target itself, ``penalty``); for ReLU/Gated a
+    calibrated L1 coefficient (under the controller, where λ starts). With
+    ``grid.calibrate: false`` the profile's values are used as they are. The search starts at
+    ``grid.calibration_start`` where the profile gives it (an earlier run's calibrated knobs: one
+    probe each, the same SAEs), else from a calibrated neighbour or the profile's ``l1``.
 
     Calibration probes train on ``train_tokens``, the tokens the final SAE trains on (an L1 SAE's
     L0 keeps falling as it trains, so shorter probes would overshoot): the cache's token count
@@ -135,7 +136,7 @@ def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int |
     spec = get_arch(job.arch)
     target = profile.grid.targets[job.level]
     method = sparsity_method(profile, job)
-    if method in ("k", "l0_target"):
+    if method in ("k", "l0_target", "penalty"):
         return float(target), {"method": method}, None
     if method == "controlled":  # where λ starts; the training moves it (controlled_trace)
         search = search_start(profile, job)
@@ -156,12 +157,20 @@ def sparsity_value(profile: Profile, job: SAEJob, make_batches=None, d_in: int |
     return float(res.knob_value), {"method": "calibrated", "trace": res.to_json()}, res.trained
 
 
+#: The methods that train an SAE once and leave its L0 to the training itself: the L0 controller
+#: moving λ (ReLU, Gated), and JumpReLU's target-L0 penalty at the target (``penalty``: the
+#: quadratic penalty pulls L0 to its target once the thresholds have room to travel; module doc
+#: of :mod:`saelib.sae.controller`). Their records carry :func:`controlled_trace`.
+SELF_TARGETING = ("controlled", "penalty")
+
+
 def controlled_trace(profile: Profile, job: SAEJob, knob: float, realised_l0: float,
                      explained_variance: float, l0_control: dict[str, Any] | None
                      ) -> dict[str, Any]:
-    """What the record says of a controlled SAE, in a search trace's terms: the knob it ended at,
-    its realised L0 on held-out activations and whether that is within the ±25 % band, with the
-    controller's start knob and last batch-L0 average (:mod:`saelib.sae.controller`)."""
+    """What the record says of an SAE trained once toward its target (:data:`SELF_TARGETING`),
+    in a search trace's terms: the knob it ended at, its realised L0 on held-out activations and
+    whether that is within the ±25 % band, with the controller's start knob and last batch-L0
+    average (:mod:`saelib.sae.controller`; None for JumpReLU's penalty)."""
     band = CalibrationConfig().band(float(profile.grid.targets[job.level]))
     return {"knob_name": get_arch(job.arch).sparsity_knob, "knob_value": float(knob),
             "realised_l0": float(realised_l0), "within_band": band[0] <= realised_l0 <= band[1],
@@ -212,7 +221,7 @@ def run(profile: Profile | str, model: str, arch: str, level: int,
         value, how, sae, summary = _train_cached(profile, job, cfg, heldout_ND, timer)
     with timer("heldout_metrics"):
         rec = reconstruction_metrics(sae, heldout_ND)
-    if how["method"] == "controlled":  # both modes: the held-out L0 measured just now
+    if how["method"] in SELF_TARGETING:  # both modes: the held-out L0 measured just now
         how["trace"] = controlled_trace(profile, job, value, rec.l0, rec.explained_variance,
                                         summary.get("l0_control"))
     with timer("lm_metrics"):
