@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -190,7 +191,7 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
                 running[client.submit(_timed, run_notebook, profile, job, key=f"{name}-{time.time_ns()}",
                                       pure=False)] = job
 
-    with dask_client(workers, scheduler) as client:
+    with kernel_tmpdir(profile, local=scheduler is None), dask_client(workers, scheduler) as client:
         slots = max(1, workers if scheduler is None else _cluster_threads(client, workers))
         start_ready(client, slots)
         while running or pending:
@@ -240,6 +241,38 @@ def recorded_job_seconds(record: dict[str, Any]) -> dict[str, float]:
     ``job_seconds`` existed has only this run's ``seconds`` (with the run's own totals)."""
     return dict(record.get("job_seconds") or {k: v for k, v in record.get("seconds", {}).items()
                                               if k not in ("prepare", "total")})
+
+
+#: The kernels' temporary folder during a local grid run, under the profile's run folder.
+KERNEL_TMP = ".kernel-tmp"
+
+
+@contextmanager
+def kernel_tmpdir(profile: Profile, local: bool = True):
+    """``TMPDIR`` for the kernels a local grid run starts: a folder under the run folder, emptied
+    at the start and removed at the end.
+
+    Why: :func:`run_notebook` stops each kernel at once (a kill), so nothing a kernel registered
+    for its exit runs, and wandb (imported by sae-lens) makes two temporary folders per process
+    that it removes only at exit: each notebook left two in the system's temporary folder (~240
+    per default grid). Kernels inherit this process's environment when they start; with a remote
+    ``scheduler`` (``local=False``) they start elsewhere and nothing is changed."""
+    if not local:
+        yield None
+        return
+    path = profile.run_root() / KERNEL_TMP
+    shutil.rmtree(path, ignore_errors=True)  # what a killed earlier run left
+    path.mkdir(parents=True)
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(path)
+    try:
+        yield path
+    finally:
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager
