@@ -332,6 +332,9 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         from .profiles import load_profile
 
         profile = load_profile(profile)
+    from .stages.layout import SAEJob
+    from .stages.train import sparsity_method  # lazily: the stages load sae-lens and the models
+
     mode = mode or profile.section("training").mode
     if mode not in ("cached", "streaming"):
         raise ValueError(f"mode must be 'cached' or 'streaming', got {mode!r}")
@@ -390,12 +393,10 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         train_flops = 0.0
         rounds = 1
         for arch in grid.architectures:
-            knob = get_arch(arch).sparsity_knob
-            calibrated = knob != "k" and grid.calibrate
-            # under the controller every SAE trains once: ReLU / Gated with the L0 controller
-            # moving λ, JumpReLU at its target-L0 penalty's target (saelib.stages.train)
-            controlled = calibrated and grid.calibrate_by == "controller"
-            searching = (calibrated and not controlled
+            # the train stage's own decision: only a 'calibrated' SAE searches with probes (under
+            # the controller every SAE trains once), and a calibration start makes it one probe
+            method = sparsity_method(profile, SAEJob(entry.name, arch, 0))
+            searching = (method == "calibrated"
                          and arch not in profile.calibration_start(entry.name))
             probes = PROBES_PER_SEARCH if searching else 1.0
             rounds = max(rounds, ROUNDS_PER_SEARCH if searching else 1)
