@@ -14,6 +14,7 @@ closes the run.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import logging
 import os
 import shutil
@@ -31,7 +32,7 @@ from distributed import Client, LocalCluster
 from distributed import wait as dask_wait
 from tqdm.auto import tqdm
 
-from . import stages
+from . import stages, warm
 from .models import model_slug
 from .profiles import Profile, ProfileError, load_profile
 from .results import CorruptFileError, provenance, read_json, write_json
@@ -49,6 +50,8 @@ class Job:
     parameters: dict[str, Any]
     done: Callable[[], bool]
     deps: list[str] = field(default_factory=list)
+    #: Runs on a warm kernel when the grid has a pool (:mod:`saelib.warm`): the per-SAE jobs.
+    warm: bool = False
 
     def output(self, profile: Profile) -> Path:
         return executed_dir(profile) / self.stage / f"{self.name}.ipynb"
@@ -84,7 +87,7 @@ def build_jobs(profile: Profile, capture_threads: int | None = None) -> list[Job
             deps = [f"{need}-{model_slug(job.model)}" + ("" if stages.stage(need).scope == "model"
                                                          else f"-{job.name}") for need in st.needs]
             jobs.append(Job(f"{st.name}-{model_slug(job.model)}-{job.name}", st.name, dict(params),
-                            lambda j=job, d=st.done: d(profile, j), deps=deps))
+                            lambda j=job, d=st.done: d(profile, j), deps=deps, warm=True))
     for st in by_scope["profile"]:
         deps = [j.name for j in jobs if j.stage in st.needs]
         done = (lambda d=st.done: d(profile)) if st.done is not None else (lambda: False)
@@ -93,10 +96,28 @@ def build_jobs(profile: Profile, capture_threads: int | None = None) -> list[Job
 
 
 def run_notebook(profile: Profile, job: Job, log_output: bool = False) -> None:
+    """Execute ``job``'s notebook into its executed copy, in an empty ``contextvars`` context.
+
+    Why the empty context: Dask runs a task in a copy of the submitting thread's context, and
+    papermill's nbclient keeps its event loop in a context variable (jupyter_core's
+    ``run_sync``); after one papermill run in the main thread, both worker threads of a grid
+    got that thread's loop and one of them failed with "This event loop is already running"."""
+    contextvars.Context().run(_run_notebook, profile, job, log_output)
+
+
+def _run_notebook(profile: Profile, job: Job, log_output: bool) -> None:
     out = job.output(profile)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.partial.ipynb")  # hidden until complete; papermill wants .ipynb
     notebook = NOTEBOOKS / f"{job.stage}.ipynb"
+    pool = warm.active_pool() if job.warm else None
+    if pool is not None:
+        # A per-SAE notebook on a warm kernel (saelib.warm): the imports are paid once per worker.
+        with pool.kernel() as kernel:
+            kernel.execute(notebook, tmp, job.parameters, cwd=out.parent, log_output=log_output)
+        _retitle(tmp, job)
+        tmp.replace(out)
+        return
     # The kernel starts in the job's folder (so a notebook's relative writes, e.g. the analysis
     # CSV, land beside its executed copy) through nbclient's ``resources.metadata.path``, not
     # papermill's ``cwd``: that one os.chdir()s this whole process, and jobs run as threads of it
@@ -148,14 +169,17 @@ class GridReport:
 
 def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = None,
              progress: bool = True, force_analysis: bool = True,
-             scheduler: str | None = None) -> GridReport:
+             scheduler: str | None = None, warm_kernels: bool = True) -> GridReport:
     """Run (or resume) the whole grid of ``profile`` on Dask; never raises for a single job's failure.
 
     ``scheduler``: the address of a running Dask scheduler (``tcp://host:8786``; its workers need
     this repository, its environment and the profile's ``runs/`` folder on a shared file system),
     e.g. one that dask-jobqueue's ``SLURMCluster`` started (README). Without it, a
     ``LocalCluster`` with ``workers`` single-threaded workers in this process: each job's work
-    runs in its own papermill kernel (a subprocess), so a worker only waits on it.
+    runs in a papermill kernel (a subprocess), so a worker only waits on it. ``warm_kernels``
+    (local runs only): the per-SAE notebooks run on one warm kernel per worker, which imports
+    the stack once (:mod:`saelib.warm`); the others, and all with ``warm_kernels=False``, each
+    on a fresh kernel.
     """
     profile = stages.as_profile(profile)
     share_cores(workers)
@@ -191,7 +215,9 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
                 running[client.submit(_timed, run_notebook, profile, job, key=f"{name}-{time.time_ns()}",
                                       pure=False)] = job
 
-    with kernel_tmpdir(profile, local=scheduler is None), dask_client(workers, scheduler) as client:
+    with kernel_tmpdir(profile, local=scheduler is None), \
+            warm.kernel_pool(enabled=warm_kernels and scheduler is None), \
+            dask_client(workers, scheduler) as client:
         slots = max(1, workers if scheduler is None else _cluster_threads(client, workers))
         start_ready(client, slots)
         while running or pending:
@@ -341,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help=f"run one stage ({', '.join(s.name for s in stages.STAGES)}) "
                                    "or one job by name")
     ap.add_argument("--list", action="store_true", help="list the jobs and whether each is done")
+    ap.add_argument("--fresh-kernels", action="store_true",
+                    help="a fresh kernel for every notebook (default: per-SAE notebooks share "
+                         "one warm kernel per worker)")
     args = ap.parse_args(argv)
     try:
         profile = load_profile(args.profile)
@@ -352,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             state = "done" if job.done() and job.output(profile).exists() else "todo"
             print(f"{state:5s} {job.stage:9s} {job.name}")
         return 0
-    report = run_grid(profile, workers=args.workers, only=args.only, scheduler=args.scheduler)
+    report = run_grid(profile, workers=args.workers, only=args.only, scheduler=args.scheduler,
+                      warm_kernels=not args.fresh_kernels)
     print(f"grid {profile.name}: ran {len(report.ran)}, skipped {len(report.skipped)} (already done), "
           f"failed {len(report.failed)}, blocked {len(report.blocked)}; {report.seconds['total']:.0f} s")
     for name, err in report.failed.items():

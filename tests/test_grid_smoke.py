@@ -15,7 +15,8 @@ import pytest
 
 from saelib import book, power
 from saelib import stages as pipeline_stages
-from saelib.grid import build_jobs, executed_dir, run_grid
+from saelib.grid import build_jobs, executed_dir, run_grid, run_notebook
+from saelib.models import model_slug
 from saelib.profiles import PAPER_ARCHITECTURES, PARAMS_DIR, RUNS_ENV, load_profile
 from saelib.results import read_jsonl
 
@@ -117,6 +118,21 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     assert repo_grid_record_state() == untouched  # nothing was written to the repository's runs/
     grid_record = json.loads((root / "grid.json").read_text())
     assert grid_record["failed"] == {}
+
+    # The grid ran the per-SAE notebooks on warm kernels (saelib.warm); on a fresh kernel, one
+    # SAE's AutoInterp and steering notebooks write the same bytes (the unsteered answers, shared
+    # by the SAEs of a model, are reused from the grid's cache, as in any later job).
+    sae_job = pipeline_stages.SAEJob(profile.models[0].name, "standard", 0)
+    folder = pipeline_stages.sae_dir(profile, sae_job)
+    rows = [pipeline_stages.interp.INTERP_ROWS, pipeline_stages.steering.STEER_ROWS]
+    warm_bytes = {name: (folder / name).read_bytes() for name in rows}
+    by_name = {j.name: j for j in jobs}
+    for stage, name in zip(("interp", "steering"), rows):
+        (folder / name).unlink()
+        job = by_name[f"{stage}-{model_slug(sae_job.model)}-{sae_job.name}"]
+        assert job.warm and not job.done()
+        run_notebook(profile, job)  # outside a grid run: no pool, so a fresh kernel
+        assert job.done() and (folder / name).read_bytes() == warm_bytes[name], stage
 
     again = run_grid(profile, progress=False)
     assert again.ok

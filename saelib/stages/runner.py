@@ -11,12 +11,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
+from ..models import LoadedModel, load_model
 from ..profiles import ModelEntry, Profile
 from ..results import Timer
 from .layout import SAEJob, resolve_job
 from .records import BlockRecord, block_is_current, finish_block, read_block
 
 B = TypeVar("B", bound=BlockRecord)
+
+_LAST_MODEL: dict[tuple[str, str], LoadedModel] = {}
+
+
+def stage_model(entry: ModelEntry, device: str) -> LoadedModel:
+    """The model a per-SAE stage evaluates with: loaded once per process and kept until another
+    model is asked for (one at a time, so a paper-size model is never held twice).
+
+    Why: on a warm kernel (:mod:`saelib.warm`) one process runs a worker's whole series of
+    notebooks; loading SmolLM2 took ~2 s of each train, steering and selection job, and the
+    steering decoder's bfloat16 copy (made once per model object) was made again in every job. No
+    stage changes a model's weights or leaves a hook on it (hooks are per call)."""
+    key = (entry.name, str(device))
+    if key not in _LAST_MODEL:
+        _LAST_MODEL.clear()
+        _LAST_MODEL[key] = load_model(entry.name, device=device)
+    return _LAST_MODEL[key]
 
 
 @dataclass

@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 
 from ..data.corpus import load_token_splits
-from ..models import load_model
 from ..profiles import Profile
 from ..results import read_json, read_jsonl, write_json, write_jsonl
 from ..sae.io import load_sae
@@ -35,7 +34,7 @@ from ..steering.run import steer_concepts
 from . import interp, steering, train
 from .layout import SAEJob, resolve_job, tokens_dir, unsteered_dir
 from .records import BlockRecord, read_block, settings_record
-from .runner import BlockStage, Context
+from .runner import BlockStage, Context, stage_model
 
 NAME = "selection"
 SELECT_SCORES = "selection_scores.json"
@@ -94,7 +93,7 @@ def _compute(ctx: Context) -> tuple[dict[str, Any], int]:
     profile, entry, out, timer = ctx.profile, ctx.entry, ctx.out, ctx.timer
     config = settings(profile)
     with timer("load"):
-        lm = load_model(entry.name, device=profile.device)
+        lm = stage_model(entry, profile.device)
         sae = load_sae(out / "sae", device=profile.device)
     captured_bos = load_token_splits(tokens_dir(profile, entry)).bos_id
     ids = config.prefix_ids(lm.tokenizer, captured_bos)

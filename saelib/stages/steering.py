@@ -17,7 +17,6 @@ from typing import Any
 import pandas as pd
 
 from ..judges.config import JudgeConfig
-from ..models import load_model
 from ..profiles import ModelEntry, Profile
 from ..results import read_jsonl, write_jsonl
 from ..sae.io import load_sae
@@ -26,7 +25,7 @@ from ..steering.run import judge_calibration, steer_concepts, steering_concepts
 from . import interp
 from .layout import JUDGE_CALIBRATION, model_dir, resolve_job, unsteered_dir
 from .records import BlockRecord, read_block, settings_record
-from .runner import BlockStage, Context
+from .runner import BlockStage, Context, stage_model
 
 NAME = "steering"
 STEER_ROWS = "steering.jsonl"
@@ -85,7 +84,7 @@ def _compute(ctx: Context) -> tuple[dict[str, Any], int]:
         reason = (f"{len(concepts)} of the {config.n_concepts} requested concepts have an "
                   f"explanation (CONCEPT100 holds {len(autointerp.concept100)})")
     with timer("load"):
-        lm = load_model(entry.name, device=profile.device)
+        lm = stage_model(entry, profile.device)
         sae = load_sae(out / "sae", device=profile.device)
     run_ = steer_concepts(lm, sae, entry.layer, concepts, config, judge_cfg, timer, ctx.progress,
                           unsteered_cache=unsteered_dir(profile, entry),

@@ -21,7 +21,6 @@ from sae_lens import SAE
 from ..activations import ActivationStore
 from ..data.corpus import load_token_splits
 from ..evals.core import CoreConfig, lm_metrics
-from ..models import load_model
 from ..profiles import Profile, ProfileError
 from ..results import Timer, provenance, write_json
 from ..sae.calibrate import CalibrationConfig, calibrate_sparsity, first_knob
@@ -32,6 +31,7 @@ from ..sae.train import TrainConfig, train_sae, trajectory_settings
 from .layout import (RESULT, SAE_WEIGHTS, ZERO_ABLATION, SAEJob, activations_dir,
                      model_dir, resolve_job, sae_dir, tokens_dir)
 from .records import FIRST_SCHEMA, Record, peak_rss_mb, read_result, sae_weights_sha
+from .runner import stage_model
 
 NAME = "train"
 
@@ -225,7 +225,7 @@ def run(profile: Profile | str, model: str, arch: str, level: int,
         how["trace"] = controlled_trace(profile, job, value, rec.l0, rec.explained_variance,
                                         summary.get("l0_control"))
     with timer("lm_metrics"):
-        lm = load_model(entry.name, device=profile.device)
+        lm = stage_model(entry, profile.device)
         tokens = load_token_splits(tokens_dir(profile, entry)).eval_NL
         n_ctx = min(core_cfg.lm_contexts, len(tokens))
         acts = np.concatenate([a for _, a in eval_store.iter_contexts(n_ctx)][:1])[:n_ctx]
