@@ -396,11 +396,11 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
             # the train stage's own decision: only a 'calibrated' SAE searches with probes (under
             # the controller every SAE trains once), and a calibration start makes it one probe
             method = sparsity_method(profile, SAEJob(entry.name, arch, 0))
-            searching = (method == "calibrated"
-                         and arch not in profile.calibration_start(entry.name))
-            probes = PROBES_PER_SEARCH if searching else 1.0
-            rounds = max(rounds, ROUNDS_PER_SEARCH if searching else 1)
-            for k in grid.targets:
+            starts = profile.calibration_start(entry.name).get(arch) or (None,) * len(grid.targets)
+            for k, start in zip(grid.targets, starts):
+                searching = method == "calibrated" and start is None
+                probes = PROBES_PER_SEARCH if searching else 1.0
+                rounds = max(rounds, ROUNDS_PER_SEARCH if searching else 1)
                 train_flops += probes * corpus.train_tokens * train_flops_per_token(d, width, arch, k)
         passes = max(passes, rounds)
         per_sae_state = max(sae_bytes.values()) * 4  # weights, gradients, two Adam moments

@@ -68,7 +68,7 @@ class ModelEntry:
     name: str
     layer: int
     label: str = ""
-    calibration_start: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    calibration_start: dict[str, tuple[float | None, ...]] = field(default_factory=dict)
 
     def validate(self) -> None:
         if not is_known_model(self.name):
@@ -154,7 +154,7 @@ class GridConfig:
     l1: dict[str, tuple[float, ...]] = field(default_factory=dict)
     calibrate: bool = True
     calibrate_by: str = "search"
-    calibration_start: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    calibration_start: dict[str, tuple[float | None, ...]] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.width < 1:
@@ -185,10 +185,11 @@ class GridConfig:
         check_calibration_start(self.calibration_start, len(self.targets), "grid.calibration_start")
 
 
-def check_calibration_start(starts: dict[str, tuple[float, ...]], n_targets: int,
+def check_calibration_start(starts: dict[str, tuple[float | None, ...]], n_targets: int,
                             where: str) -> None:
     """A ``calibration_start`` mapping (the grid's or a model's): calibrated architectures only,
-    one positive finite knob per target."""
+    one positive finite knob per target, or null for a level with no earlier knob (its search
+    starts where it would without a start: a calibrated neighbour or ``grid.l1``)."""
     for arch, knobs in starts.items():
         if arch not in CALIBRATED_ARCHITECTURES:
             raise ProfileError(f"{where} is for {', '.join(CALIBRATED_ARCHITECTURES)} "
@@ -196,8 +197,10 @@ def check_calibration_start(starts: dict[str, tuple[float, ...]], n_targets: int
         if len(knobs) != n_targets:
             raise ProfileError(f"{where}.{arch} needs one knob per target ({n_targets}), "
                                f"got {len(knobs)}")
-        if not all(math.isfinite(k) and k > 0 for k in knobs):
-            raise ProfileError(f"{where}.{arch}: knobs must be positive and finite")
+        if not all(k is None or (isinstance(k, (int, float)) and math.isfinite(k) and k > 0)
+                   for k in knobs):
+            raise ProfileError(f"{where}.{arch}: knobs must be positive and finite (or null: "
+                               f"no start for that level)")
 
 
 @dataclass(frozen=True)
@@ -266,9 +269,9 @@ class Profile:
             root = PARAMS_DIR.parent / root
         return root / self.name
 
-    def calibration_start(self, model: str) -> dict[str, tuple[float, ...]]:
-        """Where each calibrated architecture's search starts for ``model``'s SAEs, by level: the
-        model's own ``calibration_start`` over the grid's."""
+    def calibration_start(self, model: str) -> dict[str, tuple[float | None, ...]]:
+        """Where each calibrated architecture's search starts for ``model``'s SAEs, by level (None:
+        no start for that level): the model's own ``calibration_start`` over the grid's."""
         return {**self.grid.calibration_start, **self.model(model).calibration_start}
 
     def model(self, name_or_label: str) -> ModelEntry:

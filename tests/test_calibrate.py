@@ -313,3 +313,19 @@ def test_a_streamed_jumprelu_under_the_controller_trains_once_at_its_target(tmp_
     assert trace["realised_l0"] == pytest.approx(rec.core["l0"])
     assert trace["band"] == [0.75 * target, 1.25 * target]
     assert trace["within_band"] == (0.75 * target <= rec.core["l0"] <= 1.25 * target)
+
+
+def test_a_null_start_leaves_that_level_to_its_neighbour_or_l1():
+    """``calibration_start`` with null for a level that has no earlier knob (cpu-pair's Gemma level
+    5): that level's search has no start, the others keep theirs."""
+    from saelib import stages
+    from saelib.profiles import profile_from_dict
+
+    data = yaml.safe_load((PARAMS_DIR / "default.yaml").read_text())
+    data["grid"]["calibration_start"]["standard"][5] = None
+    profile = profile_from_dict(data, name="null-start")
+    model = profile.models[0].name
+    starts = [stages.train.search_start(profile, stages.SAEJob(model, "standard", level)).start
+              for level in range(6)]
+    assert starts[5] is None and starts[:5] == list(data["grid"]["calibration_start"]["standard"][:5])
+    assert stages.train.search_start(profile, stages.SAEJob(model, "gated", 5)).start is not None

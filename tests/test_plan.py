@@ -202,3 +202,22 @@ def test_the_offline_judges_model_pass_is_counted_and_an_llm_judges_is_not():
     assert steer.dtype == "bfloat16" and f32["seconds"] > rule["seconds"]
     for backend in ("llama", "openai", "local"):
         assert plan._rule_scoring(shape, hw, 240, steer, backend)["seconds"] == 0.0
+
+
+def test_a_level_without_a_calibration_start_is_counted_as_a_search():
+    """Probes are counted per level: a null start (no earlier knob) costs a search's probes, the
+    levels with a start one training each."""
+    def train_flops(starts):
+        data = yaml.safe_load((PARAMS_DIR / "default.yaml").read_text())
+        data["grid"]["calibration_start"]["standard"] = starts
+        p = profile_from_dict(data, name="starts")
+        return next(s for s in plan.build_plan(p).stages if s.stage == "train").flops
+
+    knobs = yaml.safe_load((PARAMS_DIR / "default.yaml").read_text())["grid"]["calibration_start"]
+    full = train_flops(knobs["standard"])
+    one_null = train_flops(knobs["standard"][:5] + [None])
+    all_null = train_flops([None] * 6)
+    assert full < one_null < all_null
+    per_level = plan.train_flops_per_token(576, 2048, "standard", 102)
+    tokens = load_profile("default").corpus.train_tokens
+    assert one_null - full == pytest.approx((plan.PROBES_PER_SEARCH - 1) * tokens * per_level)

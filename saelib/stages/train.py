@@ -192,9 +192,10 @@ def search_start(profile: Profile, job: SAEJob) -> CalibrationConfig:
     for ReLU / Gated as the first λ; the cached mode's search may instead start from a calibrated
     neighbour (:func:`saelib.sae.calibrate.first_knob` and the calibration cache)."""
     l1 = _profile_l1(profile, job)
-    first = profile.calibration_start(job.model).get(job.arch)
+    first = (profile.calibration_start(job.model).get(job.arch) or (None,) * (job.level + 1))
     return CalibrationConfig(initial_l1=float(l1[job.level]) if l1 else 1.0,
-                             start=float(first[job.level]) if first else None).validate()
+                             start=None if first[job.level] is None
+                             else float(first[job.level])).validate()
 
 
 def read(profile: Profile, job: SAEJob) -> TrainRecord:
