@@ -134,7 +134,9 @@ class Hardware:
     ``forward`` FLOP/s through the language model (batched contexts), ``train`` for SAE training
     steps, ``encode`` for SAE encodes over cached activations, ``decode`` for batched generation
     (compute), ``bandwidth`` bytes/s (a decode step reads every weight once per batch), ``memory``
-    bytes per device, ``job_overhead_s`` per grid job (process, imports, model load), ``workers``
+    bytes per device, ``job_overhead_s`` per grid job on a fresh kernel (process, imports, model
+    load), ``warm_job_overhead_s`` per per-SAE job on a local grid's warm kernel (:mod:`saelib.warm`;
+    None: unmeasured, counted as ``job_overhead_s``), ``workers``
     jobs at a time, ``per_latent_s`` of AutoInterp bookkeeping per scored latent (windows and
     prompts, CPU-bound everywhere), ``llm_call_s`` seconds per call of the packaged llama.cpp
     judge by kind of call (:data:`JUDGE_TOKENS`' keys; None: the judge is an API whose latency
@@ -164,7 +166,13 @@ class Hardware:
     score: float = 0.0
     bf16_score_gain: float = 1.0
     rule_item_s: float = 0.0
+    warm_job_overhead_s: float | None = None
     source: str = ""
+
+    @property
+    def sae_job_overhead_s(self) -> float:
+        """Seconds a per-SAE job spends beside its stage's work (a warm kernel's, where measured)."""
+        return self.job_overhead_s if self.warm_job_overhead_s is None else self.warm_job_overhead_s
 
 
 #: One H100 SXM's dense bf16 peak (989 TFLOP/s), A800 / A100's (312), and the utilisations the
@@ -199,11 +207,21 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # pass, 14.47 s), i.e. 101 GFLOP/s, 71 at float32, and 0.037 s per answer the rest; the
     # packaged judge on two threads with the machine to itself (the judge job of a fresh clone of
     # 68052a2, 2026-12-06: 534 requests in 1,831 s): 1.87 s per rating, 12.8 s per explanation,
-    # 10.8 s per detection.
-    Hardware("cpu-2core", forward=68e9, train=56e9, encode=60e9, decode=74e9, bandwidth=10e9,
-             memory=24 * 2**30, job_overhead_s=20.0, workers=2, per_latent_s=0.02,
+    # 10.8 s per detection. The grid of a fresh clone of ebf2d13 (2026-12-06; warm kernels, so
+    # each stage's own seconds are most of its job's): a per-SAE notebook spends ~2 s beside its
+    # stage's work (median job wall minus the record's seconds: interp 2.4, steering 1.3,
+    # selection 1.3 s; a fresh kernel's were 14.4, 14.5 and 13.7 s); steered generation beside
+    # the training jobs 62.8 s per SAE (median), i.e. 65 GFLOP/s at float32 (98 with bfloat16
+    # blocks), and the rule judge's pass 32.1 s, 64 (91);
+    # AutoInterp with the descriptive metrics 17.9 s per SAE, 12.8 ms per scored latent beside
+    # the encodes (20 ms was fitted to fresh kernels, whose overhead it partly absorbed); the
+    # train stage 2,419 job seconds (median 70.7 s), i.e. 38 GFLOP/s beside the other stages,
+    # where 7dcba0d's train jobs alone gave 56 (not yet separated: contention or the machine).
+    Hardware("cpu-2core", forward=68e9, train=38e9, encode=60e9, decode=65e9, bandwidth=10e9,
+             memory=24 * 2**30, job_overhead_s=20.0, warm_job_overhead_s=2.0, workers=2,
+             per_latent_s=0.0128,
              llm_call_s={"rating": 1.87, "explanation": 12.8, "detection": 10.8},
-             all_cores_gain=1.70, bf16_decode_gain=1.51, score=71e9, bf16_score_gain=1.43,
+             all_cores_gain=1.70, bf16_decode_gain=1.51, score=64e9, bf16_score_gain=1.43,
              rule_item_s=0.037,
              source="measured on this project's 2-core machine (bench/RESULTS.md)"),
     _gpu("A800", 312e12, 2.0e12, 80e9, "NVIDIA A800/A100 80GB: 312 TFLOP/s bf16 dense, 2.0 TB/s"),
@@ -419,12 +437,12 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
                 peak_memory=model_bytes + saes_per_model * (per_sae_state + batch_acts),
                 disk_peak=eval_bytes + saes_bytes * 3, disk_final=saes_bytes)
             add("train", jobs=saes_per_model, flops=lm_flops,
-                seconds=lm_flops / hwd.forward + hwd.job_overhead_s * saes_per_model,
+                seconds=lm_flops / hwd.forward + hwd.sae_job_overhead_s * saes_per_model,
                 peak_memory=model_bytes)
         else:
             add("train", jobs=saes_per_model, model_tokens=0.0, flops=train_flops + lm_flops,
                 seconds=(train_flops / hwd.train + lm_flops / hwd.forward
-                         + saes_per_model * hwd.job_overhead_s),
+                         + saes_per_model * hwd.sae_job_overhead_s),
                 peak_memory=model_bytes + per_sae_state + batch_acts,
                 disk_peak=cache_bytes + saes_bytes + max(sae_bytes.values()) * 3,
                 disk_final=saes_bytes)
@@ -438,7 +456,7 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         judge_s = _judge_seconds(judge.backend, hwd, explanation=calls / 2, detection=calls / 2)
         add("interp", jobs=saes_per_model, flops=enc_flops,
             seconds=(enc_flops / hwd.encode + saes_per_model * n_latents * hwd.per_latent_s
-                     + judge_s + saes_per_model * hwd.job_overhead_s),
+                     + judge_s + saes_per_model * hwd.sae_job_overhead_s),
             peak_memory=max(sae_bytes.values()) + INTERP_CHUNK * corpus.context * (d + width) * 4,
             judge_calls=calls, judge_tokens_in=t_in, judge_tokens_out=t_out)
 
@@ -451,7 +469,7 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
             flops=gen["flops"] + rule["flops"],
             seconds=(gen["seconds"] + rule["seconds"]
                      + _judge_seconds(judge.backend, hwd, rating=rate_calls)
-                     + saes_per_model * hwd.job_overhead_s),
+                     + saes_per_model * hwd.sae_job_overhead_s),
             peak_memory=model_bytes + gen["kv_bytes"],
             judge_calls=rate_calls, judge_tokens_in=rate_calls * JUDGE_TOKENS["rating"][0],
             judge_tokens_out=rate_calls * JUDGE_TOKENS["rating"][1])
@@ -471,7 +489,7 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
             flops=score_flops + sel["flops"] + sel_rule["flops"],
             seconds=(score_flops / hwd.forward / SELECTION_CACHED_GAIN + sel["seconds"]
                      + sel_rule["seconds"] + _judge_seconds(judge.backend, hwd, rating=sel_calls)
-                     + saes_per_model * hwd.job_overhead_s),
+                     + saes_per_model * hwd.sae_job_overhead_s),
             peak_memory=model_bytes + sel["kv_bytes"],
             judge_calls=sel_calls, judge_tokens_in=sel_calls * JUDGE_TOKENS["rating"][0],
             judge_tokens_out=sel_calls * JUDGE_TOKENS["rating"][1])

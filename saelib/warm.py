@@ -4,15 +4,18 @@ Why: a fresh papermill kernel spends ~10 s before its notebook's first line of w
 process and importing torch, TransformerLens and sae-lens (which bring transformers, datasets and
 wandb); on the default grid's 120 per-SAE notebooks that is ~20 minutes of the two cores, a fifth
 of the run. A warm kernel pays it once per worker. Papermill still runs every notebook (its
-parameters cell, its executed copy, its error): :class:`WarmEngine` is papermill's nbclient
-engine handed a running kernel (nbclient's ``km``: a kernel it did not start, it leaves running).
+parameters cell, its executed copy, its error): the engine registered as ``saelib-warm`` is
+papermill's nbclient engine handed a running kernel (nbclient's ``km``: a kernel it did not
+start, it leaves running). The stages keep their model loaded per process too
+(:func:`saelib.stages.runner.stage_model`).
 
 Before each notebook the kernel is put back into the state a fresh one starts in, as far as a
 notebook can see it (:func:`reset_kernel`): IPython's user namespace cleared and its execution
 count restarted, figures closed, the working directory the job's folder, torch's thread count
 and global random state as at start. Modules stay imported, which is the point; saelib keeps no
-state across stage calls that changes a result (``tests/test_warm.py`` runs the same notebooks
-on fresh and warm kernels and compares their artefacts byte for byte). A notebook that fails
+state across stage calls that changes a result (the smoke grid's test, ``tests/test_grid_smoke.py``,
+reruns one SAE's AutoInterp and steering notebooks on a fresh kernel and gets the same bytes;
+``tests/test_warm.py`` checks the reset on probe notebooks). A notebook that fails
 takes its kernel with it (the next job starts a new one), and a kernel is replaced after
 ``max_jobs`` notebooks, so what a library caches per process cannot grow without bound.
 """
@@ -168,10 +171,11 @@ class WarmKernel:
     def _sync(self, coro):
         """Run ``coro`` to its end on this kernel's own event loop.
 
-        Why not jupyter_core's ``run_sync`` (which nbclient uses): it keeps one loop per thread
-        in a context variable, and a loop set that way in the grid's main thread (by
-        :meth:`shutdown` at the end of one run) reached the Dask worker threads of the next run,
-        which then shared one loop (\"This event loop is already running\")."""
+        Why a private loop rather than jupyter_core's ``run_sync`` (which nbclient uses): this
+        kernel is started, reset and stopped from whichever thread holds it (a Dask worker's, or
+        the main thread when the grid ends), and ``run_sync`` keeps its loop in a context
+        variable, which Dask copies from the submitting thread into every task
+        (:func:`saelib.grid.run_notebook`); a loop of its own is never one another thread runs."""
         if self._loop is None or self._loop.is_closed():
             self._loop = asyncio.new_event_loop()
         return self._loop.run_until_complete(coro)
@@ -180,7 +184,11 @@ class WarmKernel:
         from jupyter_client.manager import AsyncKernelManager
 
         self.km = AsyncKernelManager(kernel_name=self.kernel_name)
-        self._sync(self.km.start_kernel(cwd=str(cwd)))
+        try:
+            self._sync(self.km.start_kernel(cwd=str(cwd)))
+        except Exception as e:
+            self.km = None
+            raise WarmKernelError(f"warm kernel did not start: {type(e).__name__}: {e}") from e
         self.jobs = 0
         self.started += 1
         try:
@@ -248,11 +256,6 @@ class KernelPool:
             yield k
         finally:
             self._idle.put(k)
-
-    @property
-    def kernels_started(self) -> int:
-        with self._lock:
-            return sum(k.started for k in self._all)
 
     def close(self) -> None:
         """Stop every kernel, letting each run its exit handlers (wandb's temporary folders)."""
