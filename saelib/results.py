@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -222,3 +223,18 @@ class Timer:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: Linux's ``VmHWM`` (the current address space's
+    high-water mark, which a warm kernel restarts per job, :func:`saelib.warm.reset_kernel`), else
+    ``getrusage``. Why not ``ru_maxrss`` first: at ``exec`` Linux folds the forked parent's peak
+    into it, so a kernel started by a large process reported that process's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,9 +1,11 @@
 """Warm kernels: the grid's per-SAE notebooks run on kernels that have already imported the stack.
 
-Why: a fresh papermill kernel spends ~10 s before its notebook's first line of work, starting the
-process and importing torch, TransformerLens and sae-lens (which bring transformers, datasets and
-wandb); on the default grid's 120 per-SAE notebooks that is ~20 minutes of the two cores, a fifth
-of the run. A warm kernel pays it once per worker. Papermill still runs every notebook (its
+Why: a fresh papermill kernel spent ~14 s of a per-SAE job beside the stage's own work, starting
+the process and importing torch, TransformerLens and sae-lens (which bring transformers, datasets
+and wandb), then loading the model; on a warm kernel it is ~2 s (median job wall minus the
+record's seconds on the default's grid: interp 35 -> 21 s, steering 112 -> 95, selection 49 ->
+32), ~24 minutes of job time over the default's 120 per-SAE notebooks. A warm kernel pays the
+imports once per worker. Papermill still runs every notebook (its
 parameters cell, its executed copy, its error): the engine registered as ``saelib-warm`` is
 papermill's nbclient engine handed a running kernel (nbclient's ``km``: a kernel it did not
 start, it leaves running). The stages keep their model loaded per process too
@@ -75,7 +77,7 @@ def reset_kernel(cwd: str) -> None:
     if "matplotlib.pyplot" in sys.modules:
         sys.modules["matplotlib.pyplot"].close("all")
     os.chdir(cwd)
-    try:  # restart the peak-RSS count (VmHWM, and getrusage's ru_maxrss with it) for this job
+    try:  # restart the peak-RSS count (VmHWM, which records.peak_rss_mb reads) for this job
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:

@@ -59,6 +59,10 @@ def _alive(pid: int) -> bool:
 def test_notebooks_on_one_warm_kernel_each_see_a_fresh_kernels_state(tmp_path):
     nb = tmp_path / "probe.ipynb"
     _notebook(nb, PROBE)
+    # A large parent (the test suite's process had 6 GB): Linux folds a forked parent's peak into
+    # the child's ru_maxrss at exec, so a kernel's peak RSS must not come from getrusage.
+    ballast = bytearray(600 << 20)
+    ballast[::4096] = b"x" * len(ballast[::4096])
     kernel = warm.WarmKernel(modules=("torch",))
     try:
         first = _run(kernel, nb, tmp_path / "a", "first", mb=400)
@@ -76,6 +80,7 @@ def test_notebooks_on_one_warm_kernel_each_see_a_fresh_kernels_state(tmp_path):
     counts = [c.execution_count for c in executed.cells if c.cell_type == "code"]
     assert counts == list(range(1, len(counts) + 1)), "execution counts restart"
     assert not _alive(first["pid"]), "shutdown stops the kernel"
+    del ballast
 
 
 def test_a_failed_notebook_takes_its_kernel_with_it_and_max_jobs_replaces_one(tmp_path):

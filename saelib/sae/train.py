@@ -56,7 +56,6 @@ What is added here (protocol §2):
 from __future__ import annotations
 
 import math
-import resource
 import shutil
 import sys
 import time
@@ -73,7 +72,8 @@ from sae_lens.saes.sae import TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
-from saelib.results import CorruptFileError, files_match, read_json, sha256_file, write_json
+from saelib.results import (CorruptFileError, files_match, peak_rss_mb, read_json, sha256_file,
+                            write_json)
 from saelib.sae.controller import L0Controller
 from saelib.sae.registry import ArchSpec, get_arch
 
@@ -236,7 +236,7 @@ class TrainResult:
     batches, in raw units (``mse`` per element; explained variance = 1 - sum||x - x_hat||^2 /
     sum||x - mean||^2 over those batches). ``dead_fraction`` is sae-lens's training notion: latents
     that did not fire in the last ``schedule.dead_feature_window`` steps. ``peak_rss_mb`` is the
-    process's peak resident memory (``getrusage``), not this call's alone.
+    process's peak resident memory (:func:`saelib.results.peak_rss_mb`), not this call's alone.
     """
 
     sae: SAE[Any]
@@ -788,12 +788,11 @@ class SAERun:
         sae.cfg.metadata["saelib_tokens"] = int(self.trainer.n_training_samples)
         sae.cfg.metadata["saelib_seed"] = int(self.seed)
         inference = to_inference_sae(sae)
-        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         return TrainResult(sae=inference, arch=spec.name, d_in=self.d_in, d_sae=self.d_sae,
                            sparsity_value=self.knob,
                            tokens_seen=self.trainer.n_training_samples,
                            n_steps=self.trainer.n_training_steps, seconds=self.seconds,
-                           peak_rss_mb=peak_rss_mb, l0=l0, mse=mse, explained_variance=ev,
+                           peak_rss_mb=peak_rss_mb(), l0=l0, mse=mse, explained_variance=ev,
                            dead_fraction=dead_fraction, schedule=self.sched,
                            input_scale=self.scale, mean_D=self.mean.float(),
                            resumed_from_step=self.resumed_from,

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import resource
 import sys
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from ..profiles import Profile
-from ..results import (CorruptFileError, files_match, json_default, provenance, read_json,
-                       sha256_file, write_json)
+from ..results import (CorruptFileError, files_match, json_default, peak_rss_mb, provenance,
+                       read_json, sha256_file, write_json)
 from .layout import RESULT, SAE_WEIGHTS, SAEJob, sae_dir
 
 #: The schema a record without a ``schema`` key was written with (before schemas were recorded).
@@ -168,7 +167,3 @@ def finish_block(profile: Profile, job: SAEJob, cls: type[R], body: dict[str, An
                                        peak_rss_mb=peak_rss_mb()))
     write_json(out / RESULT, {**(read_result(out / RESULT) or {}), cls.BLOCK: record.to_json()})
     return record
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
