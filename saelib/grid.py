@@ -115,9 +115,13 @@ def _run_notebook(profile: Profile, job: Job, log_output: bool) -> None:
         # A per-SAE notebook on a warm kernel (saelib.warm): the imports are paid once per worker.
         with pool.kernel() as kernel:
             kernel.execute(notebook, tmp, job.parameters, cwd=out.parent, log_output=log_output)
-        _retitle(tmp, job)
-        tmp.replace(out)
-        return
+    else:
+        _execute_fresh(notebook, tmp, job, out.parent, log_output)
+    _retitle(tmp, job)
+    tmp.replace(out)
+
+
+def _execute_fresh(notebook: Path, tmp: Path, job: Job, folder: Path, log_output: bool) -> None:
     # The kernel starts in the job's folder (so a notebook's relative writes, e.g. the analysis
     # CSV, land beside its executed copy) through nbclient's ``resources.metadata.path``, not
     # papermill's ``cwd``: that one os.chdir()s this whole process, and jobs run as threads of it
@@ -128,10 +132,8 @@ def _run_notebook(profile: Profile, job: Job, log_output: bool) -> None:
     # is ~2.5 s shorter (measured with papermill 2.7 on this machine).
     pm.execute_notebook(str(notebook), str(tmp), parameters=job.parameters,
                         kernel_name="python3", progress_bar=False, log_output=log_output,
-                        resources={"metadata": {"path": str(out.parent)}},
+                        resources={"metadata": {"path": str(folder)}},
                         shutdown_kernel="immediate")
-    _retitle(tmp, job)
-    tmp.replace(out)
 
 
 def error_file(profile: Profile, job: Job) -> Path:
@@ -278,7 +280,7 @@ def kernel_tmpdir(profile: Profile, local: bool = True):
     """``TMPDIR`` for the kernels a local grid run starts: a folder under the run folder, emptied
     at the start and removed at the end.
 
-    Why: :func:`run_notebook` stops each kernel at once (a kill), so nothing a kernel registered
+    Why: :func:`run_notebook` stops each fresh kernel at once (a kill), so nothing it registered
     for its exit runs, and wandb (imported by sae-lens) makes two temporary folders per process
     that it removes only at exit: each notebook left two in the system's temporary folder (~240
     per default grid). Kernels inherit this process's environment when they start; with a remote

@@ -414,9 +414,9 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
             # the train stage's own decision: only a 'calibrated' SAE searches with probes (under
             # the controller every SAE trains once), and a calibration start makes it one probe
             method = sparsity_method(profile, SAEJob(entry.name, arch, 0))
-            starts = profile.calibration_start(entry.name).get(arch) or (None,) * len(grid.targets)
-            for k, start in zip(grid.targets, starts):
-                searching = method == "calibrated" and start is None
+            for level, k in enumerate(grid.targets):
+                searching = (method == "calibrated"
+                             and profile.calibration_start_knob(entry.name, arch, level) is None)
                 probes = PROBES_PER_SEARCH if searching else 1.0
                 rounds = max(rounds, ROUNDS_PER_SEARCH if searching else 1)
                 train_flops += probes * corpus.train_tokens * train_flops_per_token(d, width, arch, k)

@@ -274,6 +274,11 @@ class Profile:
         no start for that level): the model's own ``calibration_start`` over the grid's."""
         return {**self.grid.calibration_start, **self.model(model).calibration_start}
 
+    def calibration_start_knob(self, model: str, arch: str, level: int) -> float | None:
+        """The knob the search of one cell tries first (:meth:`calibration_start`), or None."""
+        knobs = self.calibration_start(model).get(arch)
+        return None if knobs is None or knobs[level] is None else float(knobs[level])
+
     def model(self, name_or_label: str) -> ModelEntry:
         for m in self.models:
             if name_or_label in (m.name, m.display):

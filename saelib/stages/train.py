@@ -22,7 +22,7 @@ from ..activations import ActivationStore
 from ..data.corpus import load_token_splits
 from ..evals.core import CoreConfig, lm_metrics
 from ..profiles import Profile, ProfileError
-from ..results import Timer, provenance, write_json
+from ..results import Timer, peak_rss_mb, provenance, write_json
 from ..sae.calibrate import CalibrationConfig, calibrate_sparsity, first_knob
 from ..sae.io import save_sae
 from ..sae.metrics import reconstruct, reconstruction_metrics
@@ -30,7 +30,7 @@ from ..sae.registry import get_arch
 from ..sae.train import TrainConfig, train_sae, trajectory_settings
 from .layout import (RESULT, SAE_WEIGHTS, ZERO_ABLATION, SAEJob, activations_dir,
                      model_dir, resolve_job, sae_dir, tokens_dir)
-from .records import FIRST_SCHEMA, Record, peak_rss_mb, read_result, sae_weights_sha
+from .records import FIRST_SCHEMA, Record, read_result, sae_weights_sha
 from .runner import stage_model
 
 NAME = "train"
@@ -192,10 +192,9 @@ def search_start(profile: Profile, job: SAEJob) -> CalibrationConfig:
     for ReLU / Gated as the first λ; the cached mode's search may instead start from a calibrated
     neighbour (:func:`saelib.sae.calibrate.first_knob` and the calibration cache)."""
     l1 = _profile_l1(profile, job)
-    first = (profile.calibration_start(job.model).get(job.arch) or (None,) * (job.level + 1))
     return CalibrationConfig(initial_l1=float(l1[job.level]) if l1 else 1.0,
-                             start=None if first[job.level] is None
-                             else float(first[job.level])).validate()
+                             start=profile.calibration_start_knob(job.model, job.arch, job.level)
+                             ).validate()
 
 
 def read(profile: Profile, job: SAEJob) -> TrainRecord:
