@@ -11,8 +11,8 @@ import warnings
 
 # Triton reads TRITON_INTERPRET when a kernel module is first imported, and several test modules
 # import saelib.kernels; set it before any of them so the Triton kernels run (interpreted) on CPU
-# tensors in tests/test_kernels.py whatever the collection order. Export TRITON_INTERPRET=0 on a
-# GPU machine to test the compiled kernels instead.
+# tensors in tests/test_kernels.py whatever the collection order. Those tests use CPU tensors, so
+# with TRITON_INTERPRET=0 they skip: the compiled kernels run on a GPU in bench/sae_kernels.py.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest

@@ -147,15 +147,36 @@ def test_score_on_a_toy_sae_and_the_partial_path():
     data, dirs = _toy_data(rng)
     probe = ab.fit_letter_probe(data)
     assert probe.f1_C.mean() > 0.9
-    W_dec = np.vstack([dirs / np.linalg.norm(dirs, axis=1, keepdims=True), rng.normal(size=(6, 32))])
-    W_enc = torch.as_tensor(W_dec.T, dtype=torch.float32)
+    unit = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+    # one latent per letter, 6 random ones, and a last latent along "b" that the encoder never uses
+    W_dec = np.vstack([unit, rng.normal(size=(6, 32)), unit[1:2]]).astype(np.float32)
+    W_enc = torch.as_tensor(W_dec.T).clone()
+    W_enc[:, -1] = 0
 
     def encode(x):
         return torch.relu(x @ W_enc - 1.0)
 
-    res = ab.score(data, probe, encode, W_dec.astype(np.float32), ab.AbsorptionConfig(n_words=52))
+    res = ab.score(data, probe, encode, W_dec, ab.AbsorptionConfig(n_words=52))
     assert res.n_letters == 26 and not res.partial
-    assert 0 <= res.mean_absorption_fraction <= 1 and res.mean_full_absorption is not None
+    # each letter has its own latent: no word is fully absorbed, and little of any is absorbed
+    assert res.mean_full_absorption == 0.0 and res.mean_absorption_fraction < 0.1
+    assert res.per_letter["b"]["main_latents"] == [1]
+
+    # planted: on the test words of "b" its main latent is silent and the aligned latent fires
+    b_test = torch.as_tensor(data.is_test_W & (data.letter_W == 1))
+
+    def absorbed(x):  # score encodes data.acts_WD whole, so rows are the words in order
+        codes = encode(x)
+        codes[b_test, -1] = codes[b_test, 1]
+        codes[b_test, 1] = 0
+        return codes
+
+    planted = ab.score(data, probe, absorbed, W_dec, ab.AbsorptionConfig(n_words=52))
+    assert planted.per_letter["b"]["full_absorption"] == 1.0
+    assert planted.per_letter["b"]["absorption_fraction"] == pytest.approx(1.0)
+    assert {k: v for k, v in planted.per_letter.items() if k != "b"} == \
+        {k: v for k, v in res.per_letter.items() if k != "b"}
+    assert planted.mean_full_absorption == pytest.approx(1 / 26)
     strict = ab.AbsorptionConfig(n_words=52, min_probe_f1=1.01)
     none = ab.score(data, probe, encode, W_dec.astype(np.float32), strict)
     assert none.partial and none.mean_absorption_fraction is None and "F1" in none.reason

@@ -100,7 +100,8 @@ def test_bfloat16_blocks_track_float32_and_keep_the_model_float32(family):
     """bfloat16 blocks: a bfloat16 copy runs the blocks (the model itself stays float32), the
     steering additions are rounded back to bfloat16, the logits come out float32 from the float32
     head, close to the float32 decoder's (bfloat16 round-off, ~0.4 % per matmul), and greedy
-    generation runs to the same lengths of real tokens."""
+    generation gives the float32 tokens on most rows (a tiny random model has near-ties that
+    bfloat16 round-off flips: 6, 5 and 4 of 6 rows for these families)."""
     tl = tiny(family)
     from saelib.steering.generate import left_pad
     tokens_BL, mask_BL = left_pad(PROMPTS, 0, "cpu")
@@ -128,9 +129,12 @@ def test_bfloat16_blocks_track_float32_and_keep_the_model_float32(family):
         bf16 = engine.LeanDecoder(tl, torch.bfloat16).logits(resid_BD)
     assert torch.equal(f32.argmax(-1), bf16.argmax(-1))
     torch.testing.assert_close(bf16.max(-1).values, f32.max(-1).values, rtol=1e-5, atol=1e-5)
-    out = generate(tl, PROMPTS, GenerationConfig(max_new_tokens=6, batch_size=4, dtype="bfloat16"),
-                   hooks_for=lambda rows: steering_hooks(tl, 2, rows), stop_ids=[60], pad_id=0)
-    assert len(out) == len(PROMPTS) and all(all(0 <= t < tl.cfg.d_vocab for t in o) for o in out)
+    out = {dtype: generate(tl, PROMPTS, GenerationConfig(max_new_tokens=6, batch_size=4, dtype=dtype),
+                           hooks_for=lambda rows: steering_hooks(tl, 2, rows), stop_ids=[60], pad_id=0)
+           for dtype in ("float32", "bfloat16")}
+    bf16 = out["bfloat16"]
+    assert len(bf16) == len(PROMPTS) and all(all(0 <= t < tl.cfg.d_vocab for t in o) for o in bf16)
+    assert sum(a == b for a, b in zip(out["float32"], bf16)) >= len(PROMPTS) // 2 + 1
 
 
 SCORED = [[1, 5, 9, 2, 7, 7, 3], [1, 4], [1], [1, 8, 8, 8, 2, 11, 30, 2], [1, 4, 60]]
@@ -177,6 +181,9 @@ def test_sampling_identical_with_the_same_seed():
                                                          engine=name), pad_id=0)
            for name in ("transformer_lens", "lean")]
     assert out[0] == out[1]
+    other = generate_batch(tl, PROMPTS, GenerationConfig(max_new_tokens=5, temperature=1.0, seed=4,
+                                                         engine="lean"), pad_id=0)
+    assert other != out[1]  # and it samples: another seed, other tokens
 
 
 def test_prefill_runs_real_tokens_and_shares_prompts():

@@ -70,8 +70,7 @@ def test_killed_stream_resumes_to_the_same_bytes(tmp_path):
     resumed = train_saes(_runs(cfg, tmp_path), stream())
     for a, b in zip(full, resumed):
         assert b.resumed_from_step == 15
-        for name, value in a.sae.state_dict().items():
-            assert torch.allclose(value, b.sae.state_dict()[name], atol=1e-6), name
+        _same_bytes(a, b)
 
 
 def test_runs_at_different_steps_each_see_their_own_batches(tmp_path):
@@ -89,8 +88,7 @@ def test_runs_at_different_steps_each_see_their_own_batches(tmp_path):
                       checkpoint_dir=tmp_path / arch) for i, (arch, knob) in enumerate(cells)]
     assert [r.step_index for r in resumed] == [10, 15]
     for a, b in zip(full, train_saes(resumed, stream())):
-        for name, value in a.sae.state_dict().items():
-            assert torch.allclose(value, b.sae.state_dict()[name], atol=1e-6), name
+        _same_bytes(a, b)
 
 
 def test_runs_on_one_stream_share_one_schedule():

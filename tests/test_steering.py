@@ -141,7 +141,11 @@ def test_rows_stop_at_their_stop_token(tiny_tl):
 def test_sampling_is_seeded(tiny_tl):
     ps = prompts(4, seed=7)
     cfg = GenerationConfig(max_new_tokens=8, temperature=1.0, seed=11)
-    assert generate(tiny_tl, ps, cfg) == generate(tiny_tl, ps, cfg)
+    sampled = generate(tiny_tl, ps, cfg)
+    assert sampled == generate(tiny_tl, ps, cfg)
+    # it samples: another seed, and greedy decoding, give other answers
+    assert sampled != generate(tiny_tl, ps, GenerationConfig(max_new_tokens=8, temperature=1.0, seed=12))
+    assert sampled != generate(tiny_tl, ps, GenerationConfig(max_new_tokens=8))
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(tiny_tl, ps, GenerationConfig(max_new_tokens=0))
 

@@ -9,6 +9,7 @@ stream is the whole job; each training step is slowed in the child so the kill l
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -47,6 +48,12 @@ RUNNER = textwrap.dedent('''
 ''')
 
 
+def _forward_contexts(root: Path) -> int:
+    """Contexts the (last) streaming run put through the model (its capture record)."""
+    (record,) = root.rglob("capture.json")
+    return int(json.loads(record.read_text())["splits"]["train"]["forward_contexts"])
+
+
 def _weights(root: Path) -> dict[str, str]:
     return {p.parent.parent.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("sae/sae_weights.safetensors"))}
@@ -79,3 +86,6 @@ def test_a_killed_stream_resumes_to_the_same_sae_bytes(tmp_path):
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
     assert _weights(killed) == want
     assert not any(killed.rglob("stream_checkpoints/*/step_*"))
+    # it resumed: the rerun streamed fewer contexts than the uninterrupted run (a rerun from the
+    # start would give the same bytes too, training being deterministic)
+    assert 0 < _forward_contexts(killed) < _forward_contexts(clean)
