@@ -166,9 +166,10 @@ def saes_to_detect(tau: float = PAPER_POOLED_TAU, *, rel: float = 1.0, alpha: fl
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m saelib.power --profile NAME [--budget-factor 4]``: the variance components of
-    a finished run's steering rows and the designs that fit ``budget-factor`` times its
-    generations per SAE, best first (the pilot behind a profile's ``steering`` section)."""
+    """``python -m saelib.power --profile NAME [--budget-factor 4 | --budget N]``: the variance
+    components of a finished run's steering rows and the designs that fit ``budget-factor`` times
+    the profile's steered generations per SAE (or ``N`` of them), best first (the pilot behind a
+    profile's ``steering`` section)."""
     import argparse
 
     from . import report
@@ -176,7 +177,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     ap.add_argument("--profile", default="default")
-    ap.add_argument("--budget-factor", type=float, default=4.0)
+    budget_arg = ap.add_mutually_exclusive_group()
+    budget_arg.add_argument("--budget-factor", type=float, default=4.0)
+    budget_arg.add_argument("--budget", type=int, default=None,
+                            help="steered generations per SAE (instead of --budget-factor)")
     ap.add_argument("--top", type=int, default=8)
     args = ap.parse_args(argv)
     profile = as_profile(args.profile)
@@ -187,11 +191,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                          "run its grid first")
     vc = variance_components(rows)
     now = steering.answers_per_sae()
-    budget = int(args.budget_factor * now)
+    budget = args.budget if args.budget is not None else int(args.budget_factor * now)
+    if budget < 1:
+        raise SystemExit(f"the budget must be at least one generation per SAE, got {budget}")
     print(f"{vc.n_saes} SAEs; between-concept variance {vc.between_concept:.4f}, within-concept "
           f"{vc.within_concept:.4f}; SE(g) now {vc.se(vc.n_concepts, vc.n_heldout):.4f} "
           f"({vc.n_concepts:.1f} concepts x {vc.n_heldout:.1f} held-out answers at α*)")
-    print(f"designs within {budget} steered generations per SAE ({args.budget_factor:g}x today's "
+    print(f"designs within {budget} steered generations per SAE ({budget / now:.3g}x today's "
           f"{now}), {len(steering.factors)} factors, 5 selection instructions:")
     table = design_table(vc, budget_generations=budget, n_factors=len(steering.factors))
     print(table.head(args.top).to_string(index=False) if len(table) else "  none fits")

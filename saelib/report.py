@@ -122,26 +122,38 @@ def l0_table(table: pd.DataFrame) -> pd.DataFrame:
 
 def example_generations(rows: pd.DataFrame, steering: dict, n_concepts: int = 3) -> pd.DataFrame:
     """The book's example page (protocol §4): for the ``n_concepts`` best-scoring concepts, their
-    first held-out instruction answered unsteered and at the smallest factor, at α* and at the
-    largest factor, with the ratings ``concept/instruction/fluency`` and HM. ``rows`` is the SAE's
-    ``steering.jsonl``, ``steering`` its ``result.json`` block."""
+    first selection instruction answered unsteered and at every factor (the selection half is
+    steered at each; α* marked), then their first held-out instruction at α* (held-out answers
+    exist at α* only, and g averages them), with the ratings ``concept/instruction/fluency`` and
+    HM. ``rows`` is the SAE's ``steering.jsonl``, ``steering`` its ``result.json`` block."""
     best = sorted(steering["concepts"], key=lambda c: (-c["score"], c["latent"]))[:n_concepts]
     out = []
+
+    def row(r, label: str) -> dict:
+        return {"concept": r["concept"], "α": label, "instruction": r["instruction"],
+                "output": r["output"],
+                "ratings C/I/F": f"{r['concept_rating']}/{r['instruction_rating']}/{r['fluency_rating']}",
+                "HM": round(float(r["hm"]), 3)}
+
     for c in best:
-        mine = rows[(rows["latent"] == c["latent"]) & (rows["split"] == "heldout")]
-        if mine.empty:
-            continue
-        first = mine[mine["instruction_index"] == mine["instruction_index"].min()]
-        alphas = sorted(first["alpha"].unique())
-        base = first.iloc[0]
-        out.append({"concept": base["concept"], "α": "unsteered", "instruction": base["instruction"],
-                    "output": base["unsteered_output"], "ratings C/I/F": "–", "HM": None})
-        for label, alpha in (("smallest", alphas[0]), ("α*", c["alpha_star"]), ("largest", alphas[-1])):
-            r = first[first["alpha"] == alpha].iloc[0]
-            out.append({"concept": base["concept"], "α": f"{alpha:g} ({label})",
-                        "instruction": base["instruction"], "output": r["output"],
-                        "ratings C/I/F": f"{r['concept_rating']}/{r['instruction_rating']}/{r['fluency_rating']}",
-                        "HM": round(float(r["hm"]), 3)})
+        mine = rows[rows["latent"] == c["latent"]]
+        star = float(c["alpha_star"])
+        for split in ("select", "heldout"):
+            part = mine[mine["split"] == split]
+            if part.empty:
+                continue
+            first = part[part["instruction_index"] == part["instruction_index"].min()]
+            first = first.sort_values("alpha")
+            if split == "select":
+                base = first.iloc[0]
+                out.append({"concept": base["concept"], "α": "unsteered",
+                            "instruction": base["instruction"], "output": base["unsteered_output"],
+                            "ratings C/I/F": "–", "HM": None})
+                for _, r in first.iterrows():
+                    out.append(row(r, f"{r['alpha']:g}" + (" (α*)" if r["alpha"] == star else "")))
+            else:
+                for _, r in first[first["alpha"] == star].iterrows():
+                    out.append(row(r, f"{star:g} (α*, held out)"))
     return pd.DataFrame(out, columns=["concept", "α", "instruction", "output", "ratings C/I/F", "HM"])
 
 

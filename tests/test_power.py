@@ -118,6 +118,8 @@ def test_cli_reads_a_runs_steering_rows(tmp_path, monkeypatch, capsys):
     assert f"{len(jobs)} SAEs; between-concept variance" in out
     assert "designs within 240 steered generations" in out  # 20 x 2 concepts x (2 x 2 factors + 2)
     assert "concepts" in out.splitlines()[2]
+    power.main(["--profile", "smoke", "--budget", "120"])
+    assert "designs within 120 steered generations per SAE (10x today's 12)" in capsys.readouterr().out
 
 
 def test_cli_without_a_run_says_so(tmp_path, monkeypatch):

@@ -195,6 +195,27 @@ def test_factor_is_chosen_on_selection_rows_and_scored_on_held_out_rows():
         concept_scores([r for r in rows if r["split"] == "heldout"])
 
 
+def test_example_page_shows_every_factor_on_a_selection_instruction_and_held_out_at_alpha_star():
+    """As a run writes them: selection instructions at every factor, held-out ones at α* only
+    (so a held-out instruction has no smallest or largest factor to show)."""
+    import pandas as pd
+
+    from saelib.report import example_generations
+
+    rows = []
+    for k, split in ((0, "select"), (1, "select"), (2, "heldout"), (3, "heldout")):
+        for alpha in ((1.0, 1.5, 2.0) if split == "select" else (1.5,)):
+            rows.append({"latent": 7, "concept": "cats", "instruction_index": k, "split": split,
+                         "instruction": f"inst {k}", "alpha": alpha, "output": f"out {k} {alpha:g}",
+                         "unsteered_output": f"plain {k}", "concept_rating": 1,
+                         "instruction_rating": 2, "fluency_rating": 1, "hm": 1.2})
+    table = example_generations(pd.DataFrame(rows), {"concepts": [
+        {"latent": 7, "score": 1.2, "alpha_star": 1.5}]}, n_concepts=1)
+    assert table["α"].tolist() == ["unsteered", "1", "1.5 (α*)", "2", "1.5 (α*, held out)"]
+    assert table["output"].tolist() == ["plain 0", "out 0 1", "out 0 1.5", "out 0 2", "out 2 1.5"]
+    assert table["ratings C/I/F"].iloc[1] == "1/2/1" and pd.isna(table["HM"].iloc[0])
+
+
 def test_split_of_and_config_validation():
     assert [split_of(i, 5) for i in range(10)] == ["select"] * 5 + ["heldout"] * 5
     SteeringConfig().validate()
