@@ -1,8 +1,10 @@
 """``python -m saelib.book --profile NAME``: render a profile's executed notebooks as the HTML book.
 
 The book never executes code (``_config.yml``: execution off). This copies the papermill outputs of
-``runs/<profile>/executed/`` into ``book/executed/`` (git-ignored), writes a page on the run's
-environment, and runs Jupyter Book 1; the result is ``_build/html/index.html``.
+``runs/<profile>/executed/`` into ``book/executed/`` (git-ignored), rewrites the table of contents
+when the stages changed, and runs Jupyter Book 1; the result is ``_build/html/index.html``. The
+run's profile, judge and environment are tables on its summary pages (``saelib.report.run_table``,
+``environment_table``).
 """
 
 from __future__ import annotations

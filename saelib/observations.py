@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import bootstrap
 
-from .paper import TABLE1, TABLE3
+from .paper import TABLE1, TABLE2, TABLE3
 
 REPRODUCES = "reproduces"
 CONTRADICTED = "contradicted"
@@ -152,7 +152,9 @@ def observation_2(table, way: str = "paper", *, n_resamples: int = 9999, seed: i
     'honest' tier pick."""
     claim = (f"ΔC_k selection raises steering above no selection and above the output score "
              f"({way} tier pick).")
-    paper = "lift 104–147 % over none; +52.52 pp of mean lift over the output score (3 models)"
+    paper = (f"lift 104–147 % over none; +52.52 pp of mean lift over the output score; in score "
+             f"units, as ours: g_ΔC − g = {_paper_mean_gap(TABLE2.no_selection):+.3f}, g_ΔC − "
+             f"g_out = {_paper_mean_gap(TABLE2.output_score):+.3f} (means over its 3 models)")
     cols = ["g", f"{way}_g_delta_conf", f"{way}_g_output_score"]
     if not set(cols) <= set(table):
         return Observation(2, claim, paper, "no SAE has a selection result", NO_DATA, 0)
@@ -172,6 +174,12 @@ def observation_2(table, way: str = "paper", *, n_resamples: int = 9999, seed: i
             f"{m2:+.3f} [{l2:+.3f}, {h2:+.3f}] (± {w2:.3f}) (mean g = {done['g'].mean():.3f}), "
             f"n = {len(done)}")
     return Observation(2, claim, paper, ours, verdict, len(done), max(w1, w2))
+
+
+def _paper_mean_gap(baseline) -> float:
+    """Table 2's ΔC_k score minus ``baseline``'s, averaged over the paper's models: the paper's
+    observation 2 in the units ours is measured in (a mean of per-model means)."""
+    return float(np.mean([TABLE2.delta_ck[m] - baseline[m] for m in TABLE2.delta_ck]))
 
 
 def observation_3(table3) -> Observation:

@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 __all__ = [
-    "MODELS", "ARCHITECTURES", "PaperTauTable", "PaperSteeringTable", "ImprovementFigures",
+    "MODELS", "HUB_NAMES", "ARCHITECTURES", "PaperTauTable", "PaperSteeringTable", "ImprovementFigures",
     "TABLE1", "TABLE2", "TABLE3", "TAU_NOTE", "ABSTRACT_POOLED_TAU", "ABSTRACT_IMPROVEMENT_PCT",
     "LAYERS", "WIDTH", "TRAINING_TOKENS", "TARGET_L0", "RELU_L1", "GATED_L1",
     "TRAINING_HOURS", "TRAINING_GPU", "SAES_PER_MODEL", "SAEBENCH_HOURS_PER_SAE",
@@ -33,6 +33,10 @@ __all__ = [
 
 #: The three LLMs, in the paper's column order (protocol §2; Tables 1–2).
 MODELS: tuple[str, ...] = ("Gemma-2-2B", "Qwen-2.5-3B", "Gemma-2-9B")
+#: The three LLMs' hub ids (their shapes: ``saelib.plan.MODEL_SHAPES``).
+HUB_NAMES: Mapping[str, str] = MappingProxyType({
+    "Gemma-2-2B": "google/gemma-2-2b", "Qwen-2.5-3B": "Qwen/Qwen2.5-3B",
+    "Gemma-2-9B": "google/gemma-2-9b"})
 #: The five SAE architectures (protocol §2).
 ARCHITECTURES: tuple[str, ...] = ("ReLU", "Gated", "JumpReLU", "TopK", "BatchTopK")
 

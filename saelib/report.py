@@ -159,17 +159,29 @@ def example_generations(rows: pd.DataFrame, steering: dict, n_concepts: int = 3)
 
 def agreement_table(agreement, paper_table):
     """An :class:`~saelib.stats.AgreementTable` in the paper's layout (group, n, pairs, τ_b, p, CI)
-    with the paper's value beside ours where it reports one (pooled τ_b and the four Ψ; its
-    per-model τ_b's are for its own models, which this profile does not have), one column per
-    paper version where versions differ (:attr:`saelib.paper.PaperTauTable.other_versions`)."""
+    with the paper's value beside ours where it reports one: the pooled τ_b with its BCa interval,
+    the four Ψ, and the per-model τ_b of a model whose label is the paper's (the paper profiles'
+    models; the CPU profiles' are others). One column per paper version where versions differ
+    (:attr:`saelib.paper.PaperTauTable.other_versions`)."""
     frame = agreement.to_frame()
     paper_psi = {"Ψ_A": paper_table.psi_a, "Ψ_B": paper_table.psi_b, "Ψ_C": paper_table.psi_c,
                  "Ψ": paper_table.psi}
+
+    def paper_value(axis: str, group: str) -> float | None:
+        if axis == "pooled" and group == "all":
+            return paper_table.pooled
+        if axis == "model":
+            return paper_table.per_model.get(group)
+        return paper_psi.get(group) if axis == "psi" else None
+
+    pooled = [a == "pooled" and g == "all" for a, g in zip(frame["axis"], frame["group"])]
     frame[f"paper τ_b ({paper_table.source})"] = [
-        paper_table.pooled if g == "all" and a == "pooled" else paper_psi.get(g)
-        for a, g in zip(frame["axis"], frame["group"])]
+        paper_value(a, g) for a, g in zip(frame["axis"], frame["group"])]
+    low, high = paper_table.pooled_ci
+    frame[f"paper CI ({paper_table.source})"] = [f"[{low:.4f}, {high:.4f}]" if p else None
+                                                 for p in pooled]
     cols = ["axis", "group", "n", "pairs", "tau_b", "p", "ci_low", "ci_high",
-            f"paper τ_b ({paper_table.source})"]
+            f"paper τ_b ({paper_table.source})", f"paper CI ({paper_table.source})"]
     for source, values in paper_table.other_versions.items():
         frame[f"paper τ_b ({source})"] = [
             values.get("pooled") if g == "all" and a == "pooled"
@@ -213,19 +225,40 @@ def steering_by_method(table: pd.DataFrame, way: str = "paper") -> pd.DataFrame:
         means["lift ΔC_k (%)"] = pd.Series(dict(imp.lift_delta_ck_pct))
         means["lift output score (%)"] = pd.Series(dict(imp.lift_output_score_pct))
         means["ΔC_k vs output score (relative %)"] = pd.Series(dict(imp.relative_gain_pct))
-    return means.reset_index()
+    return _with_mean_row(means.reset_index())
+
+
+#: The mean row's label in Table 2's layout.
+MEAN_ROW = "mean over models"
+
+
+def _with_mean_row(frame: pd.DataFrame) -> pd.DataFrame:
+    """Table 2 with the difference of lifts per model and a last row of unweighted means over
+    models: its lift difference (pp) is the abstract's 52.52 reading and its relative % the
+    ≈ 30.3 one (:class:`saelib.paper.ImprovementFigures`)."""
+    frame = frame.copy()
+    if {"lift ΔC_k (%)", "lift output score (%)"} <= set(frame):
+        frame["lift ΔC_k − lift output score (pp)"] = (frame["lift ΔC_k (%)"]
+                                                      - frame["lift output score (%)"])
+    if len(frame) < 2:
+        return frame
+    mean = frame.drop(columns=["model"]).mean(numeric_only=True)
+    if "SAEs" in frame:
+        mean["SAEs"] = frame["SAEs"].sum()
+    return pd.concat([frame, pd.DataFrame([{"model": MEAN_ROW, **mean.to_dict()}])],
+                     ignore_index=True)
 
 
 def paper_table2() -> pd.DataFrame:
     """The paper's Table 2 in the same layout, for the book to show beside ours."""
     t = TABLE2
     imp = improvement_over_output_score(t.no_selection, t.output_score, t.delta_ck)
-    return pd.DataFrame({"model": list(t.no_selection), "no selection": list(t.no_selection.values()),
-                         "output score": list(t.output_score.values()),
-                         "ΔC_k": list(t.delta_ck.values()),
-                         "lift ΔC_k (%)": list(t.lift_delta_ck_pct.values()),
-                         "lift output score (%)": list(imp.lift_output_score_pct.values()),
-                         "ΔC_k vs output score (relative %)": list(imp.relative_gain_pct.values())})
+    return _with_mean_row(pd.DataFrame({
+        "model": list(t.no_selection), "no selection": list(t.no_selection.values()),
+        "output score": list(t.output_score.values()), "ΔC_k": list(t.delta_ck.values()),
+        "lift ΔC_k (%)": list(t.lift_delta_ck_pct.values()),
+        "lift output score (%)": list(imp.lift_output_score_pct.values()),
+        "ΔC_k vs output score (relative %)": list(imp.relative_gain_pct.values())}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +270,28 @@ TRAIN_SECONDS = (("calibrate", ("calibrate",)), ("train", ("train",)),
 #: The later stages' blocks of result.json, in the pipeline's order (from the stage table).
 BLOCKS = tuple(rec.BLOCK for st in stages.STAGES if st.scope == "sae" for rec in st.records
                if issubclass(rec, BlockRecord))
+
+
+def paper_grid_table() -> pd.DataFrame:
+    """The paper's sparsity grid (protocol §2), to read beside ours (:func:`l0_table`): target L0
+    of TopK, BatchTopK and JumpReLU per level, and the L1 coefficients of ReLU and Gated."""
+    return pd.DataFrame({"level": range(len(paper.TARGET_L0)), "target L0": paper.TARGET_L0,
+                         "target L0 / width (%)": [100 * t / paper.WIDTH for t in paper.TARGET_L0],
+                         "ReLU L1": paper.RELU_L1, "Gated L1": paper.GATED_L1})
+
+
+def paper_shapes_table() -> pd.DataFrame:
+    """The paper's SAE sizes (width 16,384 at each model's d_model; protocol §2): parameters per
+    architecture as :func:`saelib.plan.sae_params` counts ours, beside :func:`shapes_table`."""
+    from .plan import model_shape, sae_params
+
+    rows = []
+    for label, hub in paper.HUB_NAMES.items():
+        d = model_shape(hub).d_model
+        rows.append({"model": label, "layer": paper.LAYERS[label], "d_model": d,
+                     "width": paper.WIDTH, "W_enc": f"{d:,} × {paper.WIDTH:,}",
+                     **{arch: sae_params(d, paper.WIDTH, arch) for arch in PAPER_ARCHITECTURES}})
+    return pd.DataFrame(rows)
 
 
 def shapes_table(profile) -> pd.DataFrame:
@@ -318,6 +373,38 @@ def paper_costs() -> pd.DataFrame:
     rows.append({"stage": f"judge fees (gpt-4o-mini): ${paper.JUDGE_FEES_USD_PER_SAE:g} per SAE",
                  "hours per SAE": np.nan})
     return pd.DataFrame(rows)
+
+
+def run_table(profile) -> pd.DataFrame:
+    """What this run is, from its profile: name, seed, models, SAEs, training tokens, the judge,
+    the steering design and the LLM-judge sample, so a reader of any page can tell a CPU run
+    from the paper's scale (the paper: 90 SAEs of 2–9B models, 100 concepts each, gpt-4o-mini)."""
+    profile = as_profile(profile)
+    grid, steer = profile.grid, profile.section("steering")
+    judge = profile.section("judge")
+    agree = profile.section("judge_agreement")
+    judge_desc = {"offline": "rules (offline; saelib/judges/offline.py)",
+                  "openai": f"OpenAI-compatible ({judge.model})",
+                  "llama": "llama.cpp (" + (judge.llama_model if judge.llama_model != "packaged"
+                                            else "packaged Qwen2.5-Coder-1.5B") + ")",
+                  "local": f"local ({judge.local_model})"}.get(judge.backend, judge.backend)
+    held_out = steer.n_instructions - steer.n_select
+    rows = [("profile", f"{profile.name}: {profile.description}".rstrip(": ")),
+            ("seed", profile.seed),
+            ("models", ", ".join(f"{m.display} (layer {m.layer})" for m in profile.models)),
+            ("SAEs", f"{len(grid.architectures)} architectures × {len(grid.targets)} sparsities × "
+                     f"{len(profile.models)} model(s) = {len(sae_jobs(profile))}, width "
+                     f"{grid.width:,}, target L0 {list(grid.targets)}"),
+            ("training tokens per SAE", f"{profile.corpus.train_tokens:,}"),
+            ("judge (μ and g)", judge_desc),
+            ("steering", f"{steer.n_concepts} concepts × ({steer.n_select} selection instructions "
+                         f"× {len(steer.factors)} factors {list(steer.factors)} + {held_out} held "
+                         f"out at α*), {steer.max_new_tokens} new tokens: "
+                         f"{steer.answers_per_sae()} steered answers per SAE"),
+            ("LLM-judge sample", f"{agree.n_generations} generations and {agree.n_latents} latents "
+                                 f"of {agree.n_saes} SAEs ({agree.backend})"
+             if agree.n_generations or agree.n_latents else "none")]
+    return pd.DataFrame([{"item": k, "value": str(v)} for k, v in rows])
 
 
 def environment_table(profile) -> pd.DataFrame:

@@ -46,6 +46,8 @@ def test_observation_2_reproduces_only_when_both_differences_are_positive():
     clear = _table(g, g + 0.2, g + 0.1)
     paper, honest = (obs.observation_2(clear, way, n_resamples=999) for way in ("paper", "honest"))
     assert paper.verdict == obs.REPRODUCES and paper.n == 12
+    # the paper's figure also in our units: Table 2's mean ΔC_k minus none, and minus output score
+    assert "g_ΔC − g = +0.190, g_ΔC − g_out = +0.079" in paper.paper
     assert honest.verdict != obs.REPRODUCES  # the honest ΔC_k equals g here: no lift
     worse = _table(g, g + 0.2, g + 0.3)  # ΔC_k beats none but loses to the output score
     assert obs.observation_2(worse, "paper", n_resamples=999).verdict == obs.CONTRADICTED

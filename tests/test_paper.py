@@ -94,3 +94,60 @@ def test_table3_keeps_both_versions_and_the_agreement_table_shows_them():
     assert pooled["paper τ_b (arXiv v1)"] == -0.0692 and pooled["paper τ_b (ICLR 2026)"] == 0.0823
     psi = shown[shown["group"] == "Ψ"].iloc[0]
     assert psi["paper τ_b (arXiv v1)"] == -0.0568 and psi["paper τ_b (ICLR 2026)"] == 0.0681
+    assert pooled["paper CI (arXiv v1)"] == "[-0.2019, 0.0666]"
+    assert pd.isna(psi["paper CI (arXiv v1)"])
+
+
+def test_the_papers_grid_and_shapes_tables():
+    from saelib import paper
+    from saelib.report import paper_grid_table, paper_shapes_table
+
+    grid = paper_grid_table()
+    assert grid["target L0"].tolist() == [50, 80, 160, 320, 520, 820]
+    assert grid["target L0 / width (%)"].iloc[0] == pytest.approx(0.305, abs=1e-3)
+    assert grid["ReLU L1"].tolist() == list(paper.RELU_L1)
+    shapes = paper_shapes_table().set_index("model")
+    assert shapes.loc["Gemma-2-2B", "d_model"] == 2304 and shapes.loc["Gemma-2-9B", "d_model"] == 3584
+    assert shapes.loc["Qwen-2.5-3B", "W_enc"] == "2,048 × 16,384"
+    # W_enc + W_dec + b_enc + b_dec, and Gated's two extra vectors per latent
+    assert shapes.loc["Gemma-2-2B", "standard"] == 2 * 2304 * 16384 + 16384 + 2304
+    assert shapes.loc["Gemma-2-2B", "gated"] == shapes.loc["Gemma-2-2B", "standard"] + 2 * 16384
+
+
+def test_run_table_says_what_the_run_is():
+    from saelib.profiles import load_profile
+    from saelib.report import run_table
+
+    default = run_table(load_profile("default")).set_index("item")["value"]
+    assert default["SAEs"].startswith("5 architectures × 6 sparsities × 1 model(s) = 30, width 2,048")
+    assert default["judge (μ and g)"].startswith("rules")
+    assert default["steering"] == ("12 concepts × (5 selection instructions × 3 factors "
+                                   "[1.0, 1.5, 2.0] + 5 held out at α*), 32 new tokens: "
+                                   "240 steered answers per SAE")
+    assert default["LLM-judge sample"] == "150 generations and 42 latents of 6 SAEs (llama)"
+    pair = run_table(load_profile("cpu-pair")).set_index("item")["value"]
+    assert pair["LLM-judge sample"] == "none" and "= 60" in pair["SAEs"]
+    assert "Gemma-3-270M (layer 8)" in pair["models"]
+
+
+def test_table1_shows_the_papers_per_model_tau_where_our_model_is_the_papers():
+    import numpy as np
+    import pandas as pd
+
+    from saelib import paper
+    from saelib.report import agreement_table
+    from saelib.stats import AgreementConfig, rank_agreement
+
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({"mu": rng.uniform(size=20), "g": rng.uniform(size=20),
+                          "architecture": ["a", "b"] * 10, "sparsity": np.repeat(range(5), 4),
+                          "model": ["Gemma-2-2B"] * 10 + ["SmolLM2-135M"] * 10})
+    shown = agreement_table(rank_agreement(frame, "mu", "g",
+                                           config=AgreementConfig(n_permutations=99, n_bootstrap=99)),
+                            paper.TABLE1).data.set_index(["axis", "group"])
+    col = "paper τ_b (arXiv v1)"
+    assert shown.loc[("model", "Gemma-2-2B"), col] == 0.2184
+    assert pd.isna(shown.loc[("model", "SmolLM2-135M"), col])  # not a model of the paper
+    assert shown.loc[("pooled", "all"), col] == 0.2979
+    assert shown.loc[("pooled", "all"), "paper CI (arXiv v1)"] == "[0.1590, 0.4191]"
+    assert pd.isna(shown.loc[("architecture", "a"), col])

@@ -47,15 +47,29 @@ def test_steering_by_method_means_lifts_and_relative_gain():
     assert out.loc["A", "lift ΔC_k (%)"] == pytest.approx((0.4 - 0.2) / 0.2 * 100)
     assert out.loc["B", "lift output score (%)"] == pytest.approx(50.0)
     assert out.loc["A", "ΔC_k vs output score (relative %)"] == pytest.approx((0.4 - 0.3) / 0.3 * 100)
+    assert out.loc["A", "lift ΔC_k − lift output score (pp)"] == pytest.approx(100.0 - 50.0)
+    from saelib.report import MEAN_ROW
+
+    mean = out.loc[MEAN_ROW]  # unweighted over models; SAEs summed
+    assert mean["SAEs"] == 4 and mean["no selection"] == pytest.approx(0.2)
+    assert mean["lift ΔC_k (%)"] == pytest.approx((100.0 + 100.0) / 2)
     with pytest.raises(ValueError, match="no SAE has a selection result"):
         steering_by_method(table.drop(columns=["paper_g_delta_conf"]))
 
 
 def test_paper_table2_reproduces_the_reported_lifts():
-    t = paper_table2().set_index("model")
+    from saelib.report import MEAN_ROW
+
+    full = paper_table2().set_index("model")
+    t = full.drop(index=MEAN_ROW)
     # The printed lifts (one decimal) agree with the printed g's they are computed from.
     recomputed = (t["ΔC_k"] - t["no selection"]) / t["no selection"] * 100
     assert recomputed.round(1).tolist() == t["lift ΔC_k (%)"].tolist() == [146.6, 133.3, 103.5]
     mean_lift_gap = (t["lift ΔC_k (%)"] - t["lift output score (%)"]).mean()
     assert mean_lift_gap == pytest.approx(52.52, abs=0.5)  # the abstract's figure, in points
     assert t["ΔC_k vs output score (relative %)"].mean() == pytest.approx(30.3, abs=0.5)
+    # the book's mean row shows both readings as numbers
+    mean = full.loc[MEAN_ROW]
+    assert mean["lift ΔC_k − lift output score (pp)"] == pytest.approx(mean_lift_gap)
+    assert mean["ΔC_k vs output score (relative %)"] == pytest.approx(30.3, abs=0.5)
+    assert mean["ΔC_k"] == pytest.approx((0.328 + 0.399 + 0.289) / 3)

@@ -117,10 +117,10 @@ class JudgeAgreementConfig:
     """Profile section ``judge_agreement``: the profile's judge against an LLM judge on a seeded,
     stratified sample of what it rated (protocol §3–4; the grid's ``judge`` job and book page).
 
-    ``n_saes`` SAEs (spread over the architectures) are chosen; for each, every held-out
-    generation at its concepts' α* (the generations its g rests on) and ``n_latents`` /
-    ``n_saes`` of its CONCEPT100 latents are re-judged, so that μ and g of those SAEs exist under
-    both judges. Generations from all SAEs and factors fill the sample up to ``n_generations``.
+    ``n_saes`` SAEs (spread over the architectures) are chosen; for each, the held-out
+    generations at α* of whole concepts (the generations its g rests on), up to an equal share of
+    half of ``n_generations``, and ``n_latents`` / ``n_saes`` of its CONCEPT100 latents are
+    re-judged, so that μ and g of those SAEs exist under both judges. Generations from all SAEs and factors fill the sample up to ``n_generations``.
     ``backend``: 'llama' (the packaged 1.5B chat model through llama.cpp), 'local' (a Hugging
     Face chat model, ``local_model``) or 'openai' (the judge section's server). ``max_tokens``
     caps each rating answer, ``threads`` the llama.cpp threads. ``n_generations: 0`` and
