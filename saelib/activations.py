@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .results import (CorruptFileError, atomic_path, first_mismatch, read_json, sha256_file,
-                      write_json)
+from .results import (CorruptFileError, first_mismatch, read_json, read_npy, sha256_file,
+                      write_json, write_npy)
 
 MANIFEST = "manifest.json"
 
@@ -85,11 +85,8 @@ def capture(tl, tokens_NL: np.ndarray, layer: int, out_dir: str | Path, *, batch
             bad = int((~np.isfinite(acts)).sum())
             raise ActivationError(f"{out_dir / name}: {bad} non-finite activation values "
                                   f"(contexts {lo}..{hi - 1}); the model or its dtype is unstable")
-        path = out_dir / name
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, acts, allow_pickle=False)
-        manifest["shards"].append({"file": name, "contexts": [lo, hi], "sha256": sha256_file(path)})
+        manifest["shards"].append({"file": name, "contexts": [lo, hi],
+                                   "sha256": write_npy(out_dir / name, acts)})
         manifest["complete"] = len(manifest["shards"]) == n_shards
         write_json(manifest_path, manifest)
     bar.close()
@@ -255,7 +252,7 @@ class ActivationStore:
 
     def shard(self, i: int) -> np.ndarray:
         """Shard ``i`` as a read-only memory map ``[n, L, D]`` (no pickle: ``allow_pickle=False``)."""
-        return np.load(self.root / self.manifest["shards"][i]["file"], mmap_mode="r", allow_pickle=False)
+        return read_npy(self.root / self.manifest["shards"][i]["file"], mmap=True)
 
     def iter_contexts(self, batch_contexts: int = 64) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first_context_index, acts_BLD)`` in corpus order (for evaluation)."""
@@ -279,18 +276,14 @@ class ActivationStore:
             total=max_tokens if max_tokens is not None else self.n_tokens(drop_bos),
             start_batch=start_batch)
 
-    def mean(self, drop_bos: bool = True, max_contexts: int | None = None) -> torch.Tensor:
+    def mean(self, drop_bos: bool = True) -> torch.Tensor:
         """Per-dimension mean (float64 accumulation), used to initialise/centre ``b_dec``."""
         total = np.zeros(self.d_model, dtype=np.float64)
         count = 0
-        seen = 0
         for _, acts_BLD in self.iter_contexts():
-            if max_contexts is not None and seen >= max_contexts:
-                break
             rows = acts_BLD[:, int(drop_bos):, :].reshape(-1, self.d_model)
             total += rows.sum(axis=0, dtype=np.float64)
             count += len(rows)
-            seen += len(acts_BLD)
         return torch.from_numpy((total / max(count, 1)).astype(np.float32))
 
     def sample(self, n_tokens: int, *, seed: int = 0, drop_bos: bool = True) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .results import read_json, read_jsonl
-from .steering.axbench import concept_scores, steering_score
+from .steering.axbench import concept_scores, heldout_at_star, steering_score
 from .stages import interp, selection, steering
 from .stages.layout import SAEJob, as_profile, sae_dir, sae_jobs
 
@@ -78,14 +78,14 @@ def feature_cards(profile, job: SAEJob, decode: Callable[[list[int]], list[str]]
         rank_of = {int(lat): (float(sel["delta_conf"][i]), int(dc[i]), int(os_[i]))
                    for i, lat in enumerate(sel["latent"])}
     cards = []
+    at_star = heldout_at_star(rows)
     for cs in sorted(concept_scores(rows), key=lambda c: -c.score):
         row = scored.get(cs.latent, {})
         wins = []
         for w in (row.get("explain_windows") or [])[:n_windows]:
             wins.append(Window(w.get("role", ""), tuple(decode(list(w["token_ids"]))),
                                tuple(float(a) for a in w["acts"])))
-        steered = [r for r in rows if int(r["latent"]) == cs.latent and r["split"] == "heldout"
-                   and float(r["alpha"]) == cs.alpha_star]
+        steered = [r for r in at_star if int(r["latent"]) == cs.latent]
         steered.sort(key=lambda r: -float(r["hm"]))
         dc = rank_of.get(cs.latent)
         notes = () if wins else ("no windows recorded for this latent",)

@@ -56,11 +56,6 @@ class Job:
     def output(self, profile: Profile) -> Path:
         return executed_dir(profile) / self.stage / f"{self.name}.ipynb"
 
-    @property
-    def summary(self) -> bool:
-        """A profile-wide summary: re-rendered on every run (cheap; it reads every record)."""
-        return stages.stage(self.stage).done is None
-
 
 def executed_dir(profile: Profile) -> Path:
     return profile.run_root() / "executed"
@@ -170,8 +165,7 @@ class GridReport:
 
 
 def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = None,
-             progress: bool = True, force_analysis: bool = True,
-             scheduler: str | None = None, warm_kernels: bool = True) -> GridReport:
+             progress: bool = True, scheduler: str | None = None, warm_kernels: bool = True) -> GridReport:
     """Run (or resume) the whole grid of ``profile`` on Dask; never raises for a single job's failure.
 
     ``scheduler``: the address of a running Dask scheduler (``tcp://host:8786``; its workers need
@@ -209,7 +203,7 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
             if all(d in finished for d in deps) and len(running) < slots:
                 del pending[name]
                 is_done = job.done() and job.output(profile).exists()
-                if is_done and not (job.summary and force_analysis):
+                if is_done:  # a summary stage (no `done`) is never done: re-rendered each run
                     report.skipped.append(name)
                     finished.add(name)
                     bar.update(1)

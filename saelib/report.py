@@ -1,5 +1,6 @@
-"""Tables the book shows, built only from the SAEs' ``result.json`` files (design: "the analysis
-reads only these"). Figures live in :mod:`saelib.plots`."""
+"""Tables the book shows, built from the run's records: the SAEs' ``result.json`` files and the
+row files they name (``steering.jsonl``, ``selection_scores.json``), ``judge.json`` and
+``grid.json``; never from a model. Figures live in :mod:`saelib.plots`."""
 
 from __future__ import annotations
 

@@ -171,12 +171,19 @@ class AgreementTable:
 
 def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
     """scipy's Kendall τ_b; NaN when either side has fewer than 2 distinct values."""
+    return kendall_tau_b_p(x, y)[0]
+
+
+def kendall_tau_b_p(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """scipy's Kendall τ_b and its two-sided asymptotic p; both NaN when either side has fewer
+    than 2 distinct values (the judge pages' agreement; the grid's τ_b use permutation p's)."""
     xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if xa.shape != ya.shape or xa.ndim != 1:
         raise ValueError(f"x and y must be 1-D of equal length, got shapes {xa.shape} and {ya.shape}")
     if _degenerate(xa, ya) is not None:
-        return math.nan
-    return float(sps.kendalltau(xa, ya, variant="b").statistic)
+        return math.nan, math.nan
+    res = sps.kendalltau(xa, ya, variant="b")
+    return float(res.statistic), float(res.pvalue)
 
 
 def mean_of_group_taus(taus: Sequence[float]) -> float:

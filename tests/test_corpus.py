@@ -98,7 +98,7 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, tokenizer, txt_source):
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(CorruptFileError, match=r"train\.npy: missing or checksum differs"):
+    with pytest.raises(CorruptFileError, match=r"train\.npy: checksum differs from its manifest"):
         load_token_splits(out)
     rebuilt = build(out, tokenizer, txt_source)
     np.testing.assert_array_equal(rebuilt.train_NL, first.train_NL)

@@ -118,6 +118,10 @@ def test_cli_reads_a_runs_steering_rows(tmp_path, monkeypatch, capsys):
     assert f"{len(jobs)} SAEs; between-concept variance" in out
     assert "designs within 240 steered generations" in out  # 20 x 2 concepts x (2 x 2 factors + 2)
     assert "concepts" in out.splitlines()[2]
+    assert "2 factors, 2 selection instructions:" in out  # the smoke profile's own split
+    # its designs count 2 selection instructions at 2 factors: C · (2 · 2 + H) generations
+    rows = [line.split() for line in out.splitlines()[3:] if line.strip()]
+    assert rows and all(int(r[3]) == int(r[0]) * (4 + int(r[1])) for r in rows)
     power.main(["--profile", "smoke", "--budget", "120"])
     assert "designs within 120 steered generations per SAE (10x today's 12)" in capsys.readouterr().out
 

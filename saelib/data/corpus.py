@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..results import CorruptFileError, atomic_path, read_json, sha256_file, write_json
+from ..results import CorruptFileError, read_json, read_npy, write_json, write_npy
 
 
 class CorpusError(ValueError):
@@ -188,10 +188,7 @@ def build_token_splits(out_dir: str | Path, tokenizer, *, source: str = "package
     files = {}
     for split, arr in (("train", train_NL), ("eval", eval_NL)):
         path = out_dir / f"{split}.npy"
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
-        files[split] = {"file": path.name, "shape": list(arr.shape), "sha256": sha256_file(path)}
+        files[split] = {"file": path.name, "shape": list(arr.shape), "sha256": write_npy(path, arr)}
     manifest = {"key": key, "bos_id": bos, "files": files, "n_documents": len(docs),
                 "documents_used": {"eval": used, "train": used_train},
                 "content_hash": hashlib.sha256(train_NL.tobytes() + eval_NL.tobytes()).hexdigest()}
@@ -206,9 +203,9 @@ def load_token_splits(out_dir: str | Path) -> TokenSplits:
     arrays = {}
     for split, meta in manifest["files"].items():
         path = out_dir / meta["file"]
-        if not path.exists() or sha256_file(path) != meta["sha256"]:
-            raise CorruptFileError(f"{path}: missing or checksum differs from its manifest")
-        arrays[split] = np.load(path, allow_pickle=False)
+        if not path.exists():
+            raise CorruptFileError(f"{path}: missing; its manifest lists it")
+        arrays[split] = read_npy(path, meta["sha256"])
     return TokenSplits(arrays["train"], arrays["eval"], manifest)
 
 

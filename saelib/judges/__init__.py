@@ -1,7 +1,8 @@
 """Judges for AutoInterp (protocol §3) and AxBench steering (protocol §4), behind one interface.
 
 Back-ends: ``offline`` (rules, default), ``openai`` (any OpenAI-compatible server), ``local``
-(a Hugging Face chat model); build one with :func:`make_judge` from a :class:`JudgeConfig`.
+(a Hugging Face chat model), ``llama`` (a GGUF chat model through llama.cpp, by default the
+packaged Qwen2.5-Coder-1.5B); build one with :func:`make_judge` from a :class:`JudgeConfig`.
 The back-end modules are imported lazily by :func:`make_judge` (the local one needs torch).
 """
 

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from scipy.stats import kendalltau
-
 from saelib.judges.base import Ratings
 from saelib.judges.prompts import RATING_KINDS
+from saelib.stats import kendall_tau_b_p
 
 
 @dataclass(frozen=True)
@@ -92,11 +91,7 @@ def agreement_on(values_a: Sequence[float], values_b: Sequence[float], kind: str
     if n == 0:
         raise ValueError(f"{kind}: no items to compare")
     exact = sum(a == b for a, b in zip(values_a, values_b)) / n
-    if n < 2 or len(set(values_a)) < 2 or len(set(values_b)) < 2:
-        tau, p = math.nan, math.nan
-    else:
-        res = kendalltau(values_a, values_b, variant="b")
-        tau, p = float(res.statistic), float(res.pvalue)
+    tau, p = kendall_tau_b_p(values_a, values_b)
     conf = confusion_matrix(values_a, values_b)
     return KindAgreement(kind, n, exact, weighted_kappa(conf), tau, p, conf.tolist())
 

@@ -64,7 +64,7 @@ class JudgeUsage:
 
 
 class Judge(ABC):
-    """A judge for both stages. Subclasses: OpenAI-compatible, local LM, offline."""
+    """A judge for both stages. Subclasses: OpenAI-compatible, llama.cpp, local LM, offline."""
 
     name: str = "judge"
 

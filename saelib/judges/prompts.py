@@ -1,9 +1,10 @@
-"""The LLM judge's prompts and answer parsing, shared by the OpenAI-compatible and local back-ends.
+"""The LLM judge's prompts and answer parsing, shared by the OpenAI-compatible, llama.cpp and
+local back-ends.
 
 Why one module: the paper's two scores come from gpt-4o-mini reading SAEBench's AutoInterp prompts
 (protocol §3) and AxBench's three "impartial judge" templates (protocol §4). A local model or any
 other server must read prompts with the *same meaning, scales and parsing rules*, so the wording and
-the parsers live here once and both chat back-ends inherit :class:`PromptedJudge`.
+the parsers live here once and the three chat back-ends inherit :class:`PromptedJudge`.
 
 The wording is our own; what is kept from the originals:
 

@@ -1,4 +1,4 @@
-"""Hot paths of the SAE pipeline, each one function that runs Triton on CUDA and torch elsewhere.
+"""Hot paths of the SAE pipeline: functions that run Triton on CUDA and torch elsewhere.
 
 Public surface (issue "Kernels: the hot paths in Triton on CUDA, the same functions on CPU"):
 
@@ -7,12 +7,13 @@ Public surface (issue "Kernels: the hot paths in Triton on CUDA, the same functi
   Use it where codes have k ≪ width non-zeros (TopK, BatchTopK); dense codes (ReLU, Gated,
   JumpReLU) keep the dense matmul.
 * ``topk_encode(pre_BF, k)`` / ``batch_topk_encode(pre_BF, k)`` — the TopK / BatchTopK
-  activation returned as compact ``SparseCodes`` (ids, values) instead of a dense (B, F) code.
+  activation returned as compact ``SparseCodes`` (ids, values) instead of a dense (B, F) code;
+  torch only (no ``backend``): the sparse decode is the Triton side of the TopK path.
 * ``LatentTopK(n_latents, k)`` with ``.update(acts_NF, positions_N)`` and ``.result()`` — the
   streaming per-latent top-k activations and positions that AutoInterp needs (protocol §3),
   without holding tokens × width.
 
-Every entry point takes ``backend='auto'|'torch'|'triton'``; 'auto' picks Triton for CUDA
+``sparse_decode`` and ``LatentTopK`` take ``backend='auto'|'torch'|'triton'``; 'auto' picks Triton for CUDA
 tensors when the optional ``triton`` package is installed. Results agree within float32
 rounding. Triton kernels live in ``triton_*.py`` and are imported only on first use, so this
 package imports without Triton, and ``TRITON_INTERPRET=1`` set before that first use runs them

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from ..activations import ActivationStore
 from ..data.corpus import load_token_splits, token_frequencies
 from ..evals.autointerp import AutoInterpConfig, run_autointerp
-from ..evals.descriptive import DescriptiveConfig, load_inputs
+from ..evals.descriptive import load_inputs
 from ..evals.descriptive import run as run_descriptive_metrics
 from ..evals.windows import EncodedCodes
 from ..judges.config import JudgeConfig
@@ -33,6 +33,7 @@ from ..profiles import Profile
 from ..results import CorruptFileError, read_json, read_jsonl, write_json, write_jsonl
 from ..sae.io import load_sae
 from . import train
+from .capture import descriptive_settings
 from .layout import SAEJob, activations_dir, descriptive_dir, resolve_job, tokens_dir
 from .records import BlockRecord, settings_record
 from .runner import BlockStage, Context
@@ -125,10 +126,6 @@ def _compute_autointerp(ctx: Context) -> tuple[dict[str, Any], int]:
 
 #: AutoInterp μ(θ) of one SAE (protocol §3).
 AUTOINTERP = BlockStage(InterpRecord, _record_settings, "train", train.done, _compute_autointerp)
-
-
-def descriptive_settings(profile: Profile) -> DescriptiveConfig:
-    return profile.section("descriptive")
 
 
 def _compute_descriptive(ctx: Context) -> tuple[dict[str, Any], int]:

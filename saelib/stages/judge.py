@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
-from scipy.stats import kendalltau
 from tqdm.auto import tqdm
 
 from ..judges.agreement import JudgeAgreementConfig, agreement_on, judge_agreement
@@ -39,7 +38,8 @@ from ..judges.factory import make_judge
 from ..models import resolve_hf_source
 from ..profiles import Profile
 from ..results import CorruptFileError, provenance, read_json, read_jsonl, write_json
-from ..steering.axbench import harmonic_mean
+from ..stats import kendall_tau_b_p
+from ..steering.axbench import harmonic_mean, heldout_at_star
 from . import interp, steering
 from .layout import JUDGE_RECORD, RESULT, SAEJob, as_profile, sae_dir, sae_jobs
 from .records import Record, StaleRecord, read_result, settings_record
@@ -101,8 +101,8 @@ def _round_robin(groups: Sequence[Sequence[Any]], n: int, rng: np.random.Generat
 
 def g_rows(rows: Sequence[dict[str, Any]], block: dict[str, Any]) -> list[dict[str, Any]]:
     """The held-out generations at each concept's α*: the rows the SAE's g averages."""
-    star = {int(c["latent"]): float(c["alpha_star"]) for c in block.get("concepts", [])}
-    return [r for r in rows if r["split"] == "heldout" and star.get(int(r["latent"])) == float(r["alpha"])]
+    return heldout_at_star(rows, {int(c["latent"]): float(c["alpha_star"])
+                                  for c in block.get("concepts", [])})
 
 
 def fill_by_factor(pool: Sequence[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
@@ -140,10 +140,10 @@ def _windows(rows: Sequence[dict[str, Any]], decode, mark_threshold: float | Non
 def _rank(xs: Sequence[float], ys: Sequence[float]) -> dict[str, Any]:
     pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None
              and not (math.isnan(x) or math.isnan(y))]
-    if len(pairs) < 2 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
+    tau, p = kendall_tau_b_p([q[0] for q in pairs], [q[1] for q in pairs])
+    if math.isnan(tau):
         return {"n": len(pairs), "kendall_tau_b": None, "p_value": None}
-    res = kendalltau([p[0] for p in pairs], [p[1] for p in pairs], variant="b")
-    return {"n": len(pairs), "kendall_tau_b": float(res.statistic), "p_value": float(res.pvalue)}
+    return {"n": len(pairs), "kendall_tau_b": tau, "p_value": p}
 
 
 def _halves(n: int, seed: int) -> np.ndarray:
@@ -174,7 +174,7 @@ def judge_name(cfg: JudgeAgreementConfig, judge_cfg) -> str:
     return f"openai ({judge_cfg.model})"
 
 
-def done(profile: Profile, entry=None) -> bool:
+def done(profile: Profile) -> bool:
     """The record exists and was made with the current settings from the current SAE records."""
     profile = as_profile(profile)
     out = profile.run_root() / JUDGE_RECORD

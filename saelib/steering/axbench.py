@@ -161,6 +161,15 @@ def alpha_stars(rows: Sequence[Mapping[str, Any]]) -> dict[int, float]:
     return {latent: _best_alpha(_mean_by_alpha(rs)) for latent, rs in by_latent.items()}
 
 
+def heldout_at_star(rows: Sequence[Mapping[str, Any]],
+                    star: Mapping[int, float] | None = None) -> list[Mapping[str, Any]]:
+    """The held-out rows at each concept's α*: the generations g(θ) averages (protocol §4).
+    ``star``: α* per latent as recorded; default :func:`alpha_stars` of ``rows``."""
+    star = alpha_stars(rows) if star is None else star
+    return [r for r in rows if r["split"] == "heldout"
+            and float(r["alpha"]) == star.get(int(r["latent"]))]
+
+
 def concept_scores(rows: Sequence[Mapping[str, Any]]) -> list[ConceptScore]:
     """Per concept: α* from the ``select`` rows only, then the mean HM of the ``heldout`` rows at
     α*. ``rows`` are steered generations with keys ``latent``, ``split``, ``alpha``, ``hm``."""
