@@ -62,14 +62,32 @@ class CoreLMMetrics:
     n_tokens: int
 
 
+#: Positions per slice of the [positions, vocabulary] work in :func:`_next_token_stats`: a few
+#: MB per temporary, so the elementwise passes run from cache rather than memory (Gemma 3's 262k
+#: vocabulary makes each full [4, 127, V] temporary 0.5 GB).
+ROWS_PER_SLICE = 8
+
+
 def _next_token_stats(logits_BLV: torch.Tensor, tokens_BL: torch.Tensor,
                       ref_logp_BLV: torch.Tensor | None):
-    logp = F.log_softmax(logits_BLV[:, :-1].float(), dim=-1)
-    ce = -logp.gather(-1, tokens_BL[:, 1:, None].long()).squeeze(-1)
-    kl = None
-    if ref_logp_BLV is not None:
-        kl = (ref_logp_BLV.exp() * (ref_logp_BLV - logp)).sum(-1)
-    return logp, ce, kl
+    """Next-token log-probs (in place of ``logits_BLV``, float32), the sum of CE over positions
+    and, against ``ref_logp_BLV``, the sum of KL(ref ‖ these): ``(logp, ce_sum, kl_sum)``, each
+    position's values as ``log_softmax`` gives them, worked through in slices of
+    :data:`ROWS_PER_SLICE` positions. The last position predicts nothing and is dropped."""
+    logp = logits_BLV[:, :-1]
+    if logp.dtype != torch.float32:
+        logp = logp.float()
+    targets = tokens_BL[:, 1:].long()
+    ce_sum, kl_sum = 0.0, (None if ref_logp_BLV is None else 0.0)
+    for b in range(logp.shape[0]):
+        for s in range(0, logp.shape[1], ROWS_PER_SLICE):
+            x = logp[b, s:s + ROWS_PER_SLICE]
+            x.copy_(F.log_softmax(x, dim=-1))
+            ce_sum -= float(x.gather(-1, targets[b, s:s + ROWS_PER_SLICE, None]).sum())
+            if ref_logp_BLV is not None:
+                ref = ref_logp_BLV[b, s:s + ROWS_PER_SLICE]
+                kl_sum += float((ref.exp() * (ref - x)).sum())
+    return logp, ce_sum, kl_sum
 
 
 def zero_ablation_key(tl, acts_NLD: np.ndarray, tokens_NL: np.ndarray, layer: int,
@@ -129,8 +147,8 @@ def lm_metrics(tl, reconstruct, acts_NLD: np.ndarray, tokens_NL: np.ndarray, lay
             _, ce_zero, kl_zero = _next_token_stats(run(zero), toks, ref_logp)
             parts += [("ce_zero", ce_zero), ("kl_zero", kl_zero)]
         for name, v in parts:
-            sums[name] += float(v.sum())
-        n += ce_clean.numel()
+            sums[name] += v
+        n += toks[:, 1:].numel()
     if cached is not None:
         sums.update(cached)
     elif cache is not None:

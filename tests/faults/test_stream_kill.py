@@ -48,10 +48,11 @@ RUNNER = textwrap.dedent('''
 ''')
 
 
-def _forward_contexts(root: Path) -> int:
-    """Contexts the (last) streaming run put through the model (its capture record)."""
-    (record,) = root.rglob("capture.json")
-    return int(json.loads(record.read_text())["splits"]["train"]["forward_contexts"])
+def _resumed_from(root: Path) -> dict[str, int | None]:
+    """Each SAE's training step its last run resumed from (None: trained from the start), as its
+    streaming record says."""
+    return {p.parent.name: json.loads(p.read_text())["train"]["resumed_from_step"]
+            for p in sorted(root.rglob("stream.json"))}
 
 
 def _weights(root: Path) -> dict[str, str]:
@@ -86,6 +87,9 @@ def test_a_killed_stream_resumes_to_the_same_sae_bytes(tmp_path):
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
     assert _weights(killed) == want
     assert not any(killed.rglob("stream_checkpoints/*/step_*"))
-    # it resumed: the rerun streamed fewer contexts than the uninterrupted run (a rerun from the
-    # start would give the same bytes too, training being deterministic)
-    assert 0 < _forward_contexts(killed) < _forward_contexts(clean)
+    # it resumed from a checkpoint (a rerun from the start would give the same bytes too,
+    # training being deterministic), where the uninterrupted run did not
+    assert set(_resumed_from(clean).values()) == {None}
+    # (the kill lands once one checkpoint exists; the other SAE's, written next, may not yet)
+    resumed = _resumed_from(killed)
+    assert len(resumed) == 2 and any(step is not None and step > 0 for step in resumed.values())
