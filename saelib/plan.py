@@ -50,8 +50,6 @@ CACHE_BYTES = 4
 #: Tokens of one steering prompt with its chat template (SmolLM2's template around a packaged
 #: instruction measured 77 on the default; AxBench's instructions are of the same length).
 PROMPT_TOKENS = 80
-#: Tokens of the ΔC_k prefix "From my experience," with its BOS (protocol §6).
-PREFIX_TOKENS = 6
 #: Judge tokens per call (prompt, answer), from the prompts this project sends
 #: (:mod:`saelib.judges.prompts`): an explanation shows 15 windows of 21 tokens, a detection 14,
 #: a rating one instruction and one answer; gpt-4o-mini reasons before a rating (AxBench's
@@ -63,10 +61,6 @@ PROBES_PER_SEARCH = 28 / 18
 #: Tokens per in-context example of the first-letter absorption prompts ("word has the first
 #: letter: W", SAEBench's template).
 ICL_TOKENS = 8
-#: ΔC_k's cached path (the prefix's activations reused, one batched pass for all latents) over
-#: one forward per latent: 30.59x (bench/selection.py, 2026-11-30); the FLOPs counted are the
-#: naive path's.
-SELECTION_CACHED_GAIN = 30.59
 #: Contexts per chunk of eval activations AutoInterp encodes at a time
 #: (:meth:`saelib.activations.ActivationStore.iter_contexts`).
 INTERP_CHUNK = 64
@@ -166,6 +160,10 @@ class Hardware:
     score: float = 0.0
     bf16_score_gain: float = 1.0
     rule_item_s: float = 0.0
+    #: FLOP/s of the selection stage's ΔC_k and output-score pass (one intervened position per
+    #: latent through the blocks after the layer, and two vocabulary rows per latent: the
+    #: intervened unembedding and the logit lens; float32); 0: ``forward``'s rate
+    select: float = 0.0
     warm_job_overhead_s: float | None = None
     source: str = ""
 
@@ -217,12 +215,19 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # the encodes (20 ms was fitted to fresh kernels, whose overhead it partly absorbed); the
     # train stage 2,419 job seconds (median 70.7 s), i.e. 38 GFLOP/s beside the other stages,
     # where 7dcba0d's train jobs alone gave 56 (not yet separated: contention or the machine).
+    # The selection stage's ΔC_k and output-score pass: 47 GFLOP/s on SmolLM2 (the ebf2d13 grid's
+    # median 9.53 s per SAE) and 45 on Gemma-3-270M (35.4 s, the first cpu-pair SAEs,
+    # 2026-12-07) under the count above: the float32 unembedding of a large vocabulary runs at
+    # ~47 GFLOP/s here, its weights streaming from memory. The rule judge's pass with bfloat16
+    # blocks and, since 2026-12-07, a bfloat16 unembedding whose largest logits are recomputed in
+    # float32: 1.147x the float32-head pass on SmolLM2 (bench/rule_judge.py, one thread: 18.15 →
+    # 15.83 s; 1.55x on Gemma-3-270M), so 1.43 x 1.147 = 1.64 over the float32 pass.
     Hardware("cpu-2core", forward=68e9, train=38e9, encode=60e9, decode=65e9, bandwidth=10e9,
              memory=24 * 2**30, job_overhead_s=20.0, warm_job_overhead_s=2.0, workers=2,
              per_latent_s=0.0128,
              llm_call_s={"rating": 1.87, "explanation": 12.8, "detection": 10.8},
-             all_cores_gain=1.70, bf16_decode_gain=1.51, score=64e9, bf16_score_gain=1.43,
-             rule_item_s=0.037,
+             all_cores_gain=1.70, bf16_decode_gain=1.51, score=64e9, bf16_score_gain=1.64,
+             rule_item_s=0.037, select=46e9,
              source="measured on this project's 2-core machine (bench/RESULTS.md)"),
     _gpu("A800", 312e12, 2.0e12, 80e9, "NVIDIA A800/A100 80GB: 312 TFLOP/s bf16 dense, 2.0 TB/s"),
     _gpu("H100", 989e12, 3.35e12, 80e9, "NVIDIA H100 SXM: 989 TFLOP/s bf16 dense, 3.35 TB/s"),
@@ -474,10 +479,12 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
             judge_calls=rate_calls, judge_tokens_in=rate_calls * JUDGE_TOKENS["rating"][0],
             judge_tokens_out=rate_calls * JUDGE_TOKENS["rating"][1])
 
-        # selection: ΔC_k for every latent (prefix through the blocks after the layer, logits
-        # at every prefix position), then the union of the tiers steered with the same protocol
-        score_tokens = saes_per_model * width * PREFIX_TOKENS
-        score_flops = _forward_flops(shape, score_tokens, shape.n_layers - blocks, score_tokens)
+        # selection: ΔC_k and the output score for every latent (the prefix's keys and values are
+        # cached, so only its last position is recomputed per latent, through the blocks after the
+        # layer; then two vocabulary rows per latent: the intervened unembedding and the logit
+        # lens), then the union of the tiers steered with the same protocol
+        score_tokens = saes_per_model * width
+        score_flops = _forward_flops(shape, score_tokens, shape.n_layers - blocks, 2 * score_tokens)
         n_feat = _features_steered(select, n_latents)
         sel_gens = saes_per_model * steer.answers_per_sae(n_feat)
         sel = _generation(shape, hwd, sel_gens, steer, model_bytes) if sel_gens else \
@@ -487,7 +494,7 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         add("selection", jobs=saes_per_model,
             model_tokens=score_tokens + sel["tokens"] + sel_rule["tokens"],
             flops=score_flops + sel["flops"] + sel_rule["flops"],
-            seconds=(score_flops / hwd.forward / SELECTION_CACHED_GAIN + sel["seconds"]
+            seconds=(score_flops / (hwd.select or hwd.forward) + sel["seconds"]
                      + sel_rule["seconds"] + _judge_seconds(judge.backend, hwd, rating=sel_calls)
                      + saes_per_model * hwd.sae_job_overhead_s),
             peak_memory=model_bytes + sel["kv_bytes"],

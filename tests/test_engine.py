@@ -165,6 +165,26 @@ def test_lean_token_scores_match_the_reference_forward(family, monkeypatch):
         mean_logprob(tl, seqs, bos_id=1, dtype="bfloat16")
 
 
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma2_softcap"])
+def test_bfloat16_scoring_recomputes_the_largest_logits_and_the_target_in_float32(family, monkeypatch):
+    """With bfloat16 blocks the unembedding runs in bfloat16, then the scored token's logit and
+    each position's largest are recomputed in float32: with every logit a candidate the score is
+    the float32 head's on the same residuals; with 4 of 61 the bfloat16 tail moves it by less
+    than bfloat16's round-off of one logit (and it does move: the tail is bfloat16)."""
+    from saelib.steering.generate import mean_logprob
+    tl = tiny(family)
+    seqs = [s[1:] for s in SCORED if len(s) > 2]
+    monkeypatch.setattr(engine, "SCORE_CANDIDATES", tl.cfg.d_vocab)
+    exact = mean_logprob(tl, seqs, bos_id=1, batch_size=3, engine_name="lean", dtype="bfloat16")
+    monkeypatch.setattr(engine, "SCORE_CANDIDATES", 4)
+    tail = mean_logprob(tl, seqs, bos_id=1, batch_size=3, engine_name="lean", dtype="bfloat16")
+    gaps = [abs(a - b) for a, b in zip(tail, exact)]
+    assert 0 < max(gaps) < 1e-2, gaps
+    monkeypatch.setattr(engine, "BF16_SCORING_HEAD", False)  # the float32 head: no candidates
+    assert mean_logprob(tl, seqs, bos_id=1, batch_size=3, engine_name="lean",
+                        dtype="bfloat16") == pytest.approx(exact, abs=1e-5)
+
+
 def test_bfloat16_needs_the_lean_engine():
     with pytest.raises(ValueError, match="lean engine"):
         GenerationConfig(engine="transformer_lens", dtype="bfloat16").validate()
