@@ -165,7 +165,8 @@ class GridReport:
 
 
 def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = None,
-             progress: bool = True, scheduler: str | None = None, warm_kernels: bool = True) -> GridReport:
+             progress: bool = True, scheduler: str | None = None,
+             warm_kernels: bool = True) -> GridReport:
     """Run (or resume) the whole grid of ``profile`` on Dask; never raises for a single job's failure.
 
     ``scheduler``: the address of a running Dask scheduler (``tcp://host:8786``; its workers need

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
 from saelib.judges.base import Ratings
 from saelib.judges.prompts import RATING_KINDS
 from saelib.stats import kendall_tau_b_p
@@ -115,7 +116,8 @@ class JudgeAgreementConfig:
     ``n_saes`` SAEs (spread over the architectures) are chosen; for each, the held-out
     generations at α* of whole concepts (the generations its g rests on), up to an equal share of
     half of ``n_generations``, and ``n_latents`` / ``n_saes`` of its CONCEPT100 latents are
-    re-judged, so that μ and g of those SAEs exist under both judges. Generations from all SAEs and factors fill the sample up to ``n_generations``.
+    re-judged, so that μ and g of those SAEs exist under both judges. Generations from all SAEs
+    and factors fill the sample up to ``n_generations``.
     ``backend``: 'llama' (the packaged 1.5B chat model through llama.cpp), 'local' (a Hugging
     Face chat model, ``local_model``) or 'openai' (the judge section's server). ``max_tokens``
     caps each rating answer, ``threads`` the llama.cpp threads. ``n_generations: 0`` and

@@ -13,8 +13,8 @@ Public surface (issue "Kernels: the hot paths in Triton on CUDA, the same functi
   streaming per-latent top-k activations and positions that AutoInterp needs (protocol §3),
   without holding tokens × width.
 
-``sparse_decode`` and ``LatentTopK`` take ``backend='auto'|'torch'|'triton'``; 'auto' picks Triton for CUDA
-tensors when the optional ``triton`` package is installed. Results agree within float32
+``sparse_decode`` and ``LatentTopK`` take ``backend='auto'|'torch'|'triton'``; 'auto' picks
+Triton for CUDA tensors when the optional ``triton`` package is installed. Results agree within float32
 rounding. Triton kernels live in ``triton_*.py`` and are imported only on first use, so this
 package imports without Triton, and ``TRITON_INTERPRET=1`` set before that first use runs them
 on CPU tensors under Triton's interpreter (how the tests check them without a GPU).

@@ -136,6 +136,13 @@ def blocks_in(tl, dtype: torch.dtype):
     return _derived(tl, ("blocks", dtype), lowered)
 
 
+def exact_logits(W_VD: torch.Tensor, b_V: torch.Tensor, x_BD: torch.Tensor,
+                 idx_BK: torch.Tensor) -> torch.Tensor:
+    """The logits ``(B, K)`` of the listed tokens per row in the head's own dtype (before any
+    soft-cap): where a bfloat16 unembedding proposed them, the exact values that decide."""
+    return (W_VD[idx_BK] * x_BD[:, None, :]).sum(-1) + b_V[idx_BK]
+
+
 def unembed_rows(tl) -> torch.Tensor:
     """The unembedding as ``[V, D]`` rows, contiguous, made once per model: TransformerLens's
     ``Unembed`` makes this copy of the whole vocabulary matrix on every call (113 MB for
@@ -288,8 +295,7 @@ class LeanDecoder:
             out_BV = F.linear(x_BD.to(self.dtype), unembed_rows(self.tl),
                               self.tl.unembed.b_U).to(self.cache_dtype)
             top_BC = out_BV.topk(min(CANDIDATES, out_BV.shape[-1]), dim=-1).indices
-            exact_BC = (W_VD[top_BC] * x_BD[:, None, :]).sum(-1) + b_V[top_BC]
-            out_BV = out_BV.scatter(-1, top_BC, exact_BC)
+            out_BV = out_BV.scatter(-1, top_BC, exact_logits(W_VD, b_V, x_BD, top_BC))
         return apply_softcap(out_BV, head.cfg.output_logits_soft_cap)
 
     # -- generation steps -----------------------------------------------------------------------
@@ -416,8 +422,8 @@ class LeanDecoder:
         cap = head.cfg.output_logits_soft_cap
         low = self.tl is not head and BF16_SCORING_HEAD  # a bfloat16 unembedding proposes
 
-        def exact(x_CD, idx_CK):  # float32 logits of the listed tokens
-            return apply_softcap((W_VD[idx_CK] * x_CD[:, None, :]).sum(-1) + b_V[idx_CK], cap)
+        def exact(x_CD, idx_CK):
+            return apply_softcap(exact_logits(W_VD, b_V, x_CD, idx_CK), cap)
 
         step = max(1, SCORE_CHUNK // W_VD.shape[0])
         out = []
