@@ -10,6 +10,8 @@ from .profiles import PAPER_ARCHITECTURES
 
 #: One colour per architecture, the same in every figure.
 ARCH_PALETTE = dict(zip(PAPER_ARCHITECTURES, sns.color_palette("colorblind", len(PAPER_ARCHITECTURES))))
+#: Points that stand for models on top of architecture-coloured boxes: dark, unlike those colours.
+MODEL_PALETTE = ["black", "0.6", "#8b0000", "#00008b"]
 
 
 def frontier_plot(table: pd.DataFrame, metric: str = "explained_variance"):
@@ -57,13 +59,19 @@ def delta_conf_histograms(scores: pd.DataFrame, tail: float = 0.05):
 
 def lift_plot(table: pd.DataFrame, column: str = "paper_lift_pct"):
     """The paper's Fig. 9: each SAE's steering lift after ΔC_k selection, sorted, coloured by
-    architecture (SAEs whose lift is undefined, g(θ) = 0, are left out)."""
-    data = table.dropna(subset=[column]).sort_values(column).reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.25 * len(data) + 2), 3.4))
-    sns.barplot(x=data.index.astype(str), y=data[column], hue=data["arch"], palette=ARCH_PALETTE,
-                dodge=False, ax=ax)
-    ax.set(xlabel="SAEs, sorted by lift", ylabel="lift over no selection (%)", xticklabels=[])
-    ax.axhline(0, color="black", lw=0.8)
+    architecture, one panel per model (SAEs whose lift is undefined, g(θ) = 0, are left out)."""
+    data = table.dropna(subset=[column])
+    models = list(dict.fromkeys(data["model"]))
+    widest = max((int((data["model"] == m).sum()) for m in models), default=0)
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(
+        max(1, len(models)) * max(5.0, 0.25 * widest + 2), 3.4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        one = data[data["model"] == model].sort_values(column).reset_index(drop=True)
+        sns.barplot(x=one.index.astype(str), y=one[column], hue=one["arch"], palette=ARCH_PALETTE,
+                    dodge=False, ax=ax)
+        ax.set(xlabel="SAEs, sorted by lift", ylabel="lift over no selection (%)", xticklabels=[],
+               title=model)
+        ax.axhline(0, color="black", lw=0.8)
     fig.tight_layout()
     return fig
 
@@ -134,14 +142,17 @@ def before_after_plot(table: pd.DataFrame, way: str = "paper"):
 
 
 def lift_box_plot(table: pd.DataFrame, column: str = "paper_lift_pct"):
-    """The paper's Fig. 10: the lift after ΔC_k selection by architecture (box plots, points on
-    top), SAEs with an undefined lift left out."""
+    """The paper's Fig. 10: the lift after ΔC_k selection by architecture, models pooled as the
+    paper's (box plots), each SAE a point marked by its model; SAEs with an undefined lift left
+    out."""
     data = table.dropna(subset=[column])
     order = [a for a in PAPER_ARCHITECTURES if a in set(data["arch"])]
     fig, ax = plt.subplots(figsize=(6, 3.4))
     sns.boxplot(data=data, x="arch", y=column, order=order, palette=ARCH_PALETTE, hue="arch",
-                legend=False, ax=ax)
-    sns.stripplot(data=data, x="arch", y=column, order=order, color="black", size=3, ax=ax)
+                legend=False, ax=ax, fliersize=0)
+    sns.stripplot(data=data, x="arch", y=column, order=order, hue="model",
+                  palette=MODEL_PALETTE[:max(1, data["model"].nunique())], size=3.5, ax=ax)
+    ax.legend(title="model", fontsize=8)
     ax.set(xlabel="architecture", ylabel="lift over no selection (%)")
     fig.tight_layout()
     return fig

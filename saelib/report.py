@@ -211,8 +211,9 @@ def delta_conf_scores(profile) -> pd.DataFrame:
 def steering_by_method(table: pd.DataFrame, way: str = "paper") -> pd.DataFrame:
     """The paper's Table 2: mean steering score per model with no selection (g), the
     output-score baseline and ΔC_k (tier picked ``way``), the lifts, and the two readings of
-    "ΔC_k over the output score" (:func:`saelib.paper.improvement_over_output_score`) where the
-    denominators are positive. SAEs without a selection result are left out (their count shown)."""
+    "ΔC_k over the output score" (:func:`saelib.paper.improvement_over_output_score`) for each
+    model whose denominators are positive (empty for the others). SAEs without a selection result
+    are left out (their count shown)."""
     cols = {"g": "no selection", f"{way}_g_output_score": "output score",
             f"{way}_g_delta_conf": "ΔC_k"}
     if not set(cols) <= set(table):
@@ -220,9 +221,11 @@ def steering_by_method(table: pd.DataFrame, way: str = "paper") -> pd.DataFrame:
     done = table.dropna(subset=list(cols))
     means = done.groupby("model")[list(cols)].mean().rename(columns=cols)
     means["SAEs"] = done.groupby("model").size()
-    if (means["no selection"] > 0).all() and (means["output score"] > 0).all() and len(means):
-        imp = improvement_over_output_score(means["no selection"].to_dict(),
-                                            means["output score"].to_dict(), means["ΔC_k"].to_dict())
+    defined = means[(means["no selection"] > 0) & (means["output score"] > 0)]
+    if len(defined):
+        imp = improvement_over_output_score(defined["no selection"].to_dict(),
+                                            defined["output score"].to_dict(),
+                                            defined["ΔC_k"].to_dict())
         means["lift ΔC_k (%)"] = pd.Series(dict(imp.lift_delta_ck_pct))
         means["lift output score (%)"] = pd.Series(dict(imp.lift_output_score_pct))
         means["ΔC_k vs output score (relative %)"] = pd.Series(dict(imp.relative_gain_pct))
@@ -236,14 +239,15 @@ MEAN_ROW = "mean over models"
 def _with_mean_row(frame: pd.DataFrame) -> pd.DataFrame:
     """Table 2 with the difference of lifts per model and a last row of unweighted means over
     models: its lift difference (pp) is the abstract's 52.52 reading and its relative % the
-    ≈ 30.3 one (:class:`saelib.paper.ImprovementFigures`)."""
+    ≈ 30.3 one (:class:`saelib.paper.ImprovementFigures`). A column some model lacks has no mean
+    (a mean over the other models would read as one over all)."""
     frame = frame.copy()
     if {"lift ΔC_k (%)", "lift output score (%)"} <= set(frame):
         frame["lift ΔC_k − lift output score (pp)"] = (frame["lift ΔC_k (%)"]
                                                       - frame["lift output score (%)"])
     if len(frame) < 2:
         return frame
-    mean = frame.drop(columns=["model"]).mean(numeric_only=True)
+    mean = frame.drop(columns=["model"]).mean(numeric_only=True, skipna=False)
     if "SAEs" in frame:
         mean["SAEs"] = frame["SAEs"].sum()
     return pd.concat([frame, pd.DataFrame([{"model": MEAN_ROW, **mean.to_dict()}])],
@@ -296,22 +300,23 @@ def paper_shapes_table() -> pd.DataFrame:
 
 
 def shapes_table(profile) -> pd.DataFrame:
-    """Parameter shapes per architecture, read from the saved SAEs' safetensors headers (one SAE
-    per architecture: the shapes do not depend on sparsity)."""
+    """Parameter shapes per model and architecture, read from the saved SAEs' safetensors
+    headers (one SAE each: the shapes do not depend on sparsity, but d_model differs by model)."""
     profile = as_profile(profile)
     rows, seen = [], set()
     for job in sae_jobs(profile):
         path = sae_dir(profile, job) / "sae" / SAE_WEIGHTS
-        if job.arch in seen or not path.exists():
+        if (job.model, job.arch) in seen or not path.exists():
             continue
-        seen.add(job.arch)
+        seen.add((job.model, job.arch))
+        label = profile.model(job.model).display
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 shape = tuple(f.get_slice(name).get_shape())
-                rows.append({"arch": job.arch, "parameter": name,
+                rows.append({"model": label, "arch": job.arch, "parameter": name,
                              "shape": " × ".join(f"{s:,}" for s in shape) or "scalar",
                              "elements": int(np.prod(shape)) if shape else 1})
-    return pd.DataFrame(rows, columns=["arch", "parameter", "shape", "elements"])
+    return pd.DataFrame(rows, columns=["model", "arch", "parameter", "shape", "elements"])
 
 
 def _stage_seconds(r: SAEResult) -> dict[str, float]:
@@ -496,13 +501,16 @@ def power_statement(profile, intervals: pd.DataFrame, table1) -> dict:
     """What the default's steering can decide: SAEs with g > 0, the variance components of the
     held-out scores, the reliability of g across SAEs, the pooled τ_b(μ, g) interval's half-width,
     and how many SAEs would detect the paper's pooled τ_b (0.298) at that reliability and at a
-    perfect one (:mod:`saelib.power`)."""
+    perfect one (:mod:`saelib.power`). With several models, the reliability within each model
+    too: the pooled one counts a gap between the models' mean g as signal."""
     rows = steering_rows(profile)
     try:
         vc = power.variance_components(rows).to_dict()
     except ValueError as e:
         vc = {"reason": str(e)}
     rel = power.reliability(intervals["g"], intervals["se"]) if len(intervals) else float("nan")
+    by_model = ({m: power.reliability(d["g"], d["se"]) for m, d in intervals.groupby("model", sort=False)}
+                if len(intervals) and intervals["model"].nunique() > 1 else {})
     pooled = table1.pooled if table1 is not None else None
     half = ((pooled.ci_high - pooled.ci_low) / 2 if pooled is not None
             and np.isfinite(pooled.ci_low) and np.isfinite(pooled.ci_high) else float("nan"))
@@ -510,7 +518,7 @@ def power_statement(profile, intervals: pd.DataFrame, table1) -> dict:
             "g_interval_excludes_0": int((intervals["g_low"] > 0).sum()),
             "median_interval_half_width": float(((intervals["g_high"] - intervals["g_low"]) / 2).median())
             if len(intervals) else float("nan"),
-            "variance_components": vc, "reliability_g": rel,
+            "variance_components": vc, "reliability_g": rel, "reliability_g_by_model": by_model,
             "pooled_tau": pooled.tau if pooled is not None else float("nan"),
             "pooled_tau_half_width": half, "pooled_n": pooled.n if pooled is not None else 0,
             "paper_tau": power.PAPER_POOLED_TAU,
@@ -536,6 +544,11 @@ def power_text(statement: dict) -> str:
     rel = s["reliability_g"]
     lines.append(f"Reliability of g across SAEs (1 − mean SE² / var g): "
                  f"{rel:.2f}." if np.isfinite(rel) else "Reliability of g: undefined.")
+    if s.get("reliability_g_by_model"):
+        lines.append("Within each model (the pooled figure counts a gap between the models' mean "
+                     "g as signal): " + ", ".join(
+                         f"{m} {r:.2f}" if np.isfinite(r) else f"{m} undefined"
+                         for m, r in s["reliability_g_by_model"].items()) + ".")
     if np.isfinite(s["pooled_tau_half_width"]):
         lines.append(f"Pooled τ_b(μ, g) = {s['pooled_tau']:.3f}, interval half-width "
                      f"± {s['pooled_tau_half_width']:.3f} over {s['pooled_n']} SAEs.")

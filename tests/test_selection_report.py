@@ -57,6 +57,21 @@ def test_steering_by_method_means_lifts_and_relative_gain():
         steering_by_method(table.drop(columns=["paper_g_delta_conf"]))
 
 
+def test_a_model_whose_lift_is_undefined_keeps_the_others_lifts():
+    """A model with mean g 0 has no lift (nothing to divide by); the other model keeps its
+    lifts, and the mean row has none (a one-model mean would read as a mean over models)."""
+    table = pd.DataFrame({"model": ["A", "A", "B", "B"], "g": [0.1, 0.3, 0.0, 0.0],
+                          "paper_g_output_score": [0.2, 0.4, 0.1, 0.1],
+                          "paper_g_delta_conf": [0.3, 0.5, 0.2, 0.2]})
+    from saelib.report import MEAN_ROW
+
+    out = steering_by_method(table, "paper").set_index("model")
+    assert out.loc["A", "lift ΔC_k (%)"] == pytest.approx(100.0)
+    assert pd.isna(out.loc["B", "lift ΔC_k (%)"]) and pd.isna(out.loc["B", "lift output score (%)"])
+    assert pd.isna(out.loc[MEAN_ROW, "lift ΔC_k (%)"])
+    assert out.loc[MEAN_ROW, "no selection"] == pytest.approx(0.1)
+
+
 def test_paper_table2_reproduces_the_reported_lifts():
     from saelib.report import MEAN_ROW
 

@@ -38,7 +38,8 @@ class SAEResult:
             try:
                 return record_cls.from_json(result[record_cls.BLOCK]) if record_cls.BLOCK in result else None
             except StaleRecord as e:
-                print(f"note: {result.get('arch')}-s{result.get('level')}: {e}", file=sys.stderr)
+                print(f"note: {result.get('model')}/{result.get('arch')}-s{result.get('level')}: {e}",
+                      file=sys.stderr)
                 return None
 
         return cls(train.TrainRecord.from_result(result), block(interp.InterpRecord),
