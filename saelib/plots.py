@@ -209,14 +209,18 @@ def confusion_plot(record):
 
 def judges_side_by_side(record):
     """μ and g of the judge stage's SAEs: the LLM judge's value against the rules', one point per
-    SAE, coloured by architecture; the diagonal is perfect agreement."""
+    SAE, coloured by architecture and, with several models, marked by model (the part of its
+    ``sae`` key before the slash); the diagonal is perfect agreement."""
     table = pd.DataFrame(record["per_sae"])
+    table["model"] = table["sae"].str.split("/").str[0]
+    style = "model" if table["model"].nunique() > 1 else None
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     for ax, (a, b, label) in zip(axes, (("mu_rule", "mu_llm", "μ (sampled latents)"),
                                         ("g_rule", "g_llm", "g (held-out at α*)"))):
         sub = table.dropna(subset=[a, b])
         if len(sub):
-            sns.scatterplot(data=sub, x=a, y=b, hue="arch", palette=ARCH_PALETTE, s=60, ax=ax)
+            sns.scatterplot(data=sub, x=a, y=b, hue="arch", style=style, palette=ARCH_PALETTE,
+                            s=60, ax=ax)
             lo = min(sub[a].min(), sub[b].min(), 0.0)
             hi = max(sub[a].max(), sub[b].max(), 0.05)
             ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")

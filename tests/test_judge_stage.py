@@ -25,6 +25,16 @@ def test_chosen_saes_cover_every_architecture_before_any_repeats():
     assert len(judge.choose_saes(jobs, 50, seed=0)) == 12
 
 
+def test_chosen_saes_of_two_models_cover_both_and_every_architecture():
+    archs = ("standard", "gated", "jumprelu", "topk", "batchtopk")
+    jobs = [SAEJob(m, arch, level) for m in ("a", "b") for level in range(6) for arch in archs]
+    chosen = judge.choose_saes(jobs, 6, seed=0)
+    assert len(set(chosen)) == 6
+    assert {j.arch for j in chosen} == set(archs) and {j.model for j in chosen} == {"a", "b"}
+    assert sum(j.model == "a" for j in chosen) == 3
+    assert len(judge.choose_saes(jobs, 100, seed=0)) == 60
+
+
 def test_g_rows_are_the_held_out_rows_at_each_concepts_alpha_star():
     rows = [{"latent": lat, "split": split, "alpha": a} for lat in (1, 2)
             for split in ("select", "heldout") for a in (1.0, 2.0)]

@@ -83,3 +83,19 @@ def test_power_statement_gives_each_models_reliability(tmp_path, monkeypatch):
     one = report.power_statement(load_profile("smoke"), intervals[intervals["model"] == "A"], None)
     assert one["reliability_g_by_model"] == {}
     assert "Within each model" not in report.power_text(one)
+
+
+def test_judges_side_by_side_marks_models_only_when_there_are_several():
+    def record(models):
+        per_sae = [{"sae": f"{m}/{a}-s0", "arch": a, "mu_rule": 0.1 * i, "mu_llm": 0.2 * i,
+                    "g_rule": 0.3, "g_llm": 0.1 * i} for i, (m, a) in enumerate(
+                        (m, a) for m in models for a in ("standard", "topk"))]
+        return {"per_sae": per_sae, "judge_a": "rules"}
+
+    def legend_texts(fig):
+        return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+    two = legend_texts(plots.judges_side_by_side(record(["gemma", "smol"])))
+    assert "model" in two and {"gemma", "smol"} <= set(two)
+    one = legend_texts(plots.judges_side_by_side(record(["smol"])))
+    assert "model" not in one and "smol" not in one

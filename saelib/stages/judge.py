@@ -80,12 +80,18 @@ def _sae_key(job: SAEJob) -> str:
 
 
 def choose_saes(jobs: Sequence[SAEJob], n: int, seed: int) -> list[SAEJob]:
-    """``n`` SAEs spread over the architectures: each architecture's SAEs in seeded order, then
-    one from each architecture in turn (so 6 of a 5 × 6 grid cover every architecture)."""
-    by_arch: dict[str, list[SAEJob]] = {}
+    """``n`` SAEs spread over the architectures and the models: each (architecture, model)'s
+    SAEs in seeded order, then one from each in turn, where the first round takes architecture i
+    from model i mod M and later rounds rotate the models (so 6 of a 2 × 5 × 6 grid cover every
+    architecture and both models; with one model, the architectures in turn)."""
+    cells: dict[tuple[str, str], list[SAEJob]] = {}
     for job in jobs:
-        by_arch.setdefault(job.arch, []).append(job)
-    return _round_robin(list(by_arch.values()), n, np.random.default_rng([seed, 1]))
+        cells.setdefault((job.arch, job.model), []).append(job)
+    archs = list(dict.fromkeys(job.arch for job in jobs))
+    models = list(dict.fromkeys(job.model for job in jobs))
+    groups = [cells[(arch, models[(i + r) % len(models)])] for r in range(len(models))
+              for i, arch in enumerate(archs) if (arch, models[(i + r) % len(models)]) in cells]
+    return _round_robin(groups, n, np.random.default_rng([seed, 1]))
 
 
 def _round_robin(groups: Sequence[Sequence[Any]], n: int, rng: np.random.Generator) -> list[Any]:
