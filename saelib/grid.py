@@ -190,7 +190,8 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
         jobs = {n: j for n, j in jobs.items() if j.stage == only or n == only}
     pending = dict(jobs)
     finished: set[str] = set()
-    bar = tqdm(total=len(jobs), desc=f"grid {profile.name}", unit="job", disable=not progress)
+    bar = WorkBar(planned_weights(profile, jobs, workers), desc=f"grid {profile.name}",
+                  disable=not progress)
     running: dict[Any, Job] = {}
 
     def start_ready(client, slots: int) -> None:
@@ -199,7 +200,7 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
             if any(d in report.failed or d in report.blocked for d in deps):
                 report.blocked.append(name)
                 del pending[name]
-                bar.update(1)
+                bar.skip(name)
                 continue
             if all(d in finished for d in deps) and len(running) < slots:
                 del pending[name]
@@ -207,7 +208,7 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
                 if is_done:  # a summary stage (no `done`) is never done: re-rendered each run
                     report.skipped.append(name)
                     finished.add(name)
-                    bar.update(1)
+                    bar.skip(name)
                     continue
                 running[client.submit(_timed, run_notebook, profile, job, key=f"{name}-{time.time_ns()}",
                                       pure=False)] = job
@@ -234,7 +235,7 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
                     report.failed[job.name] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
                     error_file(profile, job).parent.mkdir(parents=True, exist_ok=True)
                     error_file(profile, job).write_text("".join(traceback.format_exception(e)))
-                bar.update(1)
+                bar.ran(job.name)
             start_ready(client, slots)
     bar.close()
     report.seconds["total"] = time.perf_counter() - t0
@@ -257,6 +258,59 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
                              "engine": "dask " + (scheduler or f"LocalCluster({workers})"),
                              "provenance": provenance(profile=profile.name)})
     return report
+
+
+def planned_weights(profile: Profile, jobs: dict[str, Job], workers: int) -> dict[str, float]:
+    """Each job's share of the run's wall time by the profile's plan (:mod:`saelib.plan`): its
+    stage's job seconds per job, divided by ``workers`` except for the stages that run alone.
+
+    Why: a job count is a poor measure of progress when a capture takes as long as ten per-SAE
+    jobs (the bar's first estimate was 19 h for a 2.6 h run). A profile the plan cannot count
+    (a model without a known shape, say) weighs every job alike."""
+    from . import plan
+
+    try:
+        stage_plans = plan.build_plan(profile).stages
+    except Exception:  # the bar must never stop a run: count jobs instead
+        return {name: 1.0 for name in jobs}
+    per_job = {s.stage: s.seconds / s.jobs / (1 if s.stage in plan.ALONE else max(1, workers))
+               for s in stage_plans if s.jobs and s.seconds > 0}
+    fallback = min(per_job.values(), default=1.0)  # a stage the plan has no work for
+    return {name: per_job.get("analysis" if job.stage == "observations" else job.stage, fallback)
+            for name, job in jobs.items()}
+
+
+class WorkBar:
+    """The grid's progress bar in planned seconds of work (:func:`planned_weights`), with the
+    job count beside it: a job that runs advances the bar by its weight; one that is skipped
+    (done in an earlier run) or blocked leaves the total, so a resumed run's remaining time is
+    extrapolated from the work this run did, at this machine's measured rate."""
+
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]"
+
+    def __init__(self, weights: dict[str, float], desc: str, disable: bool = False,
+                 file: Any = None) -> None:
+        self.weights, self.name = weights, desc
+        self.jobs, self.done = len(weights), 0
+        self.bar = tqdm(total=sum(weights.values()), desc=self._desc(), smoothing=0,
+                        disable=disable, bar_format=self.FORMAT, file=file)
+
+    def _desc(self) -> str:
+        return f"{self.name} ({self.done}/{self.jobs} jobs)"
+
+    def ran(self, name: str) -> None:
+        self.done += 1
+        self.bar.set_description_str(self._desc(), refresh=False)
+        self.bar.update(self.weights[name])
+
+    def skip(self, name: str) -> None:
+        self.done += 1
+        self.bar.total -= self.weights[name]
+        self.bar.set_description_str(self._desc(), refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def recorded_job_seconds(record: dict[str, Any]) -> dict[str, float]:

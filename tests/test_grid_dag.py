@@ -33,6 +33,42 @@ def test_jobs_form_a_dag_in_order(tmp_path):
             assert names.index(dep) < i, f"{job.name} runs before its dependency {dep}"
 
 
+def test_progress_is_weighted_by_the_plan(tmp_path, monkeypatch):
+    """The bar counts planned seconds: the capture (alone, every core) weighs its stage's whole
+    plan, a per-SAE job its stage's share over the workers; a profile the plan cannot count
+    weighs every job alike."""
+    from saelib import plan
+
+    profile = _profile(tmp_path)
+    jobs = {j.name: j for j in grid.build_jobs(profile)}
+    stage_s = {s.stage: s.seconds for s in plan.build_plan(profile).stages}
+    weights = grid.planned_weights(profile, jobs, workers=2)
+    assert weights["capture-smollm2-135m-instruct"] == pytest.approx(stage_s["capture"])
+    assert weights["train-smollm2-135m-instruct-topk-s0"] == pytest.approx(stage_s["train"] / 5 / 2)
+    assert weights["observations"] == weights["analysis"] == pytest.approx(stage_s["analysis"] / 2 / 2)
+    assert sum(weights.values()) == pytest.approx(plan.build_plan(profile).wall_seconds)
+
+    def no_plan(*a, **k):
+        raise KeyError("no shape for this model")
+
+    monkeypatch.setattr(plan, "build_plan", no_plan)
+    assert set(grid.planned_weights(profile, jobs, workers=2).values()) == {1.0}
+
+
+def test_a_skipped_job_leaves_the_bars_total_and_a_run_one_advances_it():
+    import io
+
+    out = io.StringIO()
+    bar = grid.WorkBar({"capture": 300.0, "train-a": 20.0, "train-b": 20.0}, desc="grid x", file=out)
+    bar.skip("capture")  # done in an earlier run: its work is not this run's
+    assert bar.bar.total == pytest.approx(40.0) and bar.bar.n == 0
+    bar.ran("train-a")
+    assert bar.bar.n == pytest.approx(20.0) and bar.done == 2
+    bar.ran("train-b")
+    bar.close()
+    assert "3/3 jobs" in out.getvalue() and "100%" in out.getvalue()
+
+
 def test_failure_blocks_dependants_only_and_resume_skips_done(tmp_path, monkeypatch):
     """Through the real Dask LocalCluster. Dask pickles each task, so the fake job records what it
     ran in a file (a closure's list would be a copy), and a job is done when its marker exists. A
