@@ -280,6 +280,20 @@ def planned_weights(profile: Profile, jobs: dict[str, Job], workers: int) -> dic
             for name, job in jobs.items()}
 
 
+def plan_line(profile: Profile) -> str | None:
+    """What the whole grid should take by the profile's plan, said before it starts (None when
+    the plan cannot count the profile)."""
+    from . import plan
+
+    try:
+        p = plan.build_plan(profile)
+    except Exception:  # a line of advice must never stop a run
+        return None
+    return (f"grid {profile.name}: planned {p.wall_seconds / 3600:.2f} h on {p.hardware.name} "
+            f"with {p.hardware.workers} worker(s), from scratch (python -m saelib.plan "
+            f"--profile {profile.name})")
+
+
 class WorkBar:
     """The grid's progress bar in planned seconds of work (:func:`planned_weights`), with the
     job count beside it: a job that runs advances the bar by its weight; one that is skipped
@@ -432,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             state = "done" if job.done() and job.output(profile).exists() else "todo"
             print(f"{state:5s} {job.stage:9s} {job.name}")
         return 0
+    if not args.only and (line := plan_line(profile)):
+        print(line)
     report = run_grid(profile, workers=args.workers, only=args.only, scheduler=args.scheduler,
                       warm_kernels=not args.fresh_kernels)
     print(f"grid {profile.name}: ran {len(report.ran)}, skipped {len(report.skipped)} (already done), "

@@ -51,8 +51,11 @@ def test_progress_is_weighted_by_the_plan(tmp_path, monkeypatch):
     def no_plan(*a, **k):
         raise KeyError("no shape for this model")
 
+    line = grid.plan_line(profile)
+    assert line.startswith("grid smoke: planned ") and "--profile smoke" in line
     monkeypatch.setattr(plan, "build_plan", no_plan)
     assert set(grid.planned_weights(profile, jobs, workers=2).values()) == {1.0}
+    assert grid.plan_line(profile) is None
 
 
 def test_a_skipped_job_leaves_the_bars_total_and_a_run_one_advances_it():
