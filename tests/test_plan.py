@@ -176,7 +176,8 @@ def test_plan_holds_measured_stage_times(path):
     assert len(checked) >= 4
     for stage in checked:
         assert p[stage] == pytest.approx(seconds[stage], rel=0.3), (stage, p[stage], seconds[stage])
-    assert sum(p[k] for k in seconds) == pytest.approx(sum(seconds.values()), rel=0.3)
+    # a stage the plan has no work for (a judge job that only says it did not run) counts 0
+    assert sum(p.get(k, 0.0) for k in seconds) == pytest.approx(sum(seconds.values()), rel=0.3)
 
 
 def test_wall_time_counts_the_jobs_that_run_alone_in_full():
