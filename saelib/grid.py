@@ -269,10 +269,10 @@ def planned_weights(profile: Profile, jobs: dict[str, Job], workers: int) -> dic
     (a model without a known shape, say) weighs every job alike."""
     from . import plan
 
-    try:
-        stage_plans = plan.build_plan(profile).stages
-    except Exception:  # the bar must never stop a run: count jobs instead
+    p = _plan(profile)
+    if p is None:
         return {name: 1.0 for name in jobs}
+    stage_plans = p.stages
     per_job = {s.stage: s.seconds / s.jobs / (1 if s.stage in plan.ALONE else max(1, workers))
                for s in stage_plans if s.jobs and s.seconds > 0}
     fallback = min(per_job.values(), default=1.0)  # a stage the plan has no work for
@@ -280,14 +280,22 @@ def planned_weights(profile: Profile, jobs: dict[str, Job], workers: int) -> dic
             for name, job in jobs.items()}
 
 
-def plan_line(profile: Profile) -> str | None:
-    """What the whole grid should take by the profile's plan, said before it starts (None when
-    the plan cannot count the profile)."""
+def _plan(profile: Profile):
+    """The profile's plan, or None when the plan cannot count it: progress and advice must
+    never stop a run."""
     from . import plan
 
     try:
-        p = plan.build_plan(profile)
-    except Exception:  # a line of advice must never stop a run
+        return plan.build_plan(profile)
+    except Exception:
+        return None
+
+
+def plan_line(profile: Profile) -> str | None:
+    """What the whole grid should take by the profile's plan, said before it starts (None when
+    the plan cannot count the profile)."""
+    p = _plan(profile)
+    if p is None:
         return None
     return (f"grid {profile.name}: planned {p.wall_seconds / 3600:.2f} h on {p.hardware.name} "
             f"with {p.hardware.workers} worker(s), from scratch (python -m saelib.plan "
