@@ -159,7 +159,9 @@ def lift_box_plot(table: pd.DataFrame, column: str = "paper_lift_pct"):
 
 
 #: Panels of the descriptive figure (the paper's Figs. 5–7), in reading order: (column, label).
-DESCRIPTIVE_PANELS = [("explained_variance", "explained variance"), ("ce_loss_recovered", "CE-loss recovered"),
+DESCRIPTIVE_PANELS = [("explained_variance", "explained variance"),
+                      ("explained_variance_excl_sinks", "explained variance, sinks excluded"),
+                      ("ce_loss_recovered", "CE-loss recovered"),
                       ("kl_score", "KL score"), ("mse", "MSE"), ("dead_fraction", "dead fraction"),
                       ("dense_fraction", "dense fraction"), ("mu", "AutoInterp μ(θ)"),
                       ("absorption_fraction", "absorption fraction"), ("full_absorption", "full absorption"),

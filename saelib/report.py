@@ -22,9 +22,15 @@ from .stages.records import BlockRecord
 from .stages.layout import GRID_RECORD, SAE_WEIGHTS, as_profile, sae_dir, sae_jobs
 
 #: Column order of the per-SAE table (also the downloadable CSV).
-COLUMNS = ["model", "arch", "level", "target_l0", "sparsity_value", "l0", "explained_variance", "mse",
-           "dead_fraction", "ce_loss_recovered", "kl_score", "train_tokens", "train_seconds",
-           "peak_rss_mb", "disk_mb"]
+COLUMNS = ["model", "arch", "level", "target_l0", "sparsity_value", "l0", "explained_variance",
+           "explained_variance_excl_sinks", "mse", "dead_fraction", "ce_loss_recovered", "kl_score",
+           "sink_tokens", "sink_variance_share", "train_tokens", "train_seconds", "peak_rss_mb",
+           "disk_mb"]
+
+#: Core columns an SAE trained before they were recorded lacks (NaN in the table): the held-out
+#: figures without attention sinks (:func:`saelib.sae.metrics.sink_mask`).
+SINK_COLUMNS = {"explained_variance_excl_sinks": "explained_variance_excl_sinks",
+                "sink_tokens": "n_sinks", "sink_variance_share": "sink_variance_share"}
 
 #: Columns from the later stages, by record field of :class:`~saelib.stages.analysis.SAEResult`,
 #: added when at least one SAE has them: AutoInterp μ(θ) and live latents (protocol §3), steering
@@ -59,6 +65,7 @@ def _sae_row(r: SAEResult) -> dict:
     row = {"model": t.model_label, "arch": t.arch, "level": t.level, "target_l0": t.target_l0,
            "sparsity_value": t.sparsity_value, "l0": core["l0"],
            "explained_variance": core["explained_variance"], "mse": core["mse"],
+           **{col: core.get(key) for col, key in SINK_COLUMNS.items()},
            "dead_fraction": core["dead_fraction"], "ce_loss_recovered": core.get("ce_loss_recovered"),
            "kl_score": core.get("kl_score"), "train_tokens": train["tokens_seen"],
            "train_seconds": train["seconds"], "peak_rss_mb": train["peak_rss_mb"],
@@ -90,7 +97,7 @@ def sae_table(profile) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=COLUMNS + extra)
     if "n_live" in df:
         df["n_live"] = df["n_live"].astype("Int64")
-    for col in DESCRIPTIVE_COLUMNS:  # None (e.g. absorption with no scorable letter) → NaN
+    for col in [*SINK_COLUMNS, *DESCRIPTIVE_COLUMNS]:  # None (not recorded / not defined) → NaN
         if col in df:
             df[col] = pd.to_numeric(df[col]).astype(float)
     for col in SELECTION_COLUMNS:  # an undefined lift is None in JSON: NaN here, "–" in tables
@@ -105,6 +112,24 @@ def write_csv(table: pd.DataFrame, path: str | Path) -> Path:
     path = Path(path)
     table.to_csv(path, index=False)
     return path
+
+
+def sink_statement(table: pd.DataFrame) -> str:
+    """Per model, how many held-out tokens are attention sinks, their share of the variance, and
+    the median explained variance with and without them (markdown; empty when no SAE recorded
+    them). Every SAE of a model is measured on the same held-out sample, so one count per model."""
+    lines = []
+    for model, sub in table.groupby("model", sort=False):
+        sub = sub[sub["explained_variance_excl_sinks"].notna()]
+        if sub.empty:
+            continue
+        n, share = int(sub["sink_tokens"].iloc[0]), float(sub["sink_variance_share"].iloc[0])
+        lines.append(f"- **{model}**: {n} held-out token{'s' * (n != 1)} "
+                     f"{'are attention sinks' if n != 1 else 'is an attention sink'}, holding "
+                     f"{share:.0%} of the variance; median explained variance over the SAEs "
+                     f"{sub['explained_variance'].median():.3f} with them, "
+                     f"{sub['explained_variance_excl_sinks'].median():.3f} without.")
+    return "\n".join(lines)
 
 
 def display_table(table: pd.DataFrame):

@@ -99,3 +99,21 @@ def test_judges_side_by_side_marks_models_only_when_there_are_several():
     assert "model" in two and {"gemma", "smol"} <= set(two)
     one = legend_texts(plots.judges_side_by_side(record(["smol"])))
     assert "model" not in one and "smol" not in one
+
+
+def test_sink_statement_gives_each_models_sinks_and_skips_saes_without_the_record():
+    rows = [{"model": "Gemma-3-270M", "arch": a, "explained_variance": ev, "sink_tokens": 14.0,
+             "explained_variance_excl_sinks": kept, "sink_variance_share": 0.5}
+            for a, ev, kept in (("topk", 0.90, 0.80), ("gated", 0.86, 0.70), ("standard", 0.59, 0.24))]
+    rows += [{"model": "SmolLM2-135M", "arch": "topk", "explained_variance": 0.92, "sink_tokens": 1.0,
+              "explained_variance_excl_sinks": 0.62, "sink_variance_share": 0.84},
+             {"model": "Old-run", "arch": "topk", "explained_variance": 0.9, "sink_tokens": np.nan,
+              "explained_variance_excl_sinks": np.nan, "sink_variance_share": np.nan}]
+    text = report.sink_statement(pd.DataFrame(rows))
+    lines = text.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("- **Gemma-3-270M**: 14 held-out tokens are attention sinks")
+    assert "holding 50% of the variance" in lines[0] and "0.860 with them, 0.700 without" in lines[0]
+    assert "1 held-out token is an attention sink, holding 84%" in lines[1]
+    assert "Old-run" not in text
+    assert report.sink_statement(pd.DataFrame(rows[-1:])) == ""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from sae_lens.saes import StandardSAE, StandardSAEConfig
 
-from saelib.sae.metrics import reconstruct, reconstruction_metrics
+from saelib.sae.metrics import SINK_NORM_MULTIPLE, reconstruct, reconstruction_metrics, sink_mask
 from saelib.sae.train import (PAPER_TOTAL_STEPS, BatchStream, SAERun, TrainConfig, fuse_adam,
                               latest_checkpoint, train_sae)
 
@@ -126,6 +126,37 @@ def test_reconstruction_metrics_match_hand_computation():
     assert m.explained_variance == pytest.approx((1 - sse / sst).item())
     assert m.dead_fraction == 0.0
     assert torch.equal(reconstruct(sae, x.double()), x_hat.double())
+    assert m.n_sinks == 0 and m.sink_variance_share == 0.0
+    assert m.explained_variance_excl_sinks == pytest.approx(m.explained_variance)
+
+
+def test_attention_sinks_are_counted_and_left_out_of_the_second_explained_variance():
+    """Planted sinks: 3 of 2,051 held-out rows 60x farther from the mean than a typical row hold
+    most of the variance; the figures without them equal the metrics of the rows without them."""
+    torch.manual_seed(0)
+    x = heldout()
+    typical = (x - x.mean(0)).norm(dim=-1).median()
+    far = torch.randn(3, D_IN)
+    sinks = x.mean(0) + 60 * typical * far / far.norm(dim=-1, keepdim=True)
+    acts = torch.cat((x[:700], sinks[:1], x[700:1400], sinks[1:], x[1400:]))
+    planted = torch.zeros(len(acts), dtype=torch.bool)
+    planted[[700, 1401, 1402]] = True
+    assert torch.equal(sink_mask(acts), planted)
+    sae = StandardSAE(StandardSAEConfig(d_in=D_IN, d_sae=D_SAE))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    m = reconstruction_metrics(sae, acts, batch_size=500)
+    kept = reconstruction_metrics(sae, acts[~planted], batch_size=500)
+    assert m.n_sinks == 3 and m.n_tokens == len(acts)
+    assert m.sink_variance_share > 0.5
+    sq = ((acts.double() - acts.double().mean(0)) ** 2).sum(-1)
+    assert m.sink_variance_share == pytest.approx(float(sq[planted].sum() / sq.sum()))
+    assert m.explained_variance_excl_sinks == pytest.approx(kept.explained_variance, abs=1e-9)
+    assert kept.n_sinks == 0 and kept.explained_variance_excl_sinks == pytest.approx(
+        kept.explained_variance)
+    assert not sink_mask(acts, multiple=0).any()
+    assert SINK_NORM_MULTIPLE == 10.0
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
