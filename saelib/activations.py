@@ -8,6 +8,15 @@ checksums, and resume an interrupted capture at the first missing shard.
 Every position is stored, BOS included, so shard rows stay aligned with the token arrays (AutoInterp
 needs positions); the training reader drops BOS rows, because BOS activations are huge outliers
 (``offline-data.md``, "Massive activations") and no SAE is asked to reconstruct them.
+
+Attention sinks after BOS. Both packaged models also put a few other tokens far off the rest of
+the residual stream (Sun et al., "Massive activations in large language models", 2024; ~1 in
+3,000 tokens here). :func:`sink_mask` names them by one rule, SAEBench's training library's
+(``max_activation_norm_multiple`` = 10): distance from the mean over
+:data:`SINK_NORM_MULTIPLE` times the median distance. They stay in training (the SAEs learn to
+reconstruct them, which the language-model metrics need); the held-out metrics also report
+explained variance without them (:mod:`saelib.sae.metrics`), and AutoInterp never centres a
+window on one (:meth:`ActivationStore.sink_mask_NL`).
 """
 
 from __future__ import annotations
@@ -26,6 +35,28 @@ from .results import (CorruptFileError, first_mismatch, read_json, read_npy, sha
                       write_json, write_npy)
 
 MANIFEST = "manifest.json"
+
+#: A token is an attention sink when its distance from the mean exceeds this multiple of the median
+#: distance (SAEBench's training library's ``max_activation_norm_multiple`` default).
+SINK_NORM_MULTIPLE = 10.0
+
+
+def sinks_by_distance(dist_N: torch.Tensor, multiple: float = SINK_NORM_MULTIPLE) -> torch.Tensor:
+    """Bool ``[n]``: distances above ``multiple`` times their median; all False for
+    ``multiple <= 0``."""
+    if multiple <= 0:
+        return torch.zeros(dist_N.shape[0], dtype=torch.bool, device=dist_N.device)
+    return dist_N > multiple * dist_N.median()
+
+
+@torch.no_grad()
+def sink_mask(acts_ND: torch.Tensor, multiple: float = SINK_NORM_MULTIPLE,
+              mean_D: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool ``[n]``: the attention sinks among rows ``acts_ND``, by their distance from
+    ``mean_D`` (default: the rows' mean)."""
+    x = acts_ND.double()
+    return sinks_by_distance((x - (x.mean(0) if mean_D is None else mean_D.double())).norm(dim=-1),
+                             multiple)
 
 
 class ActivationError(RuntimeError):
@@ -299,3 +330,15 @@ class ActivationStore:
         allrows = np.concatenate(rows)
         idx = np.random.default_rng(seed).permutation(len(allrows))[:n_tokens]
         return torch.from_numpy(np.ascontiguousarray(allrows[np.sort(idx)]))
+
+    def sink_mask_NL(self, multiple: float = SINK_NORM_MULTIPLE) -> np.ndarray:
+        """Bool ``[contexts, positions]``: the attention sinks of the whole split, by distance
+        from its mean (BOS dropped) against the median over its tokens after BOS; position 0
+        (BOS) is never flagged, being excluded wherever this mask is used."""
+        mean_D = self.mean().double()
+        dist_NL = torch.cat([(torch.from_numpy(np.asarray(a)).double() - mean_D).norm(dim=-1)
+                             for _, a in self.iter_contexts()])
+        out_NL = torch.zeros(dist_NL.shape, dtype=torch.bool)
+        out_NL[:, 1:] = sinks_by_distance(dist_NL[:, 1:].reshape(-1), multiple).reshape(
+            dist_NL.shape[0], -1)
+        return out_NL.numpy()

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from saelib import activations
-from saelib.activations import MANIFEST, ActivationError, ActivationStore, capture
-from saelib.results import CorruptFileError
+from saelib.activations import MANIFEST, ActivationError, ActivationStore, capture, sink_mask
+from saelib.results import CorruptFileError, write_npy
 
 LAYER = 1
 N_CTX, CTX = 10, 16
@@ -284,3 +284,26 @@ def test_model_stream_serves_the_caches_batches(captured):
     last = list(stream.iter_batches(16, seed=2, max_tokens=epoch, start_batch=len(want) - 1))
     assert len(last) == 1 and np.array_equal(last[0].numpy(), want[-1])
     assert stream.forward_contexts <= 2 * PER_SHARD
+
+
+def test_sink_mask_NL_flags_a_planted_sink_and_never_bos(captured):
+    """A row of a captured shard moved 100x its typical distance from the mean is the split's one
+    sink; BOS rows (far off too, in real models) are never flagged; same rule as ``sink_mask``."""
+    _, _, out, _ = captured
+    store = ActivationStore.open(out)
+    assert not store.sink_mask_NL().any()
+    acts = np.array(store.shard(1))  # contexts 3-5
+    mean = store.mean().numpy()
+    typical = np.median(np.linalg.norm(read_all(out)[:, 1:] - mean, axis=-1))
+    acts[1, 7] = mean + 100 * typical * np.eye(32, dtype=acts.dtype)[0]
+    acts[:, 0] *= 1000  # BOS rows
+    write_npy(out / store.manifest["shards"][1]["file"], acts)
+    store = ActivationStore.open(out, verify=False)
+    mask = store.sink_mask_NL()
+    assert mask.shape == (N_CTX, CTX) and mask.dtype == bool
+    assert np.argwhere(mask).tolist() == [[4, 7]]
+    rows = torch.from_numpy(np.concatenate([np.asarray(store.shard(i))[:, 1:]
+                                            for i in range(len(store.manifest["shards"]))]))
+    assert torch.equal(sink_mask(rows.reshape(-1, 32), mean_D=store.mean()),
+                       torch.from_numpy(mask[:, 1:].reshape(-1)))
+    assert not store.sink_mask_NL(multiple=0).any()

@@ -97,6 +97,29 @@ def test_counts_marks_and_unmarked_detection():
         assert len(shown) == 14 and all(mw.marked == () and mw.acts == () for mw in shown)
 
 
+def test_excluded_positions_are_never_centres_and_count_zero():
+    """A planted sink: every latent's largest activation sits at one position; excluded (as the
+    stage excludes attention sinks), no window is centred there and it sets no latent's max."""
+    tokens, codes = make_corpus()
+    codes[3, 20, :] = 1000.0
+    sink = (3, 20)
+    kept = run_autointerp(ArrayCodes(codes), tokens, decode, FakeJudge(lambda ws: []), CFG,
+                          special_ids=[BOS])
+    assert all(sink in {(w.context, w.centre) for w in rec.explain_windows + rec.score_windows}
+               and rec.max_act == 1000.0 for rec in kept.records)
+    exclude = np.zeros((N, L), dtype=bool)
+    exclude[sink] = True
+    res = run_autointerp(ArrayCodes(codes), tokens, decode, FakeJudge(lambda ws: []), CFG,
+                         special_ids=[BOS], exclude_NL=exclude)
+    assert len(res.records) == CFG.n_latents
+    for rec in res.records:
+        centres = {(w.context, w.centre) for w in rec.explain_windows + rec.score_windows}
+        assert sink not in centres and rec.max_act < 1000.0
+    with pytest.raises(ValueError, match="exclude_NL"):
+        run_autointerp(ArrayCodes(codes), tokens, decode, FakeJudge(lambda ws: []), CFG,
+                       special_ids=[BOS], exclude_NL=exclude[:, :-1])
+
+
 def test_scoring_rule_with_known_predictions():
     tokens, codes = make_corpus()
     # Truth from the test's own activations, not from the library.

@@ -6,7 +6,8 @@ import pytest
 import torch
 from sae_lens.saes import StandardSAE, StandardSAEConfig
 
-from saelib.sae.metrics import SINK_NORM_MULTIPLE, reconstruct, reconstruction_metrics, sink_mask
+from saelib.activations import SINK_NORM_MULTIPLE, sink_mask
+from saelib.sae.metrics import reconstruct, reconstruction_metrics
 from saelib.sae.train import (PAPER_TOTAL_STEPS, BatchStream, SAERun, TrainConfig, fuse_adam,
                               latest_checkpoint, train_sae)
 

@@ -5,16 +5,12 @@ fraction. Those that need the language model (CE loss recovered, KL) are compute
 a hook that replaces the residual stream by :func:`reconstruct`, the same reconstruction used
 here, so both agree on what "the SAE's reconstruction" is.
 
-Attention sinks. Both packaged models put a few tokens far off the rest of the residual stream
-(Sun et al., "Massive activations in large language models", 2024): in the default's held-out
-sample, 5 of 16,384 SmolLM2-135M tokens (0.03 %) hold 84 % of the variance about the mean, and
-14 Gemma-3-270M tokens half of it. Explained variance over all tokens then mostly says whether
-those few are reconstructed (an SAE at 0.917 explains 0.487 of the other tokens' variance). The
-metrics therefore also give it without them, with the count and their share of the variance: a
-sink is a token whose distance from the held-out mean exceeds :data:`SINK_NORM_MULTIPLE` times
-the median distance (the rule of SAEBench's training library, ``max_activation_norm_multiple``
-= 10, which drops such tokens from training; here they stay in training and in the
-all-token figures, which keep sae-lens's definition).
+Attention sinks (:func:`saelib.activations.sink_mask`). In the CPU profiles' held-out samples, 5
+of 16,384 SmolLM2-135M tokens (0.03 %) hold 84 % of the variance about the mean, and 14
+Gemma-3-270M tokens 46 %. Explained variance over all tokens then mostly says whether those few
+are reconstructed (an SAE at 0.917 explains 0.487 of the other tokens' variance). The metrics
+therefore also give it without them, with their count and share of the variance; the all-token
+figures keep sae-lens's definition.
 """
 
 from __future__ import annotations
@@ -24,6 +20,8 @@ from typing import Any
 
 import torch
 from sae_lens.saes import SAE
+
+from ..activations import sinks_by_distance
 
 
 @dataclass(frozen=True)
@@ -38,8 +36,8 @@ class ReconstructionMetrics:
     dead_fraction: fraction of latents never active on the held-out set (SAEBench excludes
         these from AutoInterp, protocol §3).
     explained_variance_excl_sinks: explained variance of the tokens that are not attention
-        sinks (:func:`sink_mask`), about their own mean: what ``explained_variance`` would be on
-        ``acts_ND[~sink_mask(acts_ND)]``.
+        sinks (:func:`~saelib.activations.sink_mask`), about their own mean: what
+        ``explained_variance`` would be on ``acts_ND[~sink_mask(acts_ND)]``.
     n_sinks: held-out tokens that are sinks.
     sink_variance_share: their share of the held-out variance about the mean (0 without sinks).
     """
@@ -52,27 +50,6 @@ class ReconstructionMetrics:
     explained_variance_excl_sinks: float = float("nan")
     n_sinks: int = 0
     sink_variance_share: float = 0.0
-
-
-#: A token is an attention sink when its distance from the mean exceeds this multiple of the median
-#: distance (SAEBench's training library's ``max_activation_norm_multiple`` default).
-SINK_NORM_MULTIPLE = 10.0
-
-
-@torch.no_grad()
-def sink_mask(acts_ND: torch.Tensor, multiple: float = SINK_NORM_MULTIPLE,
-              mean_D: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool ``[n]``: the rows whose distance from ``mean_D`` (default: the rows' mean) exceeds
-    ``multiple`` times the median distance; all False for ``multiple <= 0``."""
-    x = acts_ND.double()
-    return _beyond_median((x - (x.mean(0) if mean_D is None else mean_D.double())).norm(dim=-1),
-                          multiple)
-
-
-def _beyond_median(dist_N: torch.Tensor, multiple: float) -> torch.Tensor:
-    if multiple <= 0:
-        return torch.zeros(dist_N.shape[0], dtype=torch.bool, device=dist_N.device)
-    return dist_N > multiple * dist_N.median()
 
 
 def reconstruct(sae: SAE[Any], acts: torch.Tensor) -> torch.Tensor:
@@ -92,7 +69,7 @@ def reconstruction_metrics(sae: SAE[Any], acts_ND: torch.Tensor,
 
     Sums are accumulated in float64 and the mean is taken first (two passes), so the massive
     constant offsets of residual streams do not cancel catastrophically. The figures without
-    attention sinks (:func:`sink_mask`) come from the same pass, per token.
+    attention sinks (:func:`~saelib.activations.sink_mask`) come from the same pass, per token.
     """
     if acts_ND.ndim != 2 or acts_ND.shape[1] != sae.cfg.d_in:
         raise ValueError(f"acts_ND must have shape [n, d_in={sae.cfg.d_in}], "
@@ -123,7 +100,7 @@ def reconstruction_metrics(sae: SAE[Any], acts_ND: torch.Tensor,
                       for i in range(0, n, batch_size)])
     total = float(sq_N.sum())
     ev = 1.0 - sse / total if total > 0 else float("nan")
-    sinks_N = _beyond_median(sq_N.sqrt(), SINK_NORM_MULTIPLE)
+    sinks_N = sinks_by_distance(sq_N.sqrt())
     keep_N = ~sinks_N
     ev_kept, share = float("nan"), float(sq_N[sinks_N].sum()) / total if total > 0 else 0.0
     if int(keep_N.sum()) >= 2:

@@ -65,6 +65,8 @@ class InterpRecord(BlockRecord):
     config: dict[str, Any]
     eval_tokens: int
     rows_file: str
+    #: eval positions never centred because they are attention sinks (``config.exclude_sinks``)
+    sink_positions: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,11 +119,14 @@ def _compute_autointerp(ctx: Context) -> tuple[dict[str, Any], int]:
     judge = make_judge(judge_cfg, token_freq=token_freq)
     codes = EncodedCodes(sae.encode, lambda: (np.array(a) for _, a in store.iter_contexts()),
                          context_len=store.context, width=int(sae.cfg.d_sae), device=profile.device)
+    with timer("sinks"):
+        sinks_NL = store.sink_mask_NL() if config.exclude_sinks else None
     with timer("autointerp"):
         res = run_autointerp(codes, tokens_NL, lambda t: tok.decode([t]), judge, config,
-                             special_ids=special, bos_at_start=True)
+                             special_ids=special, bos_at_start=True, exclude_NL=sinks_NL)
     write_jsonl(out / INTERP_ROWS, res.to_jsonl_rows())
-    return {**res.summary(), "eval_tokens": int(tokens_NL.size), "rows_file": INTERP_ROWS}, config.seed
+    return {**res.summary(), "eval_tokens": int(tokens_NL.size), "rows_file": INTERP_ROWS,
+            "sink_positions": int(sinks_NL.sum()) if sinks_NL is not None else 0}, config.seed
 
 
 #: AutoInterp μ(θ) of one SAE (protocol §3).
