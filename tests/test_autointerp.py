@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from saelib.evals.autointerp import AutoInterpConfig, is_active, run_autointerp
+from saelib.evals.autointerp import AutoInterpConfig, is_active, run_autointerp, seeded_subset
 from saelib.evals.windows import ArrayCodes, Window
 from saelib.judges.base import Judge
 from saelib.results import read_jsonl, write_jsonl
@@ -230,6 +230,26 @@ def test_live_mask_latent_silent_on_eval_corpus():
     with pytest.raises(ValueError, match="live_mask"):
         run_autointerp(ArrayCodes(codes), tokens, decode, FakeJudge(lambda ws: []), CFG,
                        live_mask=np.ones(F + 1, bool))
+
+
+def test_seeded_subset_keeps_its_pick_when_the_set_loses_or_gains_a_latent():
+    ids = np.arange(0, 4000, 3)
+    pick = seeded_subset(ids, 100, seed=0, stream=1)
+    assert len(pick) == 100 and len(set(pick)) == 100 and set(pick) <= set(ids)
+    assert np.all(np.diff(pick) > 0)
+    assert np.array_equal(pick, seeded_subset(ids[::-1], 100, seed=0, stream=1))
+    others = np.setdiff1d(ids, pick)
+    assert np.array_equal(seeded_subset(np.setdiff1d(ids, others[:25]), 100, 0, 1), pick)
+    lost = seeded_subset(np.setdiff1d(ids, pick[:1]), 100, 0, 1)
+    assert len(np.intersect1d(lost, pick)) == 99
+    assert len(np.intersect1d(seeded_subset(ids, 100, 1, 1), pick)) < 30
+    assert len(np.intersect1d(seeded_subset(ids, 100, 0, 2), pick)) < 30
+    assert np.array_equal(seeded_subset(ids[:50], 100, 0, 1), ids[:50])
+    # uniform: over many seeds, every id is picked about n/len(ids) of the time
+    counts = np.zeros(4000)
+    for s in range(300):
+        counts[seeded_subset(ids, 100, s, 1)] += 1
+    assert counts[ids].min() >= 5 and counts[ids].max() <= 45  # expected 22.5, sd 4.6
 
 
 def test_seeded_choice_of_latents_and_concepts():

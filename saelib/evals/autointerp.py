@@ -292,20 +292,31 @@ def _is_index(i: Any, n: int) -> bool:
     return isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= int(i) < n
 
 
+def seeded_subset(ids: np.ndarray, n: int, seed: int, stream: int) -> np.ndarray:
+    """A seeded uniformly random ``n`` of ``ids`` (all if fewer), sorted: the ``n`` with the
+    smallest of one random key per latent id, drawn from ``(seed, stream)``.
+
+    Why keys per id rather than ``rng.choice(ids)``: a latent's pick then depends on its own key
+    and on the keys of the others in ``ids`` only, so a set that gains or loses a latent keeps the
+    rest of its pick. ``choice`` over a set one element shorter draws another sample altogether:
+    excluding attention sinks made 25 of 1,341 live latents of one SmolLM2-135M SAE not live, and
+    79-94 of CONCEPT100's 100 latents changed on the SAEs whose live set changed. Runs that
+    differ in a few latents' liveness are now compared on nearly the same latents."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) <= n:
+        return np.sort(ids)
+    keys = np.random.default_rng([seed, stream]).random(int(ids.max()) + 1)
+    return np.sort(ids[np.argsort(keys[ids], kind="stable")[:n]])
+
+
 def choose_latents(live_ids: np.ndarray, config: AutoInterpConfig) -> np.ndarray:
     """The scored latents: a seeded random ``n_latents`` of the live ones (all if fewer), sorted."""
-    rng = np.random.default_rng([config.seed, STREAM_LATENTS])
-    if len(live_ids) <= config.n_latents:
-        return np.sort(live_ids)
-    return np.sort(rng.choice(live_ids, size=config.n_latents, replace=False))
+    return seeded_subset(live_ids, config.n_latents, config.seed, STREAM_LATENTS)
 
 
 def choose_concepts(eligible: np.ndarray, config: AutoInterpConfig) -> np.ndarray:
     """CONCEPT100: a seeded random ``n_concepts`` of the scored latents (all if fewer), sorted."""
-    rng = np.random.default_rng([config.seed, STREAM_CONCEPTS])
-    if len(eligible) <= config.n_concepts:
-        return np.sort(eligible)
-    return np.sort(rng.choice(eligible, size=config.n_concepts, replace=False))
+    return seeded_subset(eligible, config.n_concepts, config.seed, STREAM_CONCEPTS)
 
 
 def run_autointerp(codes_source: CodesSource, tokens_NL: np.ndarray,

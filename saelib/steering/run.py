@@ -254,8 +254,9 @@ def steer_concepts(lm, sae, layer: int, concepts: Sequence[dict[str, Any]], conf
 
 
 def steering_concepts(rows: list[dict[str, Any]], concept100: list[int], n: int) -> list[dict[str, Any]]:
-    """The first ``n`` CONCEPT100 latents (in CONCEPT100's seeded order) that have an explanation:
-    each one's AutoInterp row (``latent``, ``explanation``, ``max_act``) is a concept (protocol §4)."""
+    """The first ``n`` CONCEPT100 latents that have an explanation: each one's AutoInterp row
+    (``latent``, ``explanation``, ``max_act``) is a concept (protocol §4). CONCEPT100 is a seeded
+    random set listed by latent id, so its first ``n`` are a random ``n`` of it."""
     by_latent = {int(r["latent"]): r for r in rows}
     usable = [by_latent[f] for f in concept100
               if f in by_latent and by_latent[f].get("explanation") and by_latent[f]["max_act"] > 0]
