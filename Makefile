@@ -6,9 +6,22 @@ PY := $(VENV)/bin/python
 PROFILE ?= default
 TORCH_SPEC ?= torch==2.13.0
 WORKERS ?= 2
-# The LLM judge's llama.cpp binding: built from source once (~10 min on 2 cores) and kept as a wheel.
+# The LLM judge's llama.cpp binding: built from source once (~3 min on 2 cores) and kept as a wheel.
+# LLAMA_NATIVE=1 (default) builds it for this CPU (GGML_NATIVE=ON: AVX-512 where the CPU has it;
+# 1.49x the portable build's rate on the judge's requests here, bench/RESULTS.md) and caches it
+# under a folder named by a hash of the CPU's instruction-set flags, so a machine with other flags
+# never loads it; LLAMA_NATIVE=0 builds the portable (AVX2) one.
 LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
+LLAMA_NATIVE ?= 1
 WHEELS ?= $(HOME)/.cache/saelib/wheels
+CPU_TAG := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | sha256sum | cut -c1-12)
+ifeq ($(LLAMA_NATIVE),1)
+LLAMA_WHEELS := $(WHEELS)/native-$(CPU_TAG)
+LLAMA_CMAKE := -DGGML_NATIVE=ON
+else
+LLAMA_WHEELS := $(WHEELS)
+LLAMA_CMAKE := -DGGML_NATIVE=OFF
+endif
 PYTEST_ARGS ?=
 
 .PHONY: all venv prepare grid book test test-fast bench clean-book clean
@@ -22,12 +35,13 @@ $(VENV)/.stamp: pyproject.toml requirements-data.txt
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev,triton]"
 	# llama-cpp-python for the LLM judge (saelib.judges.llama), with its OpenAI-compatible server
-	# (tested on loopback). Portable build (GGML_NATIVE=OFF): a native one segfaults on decode here
-	# unless use_extra_bufts is off. The wheel is built once into $(WHEELS); later venvs reuse it.
-	mkdir -p $(WHEELS)
-	ls $(WHEELS)/$(subst -,_,$(firstword $(subst ==, ,$(LLAMA_CPP_SPEC))))-$(lastword $(subst ==, ,$(LLAMA_CPP_SPEC)))-*.whl >/dev/null 2>&1 || \
-	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip wheel --quiet --no-deps -w $(WHEELS) "$(LLAMA_CPP_SPEC)"
-	$(PY) -m pip install --quiet --find-links $(WHEELS) --only-binary llama-cpp-python \
+	# (tested on loopback). The wheel is built once into $(LLAMA_WHEELS) (above); later venvs reuse
+	# it. --no-cache-dir: pip's own cache would hand back a wheel built with other CMAKE_ARGS.
+	mkdir -p $(LLAMA_WHEELS)
+	ls $(LLAMA_WHEELS)/$(subst -,_,$(firstword $(subst ==, ,$(LLAMA_CPP_SPEC))))-$(lastword $(subst ==, ,$(LLAMA_CPP_SPEC)))-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip wheel --quiet --no-cache-dir --no-deps \
+	    --no-binary llama-cpp-python -w $(LLAMA_WHEELS) "$(LLAMA_CPP_SPEC)"
+	$(PY) -m pip install --quiet --no-cache-dir --find-links $(LLAMA_WHEELS) --only-binary llama-cpp-python \
 	  "$(subst ==,[server]==,$(LLAMA_CPP_SPEC))"
 	$(PY) -m pip install --quiet --no-deps -r requirements-data.txt
 	# sae-bench only for the cross-check of the core metrics (tests/test_saebench_core.py):

@@ -125,6 +125,7 @@ def test_the_packaged_model_rates_parsably_and_tells_good_from_degenerate(packag
     finally:
         judge.close()
     assert judge.usage.extra["unparsable_ratings"] == 0
+    assert "AVX2 = 1" in judge.usage.extra["build"]  # what the build runs on, on record
     assert good.concept >= 1 and good.fluency >= 1, good
     assert bad.fluency < good.fluency, (good, bad)
 

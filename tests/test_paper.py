@@ -121,9 +121,9 @@ def test_run_table_says_what_the_run_is():
     default = run_table(load_profile("default")).set_index("item")["value"]
     assert default["SAEs"].startswith("5 architectures × 6 sparsities × 1 model(s) = 30, width 2,048")
     assert default["judge (μ and g)"].startswith("rules")
-    assert default["steering"] == ("12 concepts × (5 selection instructions × 3 factors "
+    assert default["steering"] == ("15 concepts × (5 selection instructions × 3 factors "
                                    "[1.0, 1.5, 2.0] + 5 held out at α*), 32 new tokens: "
-                                   "240 steered answers per SAE")
+                                   "300 steered answers per SAE")
     assert default["LLM-judge sample"] == "150 generations and 42 latents of 6 SAEs (llama)"
     pair = run_table(load_profile("cpu-pair")).set_index("item")["value"]
     assert pair["LLM-judge sample"] == "none" and "= 60" in pair["SAEs"]

@@ -40,6 +40,17 @@ def model_path(config: JudgeConfig) -> Path:
     return path
 
 
+def build_info() -> str:
+    """The instruction sets this llama.cpp build uses (``AVX512 = 1 | ...``): the Makefile builds
+    it for the machine's CPU, and the judge's speed depends on it, so records carry it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return ""
+    info = llama_cpp.llama_print_system_info()
+    return (info.decode() if isinstance(info, bytes) else str(info)).strip(" |")
+
+
 def load_llama(path: Path, threads: int, ctx: int) -> Any:
     """A ``llama_cpp.Llama`` on the CPU; a missing ``llama-cpp-python`` is a clear error."""
     try:
@@ -67,7 +78,7 @@ class LlamaCppJudge(PromptedJudge):
         self.cache = ResponseCache(config.cache_dir) if config.cache_dir else None
         self.usage.extra.update(model=self.model_name, threads=config.llama_threads,
                                 prefix_cache=config.llama_prefix_cache, seconds=0.0,
-                                cached_seconds=0.0)
+                                cached_seconds=0.0, build=build_info())
 
     def close(self) -> None:
         """Free the model now (llama-cpp-python's own finaliser fails at interpreter exit)."""
