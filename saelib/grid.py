@@ -276,8 +276,7 @@ def planned_weights(profile: Profile, jobs: dict[str, Job], workers: int) -> dic
     per_job = {s.stage: s.seconds / s.jobs / (1 if s.stage in plan.ALONE else max(1, workers))
                for s in stage_plans if s.jobs and s.seconds > 0}
     fallback = min(per_job.values(), default=1.0)  # a stage the plan has no work for
-    return {name: per_job.get("analysis" if job.stage == "observations" else job.stage, fallback)
-            for name, job in jobs.items()}
+    return {name: per_job.get(plan.plan_stage(job.stage), fallback) for name, job in jobs.items()}
 
 
 def _plan(profile: Profile):

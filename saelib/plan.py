@@ -253,6 +253,12 @@ def default_hardware(profile: Profile) -> str:
 ALONE = ("capture", "judge")
 
 
+def plan_stage(stage: str) -> str:
+    """The plan's stage for a grid job's stage: the two summary notebooks (``analysis``,
+    ``observations``) are one plan stage, 'analysis'."""
+    return "analysis" if stage == "observations" else stage
+
+
 @dataclass(frozen=True)
 class StagePlan:
     """One stage of the plan, summed over the profile's jobs of that stage."""
@@ -596,8 +602,7 @@ def plan_vs_measured(p: Plan, measured_s: dict[str, float]) -> pd.DataFrame:
     ``job_seconds`` summed by stage; the two summary notebooks count as 'analysis')."""
     measured: dict[str, float] = {}
     for stage, seconds in measured_s.items():
-        key = "analysis" if stage == "observations" else stage
-        measured[key] = measured.get(key, 0.0) + float(seconds)
+        measured[plan_stage(stage)] = measured.get(plan_stage(stage), 0.0) + float(seconds)
     rows = [{"stage": s.stage, "planned s": s.seconds, "measured s": measured.get(s.stage),
              "measured / planned": (measured[s.stage] / s.seconds
                                     if s.stage in measured and s.seconds else None)}
