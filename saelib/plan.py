@@ -602,7 +602,8 @@ def plan_vs_measured(p: Plan, measured_s: dict[str, float]) -> pd.DataFrame:
     ``job_seconds`` summed by stage; the two summary notebooks count as 'analysis')."""
     measured: dict[str, float] = {}
     for stage, seconds in measured_s.items():
-        measured[plan_stage(stage)] = measured.get(plan_stage(stage), 0.0) + float(seconds)
+        key = plan_stage(stage)
+        measured[key] = measured.get(key, 0.0) + float(seconds)
     rows = [{"stage": s.stage, "planned s": s.seconds, "measured s": measured.get(s.stage),
              "measured / planned": (measured[s.stage] / s.seconds
                                     if s.stage in measured and s.seconds else None)}
