@@ -193,6 +193,8 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
     bar = WorkBar(planned_weights(profile, jobs, workers), desc=f"grid {profile.name}",
                   disable=not progress)
     running: dict[Any, Job] = {}
+    record = _GridRecord(profile, report, every_job,
+                         engine="dask " + (scheduler or f"LocalCluster({workers})"))
 
     def start_ready(client, slots: int) -> None:
         for name, job in list(pending.items()):
@@ -236,28 +238,48 @@ def run_grid(profile: Profile | str, *, workers: int = 1, only: str | None = Non
                     error_file(profile, job).parent.mkdir(parents=True, exist_ok=True)
                     error_file(profile, job).write_text("".join(traceback.format_exception(e)))
                 bar.ran(job.name)
+                record.write(finished=False)
             start_ready(client, slots)
     bar.close()
     report.seconds["total"] = time.perf_counter() - t0
-    record_path = profile.run_root() / GRID_RECORD
-    # Wall seconds of the latest successful execution of every job, across resumed runs (a
-    # resumed run skips finished jobs; their times from earlier runs stay): the book's cost table.
-    # Jobs no longer in the DAG (renamed or removed stages) are dropped.
-    job_seconds = {}
-    if record_path.exists():
-        try:
-            job_seconds = recorded_job_seconds(read_json(record_path))
-        except (CorruptFileError, AttributeError):
-            job_seconds = {}
-    job_seconds.update({k: v for k, v in report.seconds.items() if k in report.ran})
-    job_seconds = {k: v for k, v in job_seconds.items() if k in every_job}
-    write_json(record_path, {"ran": report.ran, "skipped": report.skipped,
-                             "failed": report.failed, "blocked": report.blocked,
-                             "seconds": report.seconds, "job_seconds": job_seconds,
-                             "job_stages": every_job,
-                             "engine": "dask " + (scheduler or f"LocalCluster({workers})"),
-                             "provenance": provenance(profile=profile.name)})
+    record.write(finished=True)
     return report
+
+
+class _GridRecord:
+    """The run's ``grid.json``, rewritten (atomically) after every job and at the end.
+
+    Why after every job: the summary notebooks run inside the grid, as its last jobs, and their
+    cost tables (plan against measured seconds per stage) read this record; written only at the
+    end, a fresh run's book showed no measured time at all, and a resumed one the previous
+    run's. A killed run also keeps the times of the jobs it finished.
+
+    ``job_seconds``: wall seconds of the latest successful execution of every job, across resumed
+    runs (a resumed run skips finished jobs; their times from earlier runs stay). Jobs no longer
+    in the DAG (renamed or removed stages) are dropped. ``finished`` is False while the run goes
+    on (the running summary notebook's own time is not in yet)."""
+
+    def __init__(self, profile: Profile, report: GridReport, every_job: dict[str, str],
+                 engine: str) -> None:
+        self.path = profile.run_root() / GRID_RECORD
+        self.report, self.every_job, self.engine = report, every_job, engine
+        self.earlier: dict[str, float] = {}
+        if self.path.exists():
+            try:
+                self.earlier = recorded_job_seconds(read_json(self.path))
+            except (CorruptFileError, AttributeError):
+                self.earlier = {}
+        self.provenance = provenance(profile=profile.name)
+
+    def write(self, finished: bool) -> None:
+        r = self.report
+        job_seconds = {**self.earlier, **{k: v for k, v in r.seconds.items() if k in r.ran}}
+        job_seconds = {k: v for k, v in job_seconds.items() if k in self.every_job}
+        write_json(self.path, {"finished": finished, "ran": r.ran, "skipped": r.skipped,
+                               "failed": r.failed, "blocked": r.blocked, "seconds": r.seconds,
+                               "job_seconds": job_seconds, "job_stages": self.every_job,
+                               "engine": self.engine,
+                               "provenance": {**self.provenance, "created_unix": time.time()}})
 
 
 def planned_weights(profile: Profile, jobs: dict[str, Job], workers: int) -> dict[str, float]:

@@ -599,7 +599,11 @@ def _work_text(profile: Profile, mode: str, gens_per_sae: int, passes: int) -> d
 
 def plan_vs_measured(p: Plan, measured_s: dict[str, float]) -> pd.DataFrame:
     """The plan's seconds per stage beside a run's measured job seconds per stage (the grid's
-    ``job_seconds`` summed by stage; the two summary notebooks count as 'analysis')."""
+    ``job_seconds`` summed by stage; the two summary notebooks count as 'analysis').
+
+    The last row totals the stages that have a measurement, planned and measured alike, so a
+    book rendered while its own summary stage still runs compares like with like; with no
+    measurement at all it holds the plan's total and no ratio."""
     measured: dict[str, float] = {}
     for stage, seconds in measured_s.items():
         key = plan_stage(stage)
@@ -608,9 +612,13 @@ def plan_vs_measured(p: Plan, measured_s: dict[str, float]) -> pd.DataFrame:
              "measured / planned": (measured[s.stage] / s.seconds
                                     if s.stage in measured and s.seconds else None)}
             for s in p.stages]
-    total_m = sum(measured.get(s.stage, 0.0) for s in p.stages)
-    rows.append({"stage": "all", "planned s": p.seconds, "measured s": total_m,
-                 "measured / planned": total_m / p.seconds if p.seconds else None})
+    seen = [s for s in p.stages if s.stage in measured]
+    total_m = sum(measured[s.stage] for s in seen) if seen else None
+    total_p = sum(s.seconds for s in seen)
+    rows.append({"stage": "all measured stages" if seen else "all",
+                 "planned s": total_p if seen else p.seconds,
+                 "measured s": total_m,
+                 "measured / planned": total_m / total_p if seen and total_p else None})
     return pd.DataFrame(rows)
 
 

@@ -130,6 +130,59 @@ def test_failure_blocks_dependants_only_and_resume_skips_done(tmp_path, monkeypa
     assert not error_file.exists(), "a job that now succeeds leaves no stale traceback"
 
 
+def test_the_summary_notebooks_read_this_runs_job_times(tmp_path, monkeypatch):
+    """grid.json is rewritten after every job, so the analysis notebook (a job of the run,
+    among its last) finds the measured seconds of every job that ran before it; a fresh run's
+    book showed none when the record was written at the end only."""
+    profile = _profile(tmp_path)
+    monkeypatch.setattr(stages.capture, "prepare", lambda p: {})
+    log, seen = tmp_path / "ran.txt", tmp_path / "seen-by-analysis.json"
+
+    def fake_run(profile_, job):
+        if job.name == "analysis":
+            seen.write_text((profile_.run_root() / "grid.json").read_text())
+        with open(log, "a") as f:
+            f.write(job.name + "\n")
+        job.output(profile_).parent.mkdir(parents=True, exist_ok=True)
+        job.output(profile_).write_text("{}")
+
+    monkeypatch.setattr(grid, "run_notebook", fake_run)
+    report = grid.run_grid(profile, progress=False, workers=1)
+    assert report.ok
+    before = log.read_text().split()
+    before = before[:before.index("analysis")]
+    record = json.loads(seen.read_text())
+    assert record["finished"] is False
+    assert sorted(record["job_seconds"]) == sorted(before) and len(before) > 20
+    assert set(record["job_stages"]) == {j.name for j in grid.build_jobs(profile)}
+    final = json.loads((profile.run_root() / "grid.json").read_text())
+    assert final["finished"] is True and sorted(final["job_seconds"]) == sorted(report.ran)
+
+    from saelib import plan, report as book_report
+
+    measured = book_report.grid_seconds(profile).set_index("stage")["seconds"].to_dict()
+    table = plan.plan_vs_measured(plan.build_plan(profile), measured).set_index("stage")
+    assert table["measured s"].notna().sum() >= 5
+    last = table.loc["all measured stages"]
+    assert last["measured s"] == pytest.approx(sum(final["job_seconds"].values()))
+    assert last["measured / planned"] == pytest.approx(last["measured s"] / last["planned s"])
+
+
+def test_plan_against_no_measurement_has_no_ratio():
+    from saelib import plan
+    from saelib.profiles import load_profile
+
+    p = plan.build_plan(load_profile("smoke"))
+    table = plan.plan_vs_measured(p, {}).set_index("stage")
+    assert table["measured s"].isna().all() and table["measured / planned"].isna().all()
+    assert table.loc["all", "planned s"] == pytest.approx(p.seconds)
+    half = plan.plan_vs_measured(p, {"train": 10.0, "observations": 1.0, "analysis": 2.0}).set_index("stage")
+    assert half.loc["analysis", "measured s"] == 3.0, "both summary notebooks count as analysis"
+    planned = half.loc["train", "planned s"] + half.loc["analysis", "planned s"]
+    assert half.loc["all measured stages", "planned s"] == pytest.approx(planned)
+    assert half.loc["all measured stages", "measured s"] == 13.0
+
+
 def test_the_grid_runs_on_a_running_scheduler_by_address(tmp_path, monkeypatch):
     """``--scheduler tcp://…``: the same grid on an already running Dask cluster (here a local
     one; dask-jobqueue's SLURMCluster hands out such an address too)."""
