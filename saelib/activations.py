@@ -336,7 +336,7 @@ class ActivationStore:
         from its mean (BOS dropped) against the median over its tokens after BOS; position 0
         (BOS) is never flagged, being excluded wherever this mask is used."""
         mean_D = self.mean().double()
-        dist_NL = torch.cat([(torch.from_numpy(np.asarray(a)).double() - mean_D).norm(dim=-1)
+        dist_NL = torch.cat([(torch.from_numpy(np.array(a, dtype=np.float64)) - mean_D).norm(dim=-1)
                              for _, a in self.iter_contexts()])
         out_NL = torch.zeros(dist_NL.shape, dtype=torch.bool)
         out_NL[:, 1:] = sinks_by_distance(dist_NL[:, 1:].reshape(-1), multiple).reshape(

@@ -490,6 +490,46 @@ def judge_per_sae_table(record) -> pd.DataFrame:
     return pd.DataFrame(record["per_sae"])[list(cols)].rename(columns=cols)
 
 
+def judge_latents_text(latents: dict) -> str:
+    """The judge stage's AutoInterp comparison in words: both judges' mean detection scores, the
+    LLM's score when it detects from the rules' explanations, what a constant answer scores, and
+    how many of the LLM's answers ignore the text (every window, none, the prompt's example).
+
+    Why the last three: a judge whose detection scores no better than answering "every window"
+    or "none" measures nothing, and its μ cannot rank SAEs; detecting from the other judge's
+    explanation tells a bad explanation from a detection that fails on any explanation."""
+    n = latents["n"]
+    det = latents["detection"]
+    tau = latents["score"]["kendall_tau_b"]
+    lines = [f"{n} latents: mean score {latents['mean_rule_score']:.3f} (rules) vs "
+             f"{latents['mean_llm_score']:.3f} (LLM); τ_b of the scores "
+             f"{float('nan') if tau is None else tau:+.3f} (n {latents['score']['n']}); per-window "
+             f"calls: exact {det['exact_match']:.3f}, κ {det['kappa']:.3f} over {det['n_windows']} windows."]
+    if "constant_answer_score" not in latents:  # a record of schema 1
+        return lines[0]
+    const = latents["constant_answer_score"]
+    best = max(const.values())
+    given = latents["mean_llm_score_given_rule_explanation"]
+    lines.append(f"The LLM detecting from the rules' explanations: {given:.3f}. A constant answer "
+                 f"scores {const['every_window']:.3f} (every window fires) or "
+                 f"{const['no_window']:.3f} (none fires).")
+    kinds = latents["answers"]
+    for key, label in (("llm", "its own explanations"),
+                       ("llm_given_rule_explanation", "the rules' explanations")):
+        k = kinds[key]
+        lines.append(f"LLM answers from {label} that ignore the text: {k['every_window']} name "
+                     f"every window, {k['no_window']} none, {k['the_prompts_example']} exactly "
+                     f"the prompt's example (of {n}).")
+    if max(latents["mean_llm_score"], given) <= best:
+        lines.append(f"The LLM's detection scores no better than the better constant answer "
+                     f"({best:.3f}) from either explanation: as a detector it measures nothing "
+                     f"here, and its μ cannot rank the SAEs.")
+    elif latents["mean_llm_score"] <= best < given:
+        lines.append("The LLM detects better from the rules' explanations than from its own: its "
+                     "explanations are the weak link.")
+    return "\n".join(lines)
+
+
 def g_intervals(profile, *, n_resamples: int = 9999, level: float = 0.95) -> pd.DataFrame:
     """Each SAE's g(θ) with a bootstrap interval over its concepts (:func:`saelib.power.g_interval`)
     and the standard error of that mean (sd of the concept scores / sqrt(C)); one row per SAE that

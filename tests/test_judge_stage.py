@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import yaml
 
-from saelib import stages
+from saelib import report, stages
 from saelib.profiles import PARAMS_DIR, profile_from_dict
 from saelib.stages import judge
 from saelib.stages.layout import SAEJob
@@ -138,8 +138,8 @@ def test_latents_are_rescored_on_the_stored_windows_against_the_stored_truth(tmp
                                     name="smoke")
         window = {"token_ids": [1, 2, 3], "acts": [0.0, 5.0, 0.0]}
         truth = [False, True, False, False, True, False, True, True]  # 2, 5, 7 right; 8 missed
-        for job in stages.sae_jobs(profile)[:3]:
-            rows = [{"latent": lat, "max_act": 5.0, "explanation": "rule words", "score": 0.5,
+        for k, job in enumerate(stages.sae_jobs(profile)[:3]):
+            rows = [{"latent": lat, "max_act": 5.0, "explanation": f"rule words {k} {lat}", "score": 0.5,
                      "in_concept100": True, "predictions": [0], "truth": truth,
                      "explain_windows": [window] * 3, "score_windows": [window] * len(truth)}
                     for lat in (10, 20)]
@@ -151,7 +151,51 @@ def test_latents_are_rescored_on_the_stored_windows_against_the_stored_truth(tmp
             assert it["llm_predictions"] == [1, 4, 6]
             assert it["llm_score"] == pytest.approx(7 / 8) and it["rule_score"] == 0.5
             assert it["llm_explanation"] == "words about cats and dogs"
-        assert record["latents"]["detection"]["n_windows"] == 16
+            assert it["llm_predictions_given_rule_explanation"] == [1, 4, 6]
+        lat = record["latents"]
+        assert lat["detection"]["n_windows"] == 16
+        assert lat["mean_llm_score_given_rule_explanation"] == pytest.approx(7 / 8)
+        # the server always answers "2, 5, 7", the prompt's own example: counted as such
+        assert lat["answers"]["llm"] == {"every_window": 0, "no_window": 0, "the_prompts_example": 2}
+        assert lat["answers"]["llm_given_rule_explanation"]["the_prompts_example"] == 2
+        assert lat["answers"]["rule"] == {"every_window": 0, "no_window": 0, "the_prompts_example": 0}
+        assert lat["constant_answer_score"] == {"every_window": 0.5, "no_window": 0.5}
+        detect = [m for m in server.requests if "numbered text excerpts" in json.dumps(m)]
+        assert sum("rule words" in json.dumps(m) for m in detect) == 2, "one per latent from the rule explanation"
+        assert sum("cats and dogs" in json.dumps(m) for m in detect) == 1, "the same request is asked once"
         assert all(p["mu_llm"] == pytest.approx(7 / 8) for p in record["per_sae"])
     finally:
         server.close()
+
+
+def test_answers_that_ignore_the_text_are_counted_by_kind():
+    """Every window, none, or exactly the prompt's example ("2, 5, 7" → indices 1, 4, 6; with 4
+    windows "2" → index 1); any other answer is none of these."""
+    items = [{"truth": [True] * 8, "p": list(range(8))}, {"truth": [False] * 8, "p": []},
+             {"truth": [True] * 8, "p": [6, 4, 1]}, {"truth": [True] * 4, "p": [1]},
+             {"truth": [True] * 8, "p": [1, 4]}]
+    assert judge.answer_kinds(items, "p") == {"every_window": 1, "no_window": 1, "the_prompts_example": 2}
+
+
+def _latents(llm: float, given_rule: float, fired: float = 0.4) -> dict:
+    kinds = {"every_window": 3, "no_window": 2, "the_prompts_example": 1}
+    return {"n": 10, "mean_rule_score": 0.66, "mean_llm_score": llm,
+            "mean_llm_score_given_rule_explanation": given_rule,
+            "constant_answer_score": {"every_window": fired, "no_window": 1 - fired},
+            "answers": {"rule": kinds, "llm": kinds, "llm_given_rule_explanation": kinds},
+            "score": {"kendall_tau_b": 0.1, "n": 10},
+            "detection": {"exact_match": 0.5, "kappa": 0.0, "n_windows": 140}}
+
+
+def test_the_latents_text_says_when_the_llm_detects_no_better_than_a_constant_answer():
+    text = report.judge_latents_text(_latents(0.50, 0.53))
+    assert "none fires" in text and "0.600" in text
+    assert "3 name every window, 2 none, 1 exactly the prompt's example (of 10)" in text
+    assert "measures nothing" in text
+    weak = report.judge_latents_text(_latents(0.55, 0.75))
+    assert "measures nothing" not in weak and "its explanations are the weak link" in weak
+    good = report.judge_latents_text(_latents(0.80, 0.85))
+    assert "measures nothing" not in good and "weak link" not in good
+    old = {k: v for k, v in _latents(0.5, 0.5).items()
+           if k not in ("constant_answer_score", "answers", "mean_llm_score_given_rule_explanation")}
+    assert report.judge_latents_text(old).startswith("10 latents: mean score 0.660 (rules) vs 0.500")

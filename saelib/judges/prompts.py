@@ -142,16 +142,21 @@ def explain_messages(windows: Sequence[MarkedWindow]) -> Messages:
     ]
 
 
-def detect_messages(explanation: str, windows: Sequence[MarkedWindow]) -> Messages:
-    """The detection request: windows in the order given (the caller shuffles), unmarked.
+def detection_example(n_windows: int) -> list[int]:
+    """The window numbers (1-based) of the example answer in the detection prompt: fixed ("2, 5,
+    7", those not above ``n_windows``) rather than random as in SAEBench, so that the request, and
+    therefore the cache key, is deterministic. A judge that answers with exactly these numbers has
+    likely copied the example (the judge stage counts such answers)."""
+    return [i for i in (2, 5, 7) if i <= n_windows] or [1]
 
-    The example answer in the system prompt is fixed ("2, 5, 7" style numbers below n) rather than
-    random as in SAEBench, so that the request, and therefore the cache key, is deterministic.
-    """
+
+def detect_messages(explanation: str, windows: Sequence[MarkedWindow]) -> Messages:
+    """The detection request: windows in the order given (the caller shuffles), unmarked, with
+    :func:`detection_example` as the example answer."""
     if not windows:
         raise ValueError("detect needs at least one window, got none")
     n = len(windows)
-    example = ", ".join(str(i) for i in (2, 5, 7) if i <= n) or "1"
+    example = ", ".join(str(i) for i in detection_example(n))
     docs = "\n".join(f"{i + 1}. {window_text(w, mark=False)}" for i, w in enumerate(windows))
     return [
         {"role": "system", "content": DETECT_SYSTEM.format(n=n, example=example)},

@@ -10,7 +10,10 @@ Qwen2.5-Coder-1.5B through llama.cpp) on
   generations of every SAE, spread evenly over the factors, up to ``n_generations``;
 * **AutoInterp latents** with SAEBench's explanation and detection prompts: ``n_latents`` CONCEPT100
   latents of the same SAEs, on the windows the interp stage stored (explanation windows marked,
-  detection windows in the stored order, scored against the stored truth).
+  detection windows in the stored order, scored against the stored truth). The LLM also detects
+  from the rule judge's explanation of each latent, which tells an explanation that misleads its
+  detection from a detection that fails on any explanation; and its answers that name every
+  window, none, or exactly the prompt's example are counted (a small model copies the example).
 
 It records agreement per rating kind (exact match, weighted κ, Kendall τ_b, confusion matrix),
 agreement on the latents' scores, and for each chosen SAE μ and g under both judges with their rank
@@ -52,6 +55,8 @@ CACHE = "judge-cache"
 @dataclass(frozen=True)
 class JudgeRecord(Record):
     """``judge.json``: what was sampled, both judges' verdicts on it, agreement and cost."""
+
+    SCHEMA = 2  # 2: latents carry the LLM's detection from the rule explanation, answer kinds
 
     judge_a: str
     judge_b: str
@@ -300,7 +305,8 @@ def _rate(llm, sample: Sequence[dict[str, Any]], cost: _Cost, progress: bool) ->
 def _judge_latents(profile: Profile, llm, rows: Sequence[dict[str, Any]], cost: _Cost,
                    progress: bool) -> list[dict[str, Any]]:
     """The LLM explains each latent from its stored marked windows and detects on its stored
-    detection windows; the score is the fraction of windows it calls right (protocol §3)."""
+    detection windows; the score is the fraction of windows it calls right (protocol §3). It
+    also detects from the rule judge's explanation (``llm_score_given_rule_explanation``)."""
     if not rows:
         return []
     from transformers import AutoTokenizer  # lazily: only when latents are judged
@@ -319,14 +325,19 @@ def _judge_latents(profile: Profile, llm, rows: Sequence[dict[str, Any]], cost: 
 
         with cost.on(r["sae"]):
             explanation = llm.explain(_windows(r["explain_windows"], decode, mark, float(r["max_act"])))
-            predicted = set(llm.detect(explanation, _windows(r["score_windows"], decode, None, 0.0)))
+            score_windows = _windows(r["score_windows"], decode, None, 0.0)
+            predicted, given_rule = (set(p) for p in llm.detect_many(
+                [(explanation, score_windows), (r["explanation"], score_windows)]))
         truth = [bool(t) for t in r["truth"]]
         items.append({"sae": r["sae"], "latent": r["latent"],
                       "rule_explanation": r["explanation"], "llm_explanation": explanation,
                       "rule_score": float(r["score"]),
-                      "llm_score": sum((i in predicted) == t for i, t in enumerate(truth)) / len(truth),
+                      "llm_score": _detection_score(predicted, truth),
                       "rule_predictions": list(r["predictions"]),
-                      "llm_predictions": sorted(predicted), "truth": truth})
+                      "llm_predictions": sorted(predicted),
+                      "llm_score_given_rule_explanation": _detection_score(given_rule, truth),
+                      "llm_predictions_given_rule_explanation": sorted(given_rule),
+                      "truth": truth})
     return items
 
 
@@ -442,8 +453,30 @@ def _hm_agreement(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
             "both_positive": int(sum(x > 0 and y > 0 for x, y in zip(a, b))), **_rank(a, b)}
 
 
+def _detection_score(predicted: set[int], truth: Sequence[bool]) -> float:
+    """The fraction of detection windows called right (protocol §3)."""
+    return sum((i in predicted) == t for i, t in enumerate(truth)) / len(truth)
+
+
+def answer_kinds(items: Sequence[dict[str, Any]], key: str) -> dict[str, int]:
+    """How many detection answers (``items[i][key]``, 0-based window indices) name every window,
+    none, or exactly the prompt's example (:func:`~saelib.judges.prompts.detection_example`):
+    answers that ignore the text, whatever the explanation."""
+    from ..judges.prompts import detection_example
+
+    out = {"every_window": 0, "no_window": 0, "the_prompts_example": 0}
+    for it in items:
+        n, got = len(it["truth"]), sorted(set(it[key]))
+        out["every_window"] += int(len(got) == n)
+        out["no_window"] += int(not got)
+        out["the_prompts_example"] += int(got == [i - 1 for i in detection_example(n)])
+    return out
+
+
 def _latent_agreement(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Scores and per-window detections of the two judges on the same latents."""
+    """Scores and per-window detections of the two judges on the same latents; the LLM's score
+    when it detects from the rule explanation; the kinds of answer that ignore the text; and
+    what a constant answer scores (every window fires, or none)."""
     if not items:
         return {"n": 0}
     rule = [it["rule_score"] for it in items]
@@ -451,8 +484,18 @@ def _latent_agreement(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     calls_a = [int(i in set(it["rule_predictions"])) for it in items for i in range(len(it["truth"]))]
     calls_b = [int(i in set(it["llm_predictions"])) for it in items for i in range(len(it["truth"]))]
     windows = agreement_on(calls_a, calls_b, "detection")
+    fired = [float(np.mean(it["truth"])) for it in items]
     return {"n": len(items), "mean_rule_score": float(np.mean(rule)),
-            "mean_llm_score": float(np.mean(llm)), "score": _rank(rule, llm),
+            "mean_llm_score": float(np.mean(llm)),
+            "mean_llm_score_given_rule_explanation":
+                float(np.mean([it["llm_score_given_rule_explanation"] for it in items])),
+            "constant_answer_score": {"every_window": float(np.mean(fired)),
+                                      "no_window": float(1 - np.mean(fired))},
+            "answers": {"rule": answer_kinds(items, "rule_predictions"),
+                        "llm": answer_kinds(items, "llm_predictions"),
+                        "llm_given_rule_explanation":
+                            answer_kinds(items, "llm_predictions_given_rule_explanation")},
+            "score": _rank(rule, llm),
             "detection": {"n_windows": windows.n, "exact_match": windows.exact_match,
                           "kappa": windows.weighted_kappa,
                           "confusion": [row[:2] for row in windows.confusion[:2]]}}
