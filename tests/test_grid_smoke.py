@@ -117,7 +117,11 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     assert not list(executed_dir(profile).rglob("*.error.txt"))
     assert repo_grid_record_state() == untouched  # nothing was written to the repository's runs/
     grid_record = json.loads((root / "grid.json").read_text())
-    assert grid_record["failed"] == {}
+    assert grid_record["failed"] == {} and grid_record["finished"] is True
+    # grid.json is rewritten after every job, so a fresh run's summary sees this run's times
+    first_analysis = nbformat.read({j.name: j for j in jobs}["analysis"].output(profile), as_version=4)
+    outputs = json.dumps([c.get("outputs", []) for c in first_analysis.cells])
+    assert "all measured stages" in outputs, "the plan's table shows no measured stage"
 
     # The grid ran the per-SAE notebooks on warm kernels (saelib.warm); on a fresh kernel, one
     # SAE's AutoInterp and steering notebooks write the same bytes (the unsteered answers, shared
@@ -169,7 +173,8 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
         assert sum(map(sum, conf)) == judged["n_generations"], kind
     assert {p["sae"] for p in judged["per_sae"]} == set(judged["saes"]) and len(judged["saes"]) == 2
     judge_html = (index.parent / "book" / "executed" / "judge" / "judge.html").read_text()
-    for heading in ("Judge agreement", "μ and g under both judges", "Apache-2.0"):
+    for heading in ("Judge agreement", "μ and g under both judges", "Apache-2.0",
+                    "A constant answer scores"):
         assert heading in judge_html, heading
     analysis_html = summary.read_text()
     for heading in ("Appendix: costs and runtimes", "Appendix: the cost plan", "Appendix: parameter shapes",
