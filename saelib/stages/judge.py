@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ..judges.agreement import JudgeAgreementConfig, agreement_on, judge_agreement
 from ..judges.base import MarkedWindow, RatingItem, Ratings
 from ..judges.factory import make_judge
+from ..judges.prompts import detection_example
 from ..models import resolve_hf_source
 from ..profiles import Profile
 from ..results import CorruptFileError, provenance, read_json, read_jsonl, write_json
@@ -462,8 +463,6 @@ def answer_kinds(items: Sequence[dict[str, Any]], key: str) -> dict[str, int]:
     """How many detection answers (``items[i][key]``, 0-based window indices) name every window,
     none, or exactly the prompt's example (:func:`~saelib.judges.prompts.detection_example`):
     answers that ignore the text, whatever the explanation."""
-    from ..judges.prompts import detection_example
-
     out = {"every_window": 0, "no_window": 0, "the_prompts_example": 0}
     for it in items:
         n, got = len(it["truth"]), sorted(set(it[key]))
