@@ -280,12 +280,19 @@ def score_latent(lw: LatentWindows, judge: Judge, decode: Callable[[int], str],
     if n_bad:
         note = "; ".join(filter(None, [note, f"{n_bad} invalid prediction(s) ignored"]))
     truth = tuple(is_active(w, lw.max_act, config.mark_threshold) for w in score_ws)
-    pred_set = set(predictions)
-    correct = sum((i in pred_set) == t for i, t in enumerate(truth))
     return LatentRecord(latent=lw.latent, max_act=lw.max_act, explain_windows=tuple(explain_ws),
                         score_windows=tuple(score_ws), explanation=explanation,
                         predictions=tuple(predictions), truth=truth,
-                        score=correct / len(score_ws), in_concept100=in_concept100, note=note)
+                        score=detection_score(predictions, truth), in_concept100=in_concept100,
+                        note=note)
+
+
+def detection_score(predicted: Sequence[int], truth: Sequence[bool]) -> float:
+    """The detection score (protocol §3): the fraction of detection windows called right, a
+    window predicted (its index in ``predicted``) being right when it fires and an unpredicted one
+    when it does not."""
+    chosen = set(predicted)
+    return sum((i in chosen) == t for i, t in enumerate(truth)) / len(truth)
 
 
 def _is_index(i: Any, n: int) -> bool:

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..evals.autointerp import detection_score
 from ..judges.agreement import JudgeAgreementConfig, agreement_on, judge_agreement
 from ..judges.base import MarkedWindow, RatingItem, Ratings
 from ..judges.factory import make_judge
@@ -333,10 +334,10 @@ def _judge_latents(profile: Profile, llm, rows: Sequence[dict[str, Any]], cost: 
         items.append({"sae": r["sae"], "latent": r["latent"],
                       "rule_explanation": r["explanation"], "llm_explanation": explanation,
                       "rule_score": float(r["score"]),
-                      "llm_score": _detection_score(predicted, truth),
+                      "llm_score": detection_score(predicted, truth),
                       "rule_predictions": list(r["predictions"]),
                       "llm_predictions": sorted(predicted),
-                      "llm_score_given_rule_explanation": _detection_score(given_rule, truth),
+                      "llm_score_given_rule_explanation": detection_score(given_rule, truth),
                       "llm_predictions_given_rule_explanation": sorted(given_rule),
                       "truth": truth})
     return items
@@ -452,11 +453,6 @@ def _hm_agreement(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
             "mean_b": float(np.mean(b)) if b else None,
             "both_zero": int(sum(x == 0 and y == 0 for x, y in zip(a, b))),
             "both_positive": int(sum(x > 0 and y > 0 for x, y in zip(a, b))), **_rank(a, b)}
-
-
-def _detection_score(predicted: set[int], truth: Sequence[bool]) -> float:
-    """The fraction of detection windows called right (protocol §3)."""
-    return sum((i in predicted) == t for i, t in enumerate(truth)) / len(truth)
 
 
 def answer_kinds(items: Sequence[dict[str, Any]], key: str) -> dict[str, int]:
