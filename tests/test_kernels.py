@@ -244,3 +244,56 @@ def test_latent_topk_triton_larger_k_and_many_tiles():
     interpreter."""
     acts_NF = torch.randn(300, 40, generator=torch.Generator().manual_seed(9))
     _check_latent_topk(acts_NF, 33, [128, 172], backend="triton")
+
+
+# The compiled Triton kernels on a GPU (``bench/device_check.sh`` runs these with
+# TRITON_INTERPRET=0); skipped on machines without CUDA, where the interpreted tests above run the
+# same kernels. Sizes: the awkward ones above, and the paper's (batch 2,048, width 16,384,
+# d_model 2,304, k = 50 and 820). float32 against the float64 reference: each output sums at most
+# k products, so the tolerance grows with it.
+needs_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and triton_available()
+         and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="compiled Triton kernels need a CUDA device and TRITON_INTERPRET=0",
+)
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,K,F,D", DECODE_SIZES + [(2048, 50, 16384, 2304), (256, 820, 16384, 2304)])
+def test_sparse_decode_triton_on_cuda_matches_float64_dense(B, K, F, D):
+    case = _decode_case(B, K, F, D, seed=B + K + F)
+    ref = _grads(_dense_reference, *case, dtype=torch.float64)
+    cuda = [t.cuda() for t in case]
+    got = _grads(lambda *a: sparse_decode(*a, backend="triton"), *cuda, dtype=torch.float32)
+    tol = dict(atol=1e-5 * max(1, K) ** 0.5 * 10, rtol=1e-4)
+    for name, r, x in zip(["x", "grad_vals", "grad_W_dec", "grad_b_dec"], ref, got):
+        torch.testing.assert_close(x.cpu(), r, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("N,F,k,chunks", [(40, 11, 3, [17, 23]), (300, 40, 33, [128, 172]),
+                                          (8192, 16384, 252, [4096, 4096])])
+def test_latent_topk_triton_on_cuda_streams_like_a_global_topk(N, F, k, chunks):
+    acts_NF = torch.randn(N, F, generator=torch.Generator().manual_seed(N + F + k))
+    table = LatentTopK(F, k, device=torch.device("cuda"), backend="triton")
+    start = 0
+    for size in chunks:
+        table.update(acts_NF[start:start + size].cuda())
+        start += size
+    res = table.result()
+    ref_vals, ref_rows = torch.topk(acts_NF.double(), min(k, N), dim=0)
+    torch.testing.assert_close(res.vals_KF[:min(k, N)].double().cpu(), ref_vals, **TOL)
+    assert torch.equal(res.pos_KF[:min(k, N)].cpu(), ref_rows)
+
+
+@needs_cuda
+def test_topk_encodes_on_cuda_give_the_cpu_codes():
+    """Same codes as on the CPU, compared densely (``topk(sorted=False)`` orders rows freely)."""
+    pre_BF = torch.randn(512, 16384, generator=torch.Generator().manual_seed(1))
+
+    def dense(c, F=16384):
+        return torch.zeros(c.idx_BK.shape[0], F, dtype=c.vals_BK.dtype, device=c.vals_BK.device
+                           ).scatter_add(1, c.idx_BK.long(), c.vals_BK).cpu()
+
+    for fn in (lambda p: topk_encode(p, 50), lambda p: batch_topk_encode(p, 50)):
+        torch.testing.assert_close(dense(fn(pre_BF.cuda())), dense(fn(pre_BF)))

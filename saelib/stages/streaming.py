@@ -123,7 +123,10 @@ class _Cell:
         return better
 
 
-def _cell(profile: Profile, job: SAEJob, replay: list[dict[str, Any]]) -> _Cell:
+def new_cell(profile: Profile, job: SAEJob, replay: list[dict[str, Any]] = ()) -> _Cell:
+    """The grid cell's search as the stream trains it: the knob of its first (or next) training
+    and the L0 its controller steers to, after ``replay``'s probes (an interrupted run's). Also
+    what ``bench/gpu_scale.py`` trains, so a GPU's measured rate is this stage's."""
     spec = get_arch(job.arch)
     target = float(profile.grid.targets[job.level])
     method = train.sparsity_method(profile, job)
@@ -169,7 +172,7 @@ def run(profile: Profile, model: str, tl, progress: bool = False) -> dict[str, A
     # there trains one SAE): a killed stream resumes from the last of them.
     cfg = replace(cfg, checkpoint_every=cfg.checkpoint_every
                   or max(1, total // cfg.batch_size // CHECKPOINTS_PER_PROBE))
-    cells = [_cell(profile, j, state["probes"].get(j.name, [])) for j in jobs]
+    cells = [new_cell(profile, j, state["probes"].get(j.name, [])) for j in jobs]
     while True:
         active = [c for c in cells if c.next_knob is not None]
         if not active:
