@@ -44,7 +44,7 @@ step "2. bench/sae_kernels.py"
 timeout 120 python3 bench/sae_kernels.py --repeats 5 2>&1 | tee "$OUT/sae_kernels.txt"
 
 step "3. the streaming trainer on CUDA, tiny size"
-timeout 60 python3 bench/gpu_scale.py --tiny --device cuda --seconds 5 --warmup-steps 2 \
+timeout 90 python3 bench/gpu_scale.py --tiny --device cuda --seconds 5 --warmup-steps 2 \
   --out "$OUT/gpu_scale_tiny.json" 2>&1 | grep -v Deprecat | tail -8
 
 step "4. bench/gpu_scale.py (Gemma-2-2B shape, 30 SAEs, width 16,384)"
