@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         cfg = dataclasses.replace(cfg, batch_size=TINY_BATCH, dtype="float32")
         width, context = TINY_WIDTH, TINY_CONTEXT
-    model_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    model_dtype = torch.float32 if args.tiny else getattr(torch, profile.capture.dtype)
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
     hw_name = args.hardware or _hardware_class(gpu)
     hwd = plan.hardware(hw_name)
@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
                         for j in sae_jobs(profile) if j.model == entry.name)
     train_tokens = profile.corpus.train_tokens
     measured_h = train_tokens / stream_tps / 3600
-    plan_h = train_tokens * (fwd_flops_tok / hwd.forward + sae_flops_tok / hwd.train) / 3600
+    fwd_rate = hwd.at(hwd.forward, profile.capture.dtype)
+    plan_h = train_tokens * (fwd_flops_tok / fwd_rate + sae_flops_tok / hwd.train) / 3600
     out = {
         "profile": profile.name, "model": entry.name, "layer": layer, "blocks_of": full_layers,
         "device": gpu or device, "tiny": args.tiny, "width": width, "batch": cfg.batch_size,

@@ -63,6 +63,12 @@ class ActivationError(RuntimeError):
     """Non-finite activations or an unusable cache."""
 
 
+def model_dtype_name(tl) -> str:
+    """The dtype the model computes in (``float32``, ``bfloat16``), as a capture's manifest
+    records it (the key is left out for float32, which every earlier manifest is)."""
+    return str(next(tl.parameters()).dtype).removeprefix("torch.")
+
+
 def residual_at(tl, tokens_BL: torch.Tensor, layer: int) -> torch.Tensor:
     """Residual stream after block ``layer`` (``blocks.{layer}.hook_resid_post``), computing no
     later block: ``stop_at_layer=layer + 1`` returns exactly that tensor."""
@@ -85,10 +91,14 @@ def capture(tl, tokens_NL: np.ndarray, layer: int, out_dir: str | Path, *, batch
     tokens_sha = array_sha(tokens_NL)
     manifest_path = out_dir / MANIFEST
     manifest = read_json(manifest_path) if manifest_path.exists() else None
+    model_dtype = model_dtype_name(tl)
     header = {"layer": layer, "hook": f"blocks.{layer}.hook_resid_post", "n_contexts": n_ctx,
               "context": ctx_len, "d_model": int(tl.cfg.d_model), "contexts_per_shard": per_shard,
               "tokens_sha256": tokens_sha, "dtype": "float32", **(meta or {})}
-    if manifest is None or {k: manifest.get(k) for k in header} != header:
+    if model_dtype != "float32":  # a float32 capture's manifest predates the key
+        header["model_dtype"] = model_dtype
+    if (manifest is None or {k: manifest.get(k) for k in header} != header
+            or manifest.get("model_dtype", "float32") != model_dtype):
         manifest = {**header, "shards": [], "complete": False}
     good = []
     for entry in manifest["shards"]:

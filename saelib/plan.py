@@ -166,6 +166,16 @@ class Hardware:
     select: float = 0.0
     warm_job_overhead_s: float | None = None
     source: str = ""
+    #: the model's arithmetic in another dtype than the rates above are measured or assumed in:
+    #: the GPUs' rates are bfloat16's, and float32 (no TF32: torch's default for matmuls) runs
+    #: at the FP32 peak's share of it; the CPU's are float32's, and bfloat16 runs ~7x slower on
+    #: CPUs without bfloat16 units (offline-data). Applies to ``forward``, ``encode`` and
+    #: ``select`` (:meth:`at`); training's bfloat16 is autocast, its rate is ``train``'s.
+    dtype_gain: Mapping[str, float] | None = None
+
+    def at(self, rate: float, dtype: str) -> float:
+        """``rate`` (one of this class's FLOP/s) for arithmetic in ``dtype``."""
+        return rate * (self.dtype_gain or {}).get(dtype, 1.0)
 
     @property
     def sae_job_overhead_s(self) -> float:
@@ -180,11 +190,13 @@ class Hardware:
 _GPU_UTIL = {"forward": 0.45, "train": 0.35, "encode": 0.35, "decode": 0.30}
 
 
-def _gpu(name: str, peak: float, bandwidth: float, memory: float, source: str) -> Hardware:
+def _gpu(name: str, peak: float, fp32_peak: float, bandwidth: float, memory: float,
+         source: str) -> Hardware:
     return Hardware(name, forward=peak * _GPU_UTIL["forward"], train=peak * _GPU_UTIL["train"],
                     encode=peak * _GPU_UTIL["encode"], decode=peak * _GPU_UTIL["decode"],
                     score=peak * _GPU_UTIL["forward"], bandwidth=bandwidth * 0.6, memory=memory,
-                    job_overhead_s=30.0, per_latent_s=0.005, rule_item_s=0.002, source=source)
+                    job_overhead_s=30.0, per_latent_s=0.005, rule_item_s=0.002, source=source,
+                    dtype_gain={"float32": fp32_peak / peak})
 
 
 HARDWARE: dict[str, Hardware] = {h.name: h for h in (
@@ -227,11 +239,14 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
              per_latent_s=0.0128,
              llm_call_s={"rating": 1.87, "explanation": 12.8, "detection": 10.8},
              all_cores_gain=1.70, bf16_decode_gain=1.51, score=64e9, bf16_score_gain=1.64,
-             rule_item_s=0.037, select=46e9,
+             rule_item_s=0.037, select=46e9, dtype_gain={"bfloat16": 1 / 7},
              source="measured on this project's 2-core machine (bench/RESULTS.md)"),
-    _gpu("A800", 312e12, 2.0e12, 80e9, "NVIDIA A800/A100 80GB: 312 TFLOP/s bf16 dense, 2.0 TB/s"),
-    _gpu("H100", 989e12, 3.35e12, 80e9, "NVIDIA H100 SXM: 989 TFLOP/s bf16 dense, 3.35 TB/s"),
-    _gpu("H200", 989e12, 4.8e12, 141e9, "NVIDIA H200: 989 TFLOP/s bf16 dense, 4.8 TB/s"),
+    _gpu("A800", 312e12, 19.5e12, 2.0e12, 80e9,
+         "NVIDIA A800/A100 80GB: 312 TFLOP/s bf16 dense, 19.5 FP32, 2.0 TB/s"),
+    _gpu("H100", 989e12, 67e12, 3.35e12, 80e9,
+         "NVIDIA H100 SXM: 989 TFLOP/s bf16 dense, 67 FP32, 3.35 TB/s"),
+    _gpu("H200", 989e12, 67e12, 4.8e12, 141e9,
+         "NVIDIA H200: 989 TFLOP/s bf16 dense, 67 FP32, 4.8 TB/s"),
 )}
 
 
@@ -391,6 +406,9 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
                 row[key] = row.get(key, 0.0) + val
 
     dtype_bytes = 2 if getattr(train_cfg, "dtype", "float32") == "bfloat16" else 4
+    # the capture's model computes in the profile's capture.dtype; the per-SAE stages' in float32
+    cap_dtype = profile.capture.dtype
+    fwd32 = hwd.at(hwd.forward, "float32")
     passes = 1  # the most passes of the model over a training split (streaming: one per round)
     gens_per_sae = steer.answers_per_sae()
     for entry in profile.models:
@@ -414,7 +432,8 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         cap_tokens += probe_tokens + absorb_tokens
         cap_flops = _forward_flops(shape, cap_tokens, blocks)
         add("capture", jobs=1, model_tokens=cap_tokens, flops=cap_flops,
-            seconds=cap_flops / (hwd.forward * hwd.all_cores_gain) + hwd.job_overhead_s,
+            seconds=cap_flops / (hwd.at(hwd.forward, cap_dtype) * hwd.all_cores_gain)
+            + hwd.job_overhead_s,
             peak_memory=model_bytes + profile.capture.shard_tokens * d * 4,
             disk_peak=cap_bytes, disk_final=cap_bytes)
 
@@ -444,15 +463,16 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
             # the capture job trains every SAE from the stream; the train jobs only measure them
             fwd = _forward_flops(shape, corpus.train_tokens * rounds, blocks)
             add("capture", model_tokens=corpus.train_tokens * rounds, flops=train_flops + fwd,
-                seconds=(train_flops / hwd.train + fwd / hwd.forward) / hwd.all_cores_gain,
+                seconds=(train_flops / hwd.train + fwd / hwd.at(hwd.forward, cap_dtype))
+                / hwd.all_cores_gain,
                 peak_memory=model_bytes + saes_per_model * (per_sae_state + batch_acts),
                 disk_peak=eval_bytes + saes_bytes * 3, disk_final=saes_bytes)
             add("train", jobs=saes_per_model, flops=lm_flops,
-                seconds=lm_flops / hwd.forward + hwd.sae_job_overhead_s * saes_per_model,
+                seconds=lm_flops / fwd32 + hwd.sae_job_overhead_s * saes_per_model,
                 peak_memory=model_bytes)
         else:
             add("train", jobs=saes_per_model, model_tokens=0.0, flops=train_flops + lm_flops,
-                seconds=(train_flops / hwd.train + lm_flops / hwd.forward
+                seconds=(train_flops / hwd.train + lm_flops / fwd32
                          + saes_per_model * hwd.sae_job_overhead_s),
                 peak_memory=model_bytes + per_sae_state + batch_acts,
                 disk_peak=cache_bytes + saes_bytes + max(sae_bytes.values()) * 3,
@@ -466,7 +486,7 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         t_out = saes_per_model * n_latents * (JUDGE_TOKENS["explanation"][1] + JUDGE_TOKENS["detection"][1])
         judge_s = _judge_seconds(judge.backend, hwd, explanation=calls / 2, detection=calls / 2)
         add("interp", jobs=saes_per_model, flops=enc_flops,
-            seconds=(enc_flops / hwd.encode + saes_per_model * n_latents * hwd.per_latent_s
+            seconds=(enc_flops / hwd.at(hwd.encode, "float32") + saes_per_model * n_latents * hwd.per_latent_s
                      + judge_s + saes_per_model * hwd.sae_job_overhead_s),
             peak_memory=max(sae_bytes.values()) + INTERP_CHUNK * corpus.context * (d + width) * 4,
             judge_calls=calls, judge_tokens_in=t_in, judge_tokens_out=t_out)
@@ -500,7 +520,7 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         add("selection", jobs=saes_per_model,
             model_tokens=score_tokens + sel["tokens"] + sel_rule["tokens"],
             flops=score_flops + sel["flops"] + sel_rule["flops"],
-            seconds=(score_flops / (hwd.select or hwd.forward) + sel["seconds"]
+            seconds=(score_flops / hwd.at(hwd.select or hwd.forward, "float32") + sel["seconds"]
                      + sel_rule["seconds"] + _judge_seconds(judge.backend, hwd, rating=sel_calls)
                      + saes_per_model * hwd.sae_job_overhead_s),
             peak_memory=model_bytes + sel["kv_bytes"],

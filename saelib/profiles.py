@@ -112,14 +112,25 @@ class CorpusConfig:
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    """Activation capture: batch size (contexts per forward) and shard size (tokens per file)."""
+    """Activation capture: batch size (contexts per forward), shard size (tokens per file) and
+    the language model's dtype for the capture and for streaming training's forward.
+
+    ``dtype``: the residual is stored and trained on as float32 either way; what changes is the
+    arithmetic of the model's forward. ``bfloat16`` on GPUs, where a float32 forward runs at the
+    FP32 rate (an H100's 67 TFLOP/s beside its 989 in bfloat16: the paper profiles, whose capture
+    streams 5·10⁸ tokens); ``float32`` on CPUs without bfloat16 units, where bfloat16 is ~7x slower
+    (offline-data). The per-SAE stages load the model in float32.
+    """
 
     batch_size: int = 8
     shard_tokens: int = 65_536
+    dtype: str = "float32"
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.shard_tokens < 1:
             raise ProfileError("capture.batch_size and capture.shard_tokens must be >= 1")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ProfileError(f"capture.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
 
 
 #: How a calibrated knob is found (:class:`GridConfig`'s ``calibrate_by``).

@@ -40,7 +40,7 @@ def reference(tl, tokens) -> np.ndarray:
     with torch.no_grad():
         _, cache = tl.run_with_cache(torch.as_tensor(tokens, dtype=torch.long),
                                      names_filter=f"blocks.{LAYER}.hook_resid_post")
-    return cache[f"blocks.{LAYER}.hook_resid_post"].numpy()
+    return cache[f"blocks.{LAYER}.hook_resid_post"].float().numpy()
 
 
 def read_all(out) -> np.ndarray:
@@ -132,6 +132,23 @@ def test_different_tokens_restart_the_capture(captured, count_contexts):
     run_capture(tl, other, out)
     assert sum(count_contexts) == N_CTX
     np.testing.assert_allclose(read_all(out), reference(tl, other), rtol=0, atol=1e-5)
+
+
+def test_a_model_in_another_dtype_restarts_the_capture_both_ways(captured, count_contexts):
+    """A bfloat16 model's capture is recorded as such (the shards stay float32), and neither a
+    float32 nor a bfloat16 capture is resumed by a model in the other dtype."""
+    tl, tokens, out, manifest = captured
+    assert "model_dtype" not in manifest  # float32, as every earlier manifest
+    tl.to(torch.bfloat16)
+    bf16 = run_capture(tl, tokens, out)
+    assert sum(count_contexts) == N_CTX and bf16["model_dtype"] == "bfloat16"
+    assert bf16["dtype"] == "float32" and read_all(out).dtype == np.float32
+    np.testing.assert_array_equal(read_all(out), reference(tl, tokens))
+    run_capture(tl, tokens, out)
+    assert sum(count_contexts) == N_CTX  # same dtype: nothing recomputed
+    tl.to(torch.float32)
+    again = run_capture(tl, tokens, out)
+    assert sum(count_contexts) == 2 * N_CTX and "model_dtype" not in again
 
 
 def test_nan_activations_raise_naming_the_shard(tiny_tl, tmp_path):

@@ -59,8 +59,9 @@ def test_tiny_stream_trains_the_profiles_30_saes(gpu_scale, tmp_path, capsys):
     assert out["plan"]["sae_flops_per_token"] == pytest.approx(sae)
     hwd = plan.hardware(out["plan"]["hardware"])
     fwd = out["plan"]["forward_flops_per_token"]
-    assert out["plan"]["hours_capture_train"] == pytest.approx(
-        profile.corpus.train_tokens * (fwd / hwd.forward + sae / hwd.train) / 3600)
+    assert profile.capture.dtype == "bfloat16"  # the forward at the bfloat16 rate
+    assert out["plan"]["hours_capture_train"] == pytest.approx(profile.corpus.train_tokens * (
+        fwd / hwd.at(hwd.forward, "bfloat16") + sae / hwd.train) / 3600)
     assert math.isclose(out["hours_at_measured_rate"],
                         profile.corpus.train_tokens / stream["tokens_per_s"] / 3600)
 

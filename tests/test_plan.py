@@ -226,3 +226,28 @@ def test_a_level_without_a_calibration_start_is_counted_as_a_search():
     per_level = plan.train_flops_per_token(576, 2048, "standard", 102)
     tokens = load_profile("default").corpus.train_tokens
     assert one_null - full == pytest.approx((plan.PROBES_PER_SEARCH - 1) * tokens * per_level)
+
+
+def test_the_captures_model_dtype_sets_its_forward_rate():
+    """On a GPU a bfloat16 capture runs the model at the bfloat16 rate and a float32 one at the
+    FP32 peak's share of it (torch's default: no TF32); nothing else in the plan moves. On the CPU,
+    whose rates are float32's, bfloat16 is 7x slower."""
+    data = yaml.safe_load((PARAMS_DIR / "gemma-2-2b.yaml").read_text())
+    assert data["capture"]["dtype"] == "bfloat16"
+    bf16 = profile_from_dict(data, name="gemma-2-2b")
+    data["capture"]["dtype"] = "float32"
+    f32 = profile_from_dict(data, name="gemma-2-2b")
+    h100 = plan.hardware("H100")
+    assert h100.at(h100.forward, "float32") == pytest.approx(h100.forward * 67 / 989)
+    a = {s.stage: s for s in plan.build_plan(bf16, h100).stages}
+    b = {s.stage: s for s in plan.build_plan(f32, h100).stages}
+    shape = plan.model_shape("google/gemma-2-2b")
+    fwd = plan._forward_flops(shape, a["capture"].model_tokens, bf16.models[0].layer + 1)
+    expected = fwd * (1 / h100.at(h100.forward, "float32") - 1 / h100.forward) / h100.all_cores_gain
+    assert b["capture"].seconds - a["capture"].seconds == pytest.approx(expected)
+    assert expected / 3600 > 8  # the forward over 5e8 tokens: hours more in float32
+    for stage in set(a) - {"capture"}:
+        assert a[stage].seconds == b[stage].seconds, stage
+    cpu = plan.hardware("cpu-2core")
+    assert cpu.at(cpu.forward, "bfloat16") == pytest.approx(cpu.forward / 7)
+    assert cpu.at(cpu.forward, "float32") == cpu.forward

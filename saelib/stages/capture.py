@@ -71,8 +71,9 @@ def prepare(profile: Profile | str, progress: bool = True) -> dict[str, Any]:
 
 def done(profile: Profile, entry: ModelEntry) -> bool:
     """Complete shards for both splits, captured from the current token arrays (a re-tokenised
-    corpus, e.g. after the profile's sizes changed, makes the capture stale), and the descriptive
-    metrics' inputs for the profile's current settings."""
+    corpus, e.g. after the profile's sizes changed, makes the capture stale) by a model in the
+    profile's ``capture.dtype``, and the descriptive metrics' inputs for the profile's current
+    settings."""
     if not inputs_current(descriptive_dir(profile, entry), descriptive_settings(profile), entry.layer):
         return False
     try:
@@ -85,6 +86,8 @@ def done(profile: Profile, entry: ModelEntry) -> bool:
             return False
         manifest = read_json(m)
         if not manifest.get("complete") or manifest.get("tokens_sha256") != array_sha(arr):
+            return False
+        if manifest.get("model_dtype", "float32") != profile.capture.dtype:
             return False
         try:  # every shard against its checksum: a corrupt one is recaptured, never trained on
             ActivationStore.open(activations_dir(profile, entry, split), verify=True)
@@ -133,7 +136,8 @@ def _capture(profile: Profile, model: str, progress: bool) -> CaptureRecord:
     entry = profile.model(model)
     timer = Timer()
     with timer("load_model"):
-        lm = load_model(entry.name, device=profile.device)
+        lm = load_model(entry.name, device=profile.device,
+                        dtype=getattr(torch, profile.capture.dtype))
     if entry.layer >= lm.n_layers:
         raise ProfileError(f"model {entry.name!r} has {lm.n_layers} layers; layer {entry.layer} is out of range")
     splits = load_token_splits(tokens_dir(profile, entry))
