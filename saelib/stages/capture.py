@@ -152,7 +152,8 @@ def _capture(profile: Profile, model: str, progress: bool) -> CaptureRecord:
     desc_cfg = descriptive_settings(profile)
     if not inputs_current(descriptive_dir(profile, entry), desc_cfg, entry.layer):
         with timer("descriptive_inputs"):
-            capture_inputs(lambda toks: residual_at(lm.tl, toks.to(profile.device), entry.layer),
+            capture_inputs(lambda toks: residual_at(lm.tl, toks.to(profile.device),
+                                                    entry.layer).float(),
                            lm.tokenizer, entry.layer, desc_cfg, descriptive_dir(profile, entry),
                            progress=progress)
     if streaming.streaming(profile):
