@@ -190,3 +190,29 @@ def test_the_stage_table_names_each_stages_records_and_row_files():
     from saelib.report import BLOCKS
 
     assert BLOCKS == ("interp", "descriptive", "steering", "selection")
+
+
+@pytest.mark.slow
+def test_a_bfloat16_capture_streams_float32_activations_and_is_its_own_capture(tmp_path):
+    """``capture.dtype: bfloat16`` (the paper profiles') on the packaged SmolLM2 at the smoke size:
+    the model computes in bfloat16, the eval shards and the descriptive inputs are float32, the
+    five SAEs train from the stream, and the capture is done for this dtype and not for float32."""
+    from saelib.activations import ActivationStore
+    from saelib.stages import capture
+    from saelib.stages.layout import activations_dir
+
+    data = yaml.safe_load((PARAMS_DIR / "smoke.yaml").read_text())
+    data["runs_dir"] = str(tmp_path)
+    data["capture"]["dtype"] = "bfloat16"
+    profile = profile_from_dict(data, name="smoke")
+    entry = profile.models[0]
+    capture.prepare(profile, progress=False)
+    rec = capture.run(profile, entry.name, progress=False)
+    assert rec.splits["train"]["cells"] == 5 and rec.splits["train"]["forward_contexts"] > 0
+    store = ActivationStore.open(activations_dir(profile, entry, "eval"))
+    assert store.manifest["model_dtype"] == "bfloat16" and store.manifest["dtype"] == "float32"
+    assert store.shard(0).dtype.name == "float32"
+    assert len(list(tmp_path.rglob("stream.json"))) == 5
+    assert capture.done(profile, entry)
+    data["capture"]["dtype"] = "float32"
+    assert not capture.done(profile_from_dict(data, name="smoke"), entry)
