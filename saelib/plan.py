@@ -486,7 +486,8 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
         t_out = saes_per_model * n_latents * (JUDGE_TOKENS["explanation"][1] + JUDGE_TOKENS["detection"][1])
         judge_s = _judge_seconds(judge.backend, hwd, explanation=calls / 2, detection=calls / 2)
         add("interp", jobs=saes_per_model, flops=enc_flops,
-            seconds=(enc_flops / hwd.at(hwd.encode, "float32") + saes_per_model * n_latents * hwd.per_latent_s
+            seconds=(enc_flops / hwd.at(hwd.encode, "float32")
+                     + saes_per_model * n_latents * hwd.per_latent_s
                      + judge_s + saes_per_model * hwd.sae_job_overhead_s),
             peak_memory=max(sae_bytes.values()) + INTERP_CHUNK * corpus.context * (d + width) * 4,
             judge_calls=calls, judge_tokens_in=t_in, judge_tokens_out=t_out)
