@@ -192,3 +192,31 @@ def test_rescaled_decode_gradient_is_the_same_on_every_pass_with_two_threads():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(grads[0], x) for x in grads[1:])
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_a_training_step_checks_no_ids_against_the_decoder(arch, monkeypatch):
+    """The training decode skips ``sparse_decode``'s id range check (a host sync per decode on a
+    GPU): its ids are its own code's. The public call still checks by default, and skipping the
+    check changes no number."""
+    import importlib
+
+    sd = importlib.import_module("saelib.kernels.sparse_decode")  # the module, not the function
+
+    sparse, _ = pair(arch, rescale=True)
+    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(2))
+    dead_mask = torch.zeros(D_SAE, dtype=torch.bool)
+    dead_mask[:40] = True  # TopK's auxiliary loss decodes too
+    calls = []
+    real = torch.aminmax
+    monkeypatch.setattr(sd.torch, "aminmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    step(sparse, x, dead_mask)
+    assert calls == []
+    idx = torch.tensor([[0, 5], [7, D_SAE - 1]])
+    vals = torch.randn(2, 2)
+    checked = sd.sparse_decode(idx, vals, sparse.W_dec.detach())
+    assert len(calls) == 1
+    torch.testing.assert_close(sd.sparse_decode(idx, vals, sparse.W_dec.detach(), check_ids=False),
+                               checked, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="idx_BK values must lie"):
+        sd.sparse_decode(idx + D_SAE, vals, sparse.W_dec.detach())

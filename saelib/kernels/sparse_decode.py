@@ -24,7 +24,8 @@ from saelib.kernels.backend import Backend, resolve_backend
 
 
 def _check_inputs(
-    idx_BK: torch.Tensor, vals_BK: torch.Tensor, W_dec_FD: torch.Tensor, b_dec_D: torch.Tensor | None
+    idx_BK: torch.Tensor, vals_BK: torch.Tensor, W_dec_FD: torch.Tensor, b_dec_D: torch.Tensor | None,
+    check_ids: bool = True,
 ) -> None:
     if W_dec_FD.ndim != 2:
         raise ValueError(f"W_dec_FD must be 2-D (n_latents, d_model), got shape {tuple(W_dec_FD.shape)}")
@@ -41,7 +42,7 @@ def _check_inputs(
     n_latents, d_model = W_dec_FD.shape
     if b_dec_D is not None and tuple(b_dec_D.shape) != (d_model,):
         raise ValueError(f"b_dec_D must have shape ({d_model},), got {tuple(b_dec_D.shape)}")
-    if idx_BK.numel() > 0:
+    if check_ids and idx_BK.numel() > 0:
         lo_hi = torch.aminmax(idx_BK)
         lo, hi = int(lo_hi.min), int(lo_hi.max)
         if lo < 0 or hi >= n_latents:
@@ -106,6 +107,7 @@ def sparse_decode(
     b_dec_D: torch.Tensor | None = None,
     *,
     backend: Backend = "auto",
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """Decode sparse codes: ``x[..., :] = Σ_k vals[..., k] · W_dec_FD[idx[..., k]] (+ b_dec_D)``.
 
@@ -119,11 +121,15 @@ def sparse_decode(
         W_dec_FD: decoder, (n_latents, d_model); rows are the latents' directions (protocol §2).
         b_dec_D: optional decoder bias, (d_model,).
         backend: 'auto' (Triton on CUDA when installed, else torch), 'torch' or 'triton'.
+        check_ids: check every id against the decoder's rows (an out-of-range id is a
+            ``ValueError``). On a GPU the check reads a result back, a host sync; ``False`` skips
+            it for ids the caller built in range (the training SAEs' ``topk`` / ``nonzero`` of
+            their own codes, :mod:`saelib.sae.sparse`: 41 syncs per step of the paper's 30 SAEs).
 
     Returns:
         x of shape (..., d_model) in ``W_dec_FD``'s dtype; differentiable in vals, W_dec, b_dec.
     """
-    _check_inputs(idx_BK, vals_BK, W_dec_FD, b_dec_D)
+    _check_inputs(idx_BK, vals_BK, W_dec_FD, b_dec_D, check_ids)
     lead_shape = idx_BK.shape[:-1]
     K = idx_BK.shape[-1]
     n_rows = math.prod(lead_shape)

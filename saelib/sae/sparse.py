@@ -87,7 +87,10 @@ def _decode_picked(sae: TopKTrainingSAE, vals_BM: torch.Tensor, idx_BM: torch.Te
         # TopK training at width 2,048 differ between identical runs; index_select's is fixed.
         inv_F = 1 / sae.W_dec.norm(dim=-1)
         vals_BM = vals_BM * torch.index_select(inv_F, 0, idx_BM.reshape(-1)).view_as(idx_BM)
-    return sparse_decode(idx_BM, vals_BM, sae.W_dec, sae.b_dec if with_bias else None)
+    # the ids are this SAE's own code's (topk / nonzero over its width): no range check, which
+    # on a GPU would wait for the device once per decode
+    return sparse_decode(idx_BM, vals_BM, sae.W_dec, sae.b_dec if with_bias else None,
+                         check_ids=False)
 
 
 class SparseTopKTrainingSAE(CentredEncoderMixin, TopKTrainingSAE):
