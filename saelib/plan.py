@@ -36,7 +36,7 @@ The plan is an estimate: it holds the default's measured stage times within 30 %
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
@@ -643,6 +643,32 @@ def plan_vs_measured(p: Plan, measured_s: dict[str, float]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def stage_factors(run_plan: Plan, measured_s: Mapping[str, float]) -> dict[str, float]:
+    """Measured / planned seconds of each stage a run measured (:func:`plan_vs_measured`'s
+    ratios): how this machine's rates differ from the plan's, stage by stage."""
+    rows = plan_vs_measured(run_plan, dict(measured_s))
+    stage_names = {s.stage for s in run_plan.stages}
+    return {r["stage"]: float(r["measured / planned"]) for r in rows.to_dict("records")
+            if r["stage"] in stage_names and r["measured / planned"] is not None
+            and r["measured / planned"] > 0}
+
+
+def at_rates_of(p: Plan, factors: Mapping[str, float], label: str) -> Plan:
+    """``p`` at the rates a run measured on this machine: each stage's seconds times that stage's
+    :func:`stage_factors`; a stage the run did not measure keeps the plan's seconds.
+
+    Why per stage: the stages' work differs in kind (the model's forward, SAE steps, a judge's
+    calls), and a machine unlike the plan's is not uniformly faster (a fresh clone of be71a2c on
+    this project's later machine: 0.46 for the LLM judge to 0.82 for AutoInterp). Read it for
+    profiles whose stages do the same kind of work as the measured run's, on the same machine."""
+    stages = tuple(replace(s, seconds=s.seconds * factors.get(s.stage, 1.0)) for s in p.stages)
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in factors.items())
+    hwd = replace(p.hardware, name=f"{p.hardware.name} at {label}'s rates",
+                  source=f"{p.hardware.source}; stage seconds times measured / planned of "
+                         f"{label} ({shown})")
+    return replace(p, hardware=hwd, stages=stages)
+
+
 def paper_check(hw: str = "A800") -> pd.DataFrame:
     """The plan's training hours for each paper profile beside the paper's reported hours for 30
     SAEs on A800s (§7; the number of GPUs is not stated, so read it as GPU-hours at best)."""
@@ -659,14 +685,18 @@ def paper_check(hw: str = "A800") -> pd.DataFrame:
 
 
 def summary_rows(profiles: Sequence[str], hw: str | None = None,
-                 mode: str | None = None) -> pd.DataFrame:
-    """One row per profile: hours, disk, memory and judge price (the book's appendix table)."""
+                 mode: str | None = None, factors: Mapping[str, float] | None = None,
+                 label: str = "a run") -> pd.DataFrame:
+    """One row per profile: hours, disk, memory and judge price (the book's appendix table);
+    with ``factors`` (:func:`stage_factors`), at the rates ``label`` measured (:func:`at_rates_of`)."""
     from .profiles import load_profile
 
     rows = []
     for name in profiles:
         prof = load_profile(name)
         plan = build_plan(prof, hw, mode)
+        if factors:
+            plan = at_rates_of(plan, factors, label)
         t = plan.table()
         rows.append({"profile": name, "hardware": plan.hardware.name, "mode": plan.mode,
                      "SAEs": len(prof.grid.targets) * len(prof.grid.architectures) * len(prof.models),
@@ -702,8 +732,8 @@ def format_plan(plan: Plan) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m saelib.plan --profile NAME [--hardware H] [--mode cached|streaming]``: what a
-    profile will cost, stage by stage, before it runs."""
+    """``python -m saelib.plan --profile NAME [--hardware H] [--mode cached|streaming]
+    [--rates-of RUN_PROFILE]``: what a profile will cost, stage by stage, before it runs."""
     import argparse
 
     from .profiles import load_profile
@@ -713,8 +743,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--hardware", default=None, choices=sorted(HARDWARE))
     ap.add_argument("--mode", default=None, choices=("cached", "streaming"),
                     help="default: the profile's training.mode")
+    ap.add_argument("--rates-of", default=None, metavar="PROFILE",
+                    help="scale each stage by measured / planned of this machine's run of PROFILE "
+                         "(the job seconds in its grid.json under the runs folder)")
     args = ap.parse_args(argv)
-    print(format_plan(build_plan(load_profile(args.profile), args.hardware, args.mode)))
+    p = build_plan(load_profile(args.profile), args.hardware, args.mode)
+    if args.rates_of:
+        from .report import grid_seconds
+
+        run = load_profile(args.rates_of)
+        measured = grid_seconds(run).set_index("stage")["seconds"].to_dict()
+        factors = stage_factors(build_plan(run, p.hardware), measured)
+        if not factors:
+            raise SystemExit(f"no measured job seconds under {run.run_root()}: run "
+                             f"`make book PROFILE={args.rates_of}` on this machine first")
+        p = at_rates_of(p, factors, f"the {args.rates_of!r} run")
+    print(format_plan(p))
 
 
 if __name__ == "__main__":

@@ -251,3 +251,35 @@ def test_the_captures_model_dtype_sets_its_forward_rate():
     cpu = plan.hardware("cpu-2core")
     assert cpu.at(cpu.forward, "bfloat16") == pytest.approx(cpu.forward / 7)
     assert cpu.at(cpu.forward, "float32") == cpu.forward
+
+
+def test_a_plan_at_the_rates_a_run_measured(tmp_path, monkeypatch, capsys):
+    """Each stage's seconds times that stage's measured / planned in a run of another profile on
+    this machine; stages the run did not measure keep the plan's seconds. The CLI reads the run's
+    grid.json and says when there is none."""
+    run_plan = plan.build_plan(load_profile("default"))
+    planned = {s.stage: s.seconds for s in run_plan.stages}
+    measured = {"capture": 2 * planned["capture"], "train": 0.5 * planned["train"]}
+    factors = plan.stage_factors(run_plan, measured)
+    assert factors == pytest.approx({"capture": 2.0, "train": 0.5})
+    other = plan.build_plan(load_profile("cpu-pair"))
+    scaled = plan.at_rates_of(other, factors, "the test run")
+    for a, b in zip(other.stages, scaled.stages):
+        assert b.seconds == pytest.approx(a.seconds * factors.get(a.stage, 1.0)), a.stage
+        assert (a.flops, a.judge_calls) == (b.flops, b.judge_calls)
+    assert "the test run" in scaled.hardware.name and "capture 2.00" in scaled.hardware.source
+    row = plan.summary_rows(["cpu-pair"], factors=factors, label="the test run").iloc[0]
+    assert row["hours (wall)"] == pytest.approx(scaled.wall_seconds / 3600)
+
+    # the CLI, from a run folder's grid.json (job seconds and their stages)
+    monkeypatch.setenv("SAELIB_RUNS", str(tmp_path))
+    with pytest.raises(SystemExit, match="no measured job seconds"):
+        plan.main(["--profile", "cpu-pair", "--rates-of", "default"])
+    (tmp_path / "default").mkdir()
+    (tmp_path / "default" / "grid.json").write_text(json.dumps({
+        "job_seconds": {"capture-x": measured["capture"], "train-x": measured["train"]},
+        "job_stages": {"capture-x": "capture", "train-x": "train"}}))
+    plan.main(["--profile", "cpu-pair", "--rates-of", "default"])
+    out = capsys.readouterr().out
+    assert "at the 'default' run's rates" in out
+    assert f"Total: {scaled.seconds / 3600:,.2f} job-hours" in out
