@@ -122,6 +122,8 @@ def test_smoke_grid_runs_resumes_and_builds_the_book(tmp_path, monkeypatch):
     first_analysis = nbformat.read({j.name: j for j in jobs}["analysis"].output(profile), as_version=4)
     outputs = json.dumps([c.get("outputs", []) for c in first_analysis.cells])
     assert "all measured stages" in outputs, "the plan's table shows no measured stage"
+    # and the shipped CPU profiles at the rates this run measured
+    assert "cpu-2core at this run's rates" in outputs
 
     # The grid ran the per-SAE notebooks on warm kernels (saelib.warm); on a fresh kernel, one
     # SAE's AutoInterp and steering notebooks write the same bytes (the unsteered answers, shared
