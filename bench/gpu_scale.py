@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = plan.build_plan(profile, hwd, mode="streaming")
     cap = next(s for s in p.stages if s.stage == "capture")
     shape = plan.model_shape(entry.name)
-    fwd_flops_tok = 2.0 * shape.per_layer * (entry.layer + 1)
+    fwd_flops_tok = plan._forward_flops(shape, 1, entry.layer + 1)
     sae_flops_tok = sum(plan.train_flops_per_token(shape.d_model, profile.grid.width, j.arch,
                                                    profile.grid.targets[j.level])
                         for j in sae_jobs(profile) if j.model == entry.name)

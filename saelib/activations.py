@@ -65,8 +65,14 @@ class ActivationError(RuntimeError):
 
 def model_dtype_name(tl) -> str:
     """The dtype the model computes in (``float32``, ``bfloat16``), as a capture's manifest
-    records it (the key is left out for float32, which every earlier manifest is)."""
+    records it (:func:`manifest_model_dtype`)."""
     return str(next(tl.parameters()).dtype).removeprefix("torch.")
+
+
+def manifest_model_dtype(manifest: dict) -> str:
+    """The dtype of the model a capture's manifest was written by: its ``model_dtype``, which is
+    left out for float32 (every manifest written before the key existed is float32)."""
+    return manifest.get("model_dtype", "float32")
 
 
 def residual_at(tl, tokens_BL: torch.Tensor, layer: int) -> torch.Tensor:
@@ -98,7 +104,7 @@ def capture(tl, tokens_NL: np.ndarray, layer: int, out_dir: str | Path, *, batch
     if model_dtype != "float32":  # a float32 capture's manifest predates the key
         header["model_dtype"] = model_dtype
     if (manifest is None or {k: manifest.get(k) for k in header} != header
-            or manifest.get("model_dtype", "float32") != model_dtype):
+            or manifest_model_dtype(manifest) != model_dtype):
         manifest = {**header, "shards": [], "complete": False}
     good = []
     for entry in manifest["shards"]:

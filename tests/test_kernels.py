@@ -163,23 +163,26 @@ def test_batch_topk_encode_matches_sae_lens_batchtopk_and_its_gradient():
         torch.testing.assert_close(pre_a.grad, pre_b.grad)
 
 
-def _check_latent_topk(acts_NF, k, chunk_sizes, backend):
+def _check_latent_topk(acts_NF, k, chunk_sizes, backend, device="cpu"):
+    """Chunks streamed into a LatentTopK (on ``device``, e.g. CUDA) give the global top-k."""
     N, F = acts_NF.shape
     positions_N = torch.arange(N) * 7 + 3  # caller coordinates, not 0..N-1
-    table = LatentTopK(F, k, backend=backend)
+    table = LatentTopK(F, k, device=device, backend=backend)
     start = 0
     for size in chunk_sizes:
-        table.update(acts_NF[start : start + size], positions_N[start : start + size])
+        table.update(acts_NF[start : start + size].to(device),
+                     positions_N[start : start + size].to(device))
         start += size
     assert start == N
     res = table.result()
-    assert res.n_tokens == N and res.vals_KF.shape == (k, F) and res.pos_KF.shape == (k, F)
+    vals_KF, pos_KF = res.vals_KF.cpu(), res.pos_KF.cpu()
+    assert res.n_tokens == N and vals_KF.shape == (k, F) and pos_KF.shape == (k, F)
     kk = min(k, N)
     ref_vals, ref_rows = torch.topk(acts_NF.double(), kk, dim=0)
-    torch.testing.assert_close(res.vals_KF[:kk].double(), ref_vals, **TOL)
+    torch.testing.assert_close(vals_KF[:kk].double(), ref_vals, **TOL)
     # Continuous random values have no ties, so the positions must agree exactly.
-    assert torch.equal(res.pos_KF[:kk], positions_N[ref_rows])
-    assert torch.all(res.vals_KF[kk:] == float("-inf")) and torch.all(res.pos_KF[kk:] == -1)
+    assert torch.equal(pos_KF[:kk], positions_N[ref_rows])
+    assert torch.all(vals_KF[kk:] == float("-inf")) and torch.all(pos_KF[kk:] == -1)
 
 
 @pytest.mark.parametrize(
@@ -246,7 +249,7 @@ def test_latent_topk_triton_larger_k_and_many_tiles():
     _check_latent_topk(acts_NF, 33, [128, 172], backend="triton")
 
 
-# The compiled Triton kernels on a GPU (``bench/device_check.sh`` runs these with
+# The compiled Triton kernels on a GPU (``bench/device/check.sh`` runs these with
 # TRITON_INTERPRET=0); skipped on machines without CUDA, where the interpreted tests above run the
 # same kernels. Sizes: the awkward ones above, and the paper's (batch 2,048, width 16,384,
 # d_model 2,304, k = 50 and 820). float32 against the float64 reference: each output sums at most
@@ -275,15 +278,7 @@ def test_sparse_decode_triton_on_cuda_matches_float64_dense(B, K, F, D):
                                           (8192, 16384, 252, [4096, 4096])])
 def test_latent_topk_triton_on_cuda_streams_like_a_global_topk(N, F, k, chunks):
     acts_NF = torch.randn(N, F, generator=torch.Generator().manual_seed(N + F + k))
-    table = LatentTopK(F, k, device=torch.device("cuda"), backend="triton")
-    start = 0
-    for size in chunks:
-        table.update(acts_NF[start:start + size].cuda())
-        start += size
-    res = table.result()
-    ref_vals, ref_rows = torch.topk(acts_NF.double(), min(k, N), dim=0)
-    torch.testing.assert_close(res.vals_KF[:min(k, N)].double().cpu(), ref_vals, **TOL)
-    assert torch.equal(res.pos_KF[:min(k, N)].cpu(), ref_rows)
+    _check_latent_topk(acts_NF, k, chunks, backend="triton", device="cuda")
 
 
 @needs_cuda

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from ..activations import ActivationError, ActivationStore, array_sha, capture, residual_at
+from ..activations import (ActivationError, ActivationStore, array_sha, capture,
+                           manifest_model_dtype, residual_at)
 from ..data.corpus import build_token_splits, load_token_splits
 from ..evals.descriptive import DescriptiveConfig, capture_inputs, inputs_current
 from ..models import PACKAGED, load_model, prepare_packaged, resolve_hf_source
@@ -87,7 +88,7 @@ def done(profile: Profile, entry: ModelEntry) -> bool:
         manifest = read_json(m)
         if not manifest.get("complete") or manifest.get("tokens_sha256") != array_sha(arr):
             return False
-        if manifest.get("model_dtype", "float32") != profile.capture.dtype:
+        if manifest_model_dtype(manifest) != profile.capture.dtype:
             return False
         try:  # every shard against its checksum: a corrupt one is recaptured, never trained on
             ActivationStore.open(activations_dir(profile, entry, split), verify=True)
