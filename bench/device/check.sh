@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 21 (item 6) in one call of a lent GPU machine, about 5 minutes.
+# The GPU checks of issue 21 (item 6) in one call of a lent GPU machine. Not yet run on one: its
+# steps' timeouts add up to 8 minutes (the last one's stream is timed for SECONDS_STREAM, 90 s).
 #
 # A session is lent 15 minutes of device time, the machine's start included, so this is one
 # prepared command with room to run it twice. Here, first:
 #     .venv/bin/python bench/device/kit.py          # the wheels the machine's image lacks -> .whl/
-# then the device tool's run with carry [".whl"], timeout_s 420, and the command
+# then the device tool's run with carry [".whl"], timeout_s 540, and the command
 #     bash bench/device/check.sh
 # What it writes under $OUT comes back: paste the figures into bench/RESULTS.md, with the device.
 #
@@ -37,17 +38,17 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_dev
 EOF
 
 step "1. compiled Triton kernels on CUDA"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k cuda 2>&1 \
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k cuda 2>&1 \
   | tee "$OUT/test_kernels_cuda.txt" | tail -15
 
 step "2. bench/sae_kernels.py"
-timeout 120 python3 bench/sae_kernels.py --repeats 5 2>&1 | tee "$OUT/sae_kernels.txt"
+timeout 90 python3 bench/sae_kernels.py --repeats 5 2>&1 | tee "$OUT/sae_kernels.txt"
 
 step "3. the streaming trainer on CUDA, tiny size"
-timeout 90 python3 bench/gpu_scale.py --tiny --device cuda --seconds 5 --warmup-steps 2 \
+timeout 60 python3 bench/gpu_scale.py --tiny --device cuda --seconds 5 --warmup-steps 2 \
   --out "$OUT/gpu_scale_tiny.json" 2>&1 | grep -v Deprecat | tail -8
 
 step "4. bench/gpu_scale.py (Gemma-2-2B shape, 30 SAEs, width 16,384)"
-timeout 330 python3 bench/gpu_scale.py --seconds "$SECONDS_STREAM" --torch-profile 4 \
+timeout 240 python3 bench/gpu_scale.py --seconds "$SECONDS_STREAM" --torch-profile 4 \
   --out "$OUT/gpu_scale.json" 2>&1 | grep -v Deprecat | tee "$OUT/gpu_scale.txt"
 step "done"
