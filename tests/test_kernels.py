@@ -292,3 +292,54 @@ def test_topk_encodes_on_cuda_give_the_cpu_codes():
 
     for fn in (lambda p: topk_encode(p, 50), lambda p: batch_topk_encode(p, 50)):
         torch.testing.assert_close(dense(fn(pre_BF.cuda())), dense(fn(pre_BF)))
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1, 0], [0, 0, 0], [7], [2, 2, 9, 1, 4, 0, 6]])
+def test_sparse_decode_ragged_matches_float64_dense(counts):
+    """Tokens with different counts, empty ones included, decode as the dense matmul of their
+    code, with the same gradients for the values, the decoder and its bias."""
+    from saelib.kernels import sparse_decode_ragged
+
+    g = torch.Generator().manual_seed(len(counts) * 10 + sum(counts))
+    F_, D = 13, 6
+    counts_B = torch.tensor(counts)
+    ids_Z = torch.cat([torch.randperm(F_, generator=g)[:c] for c in counts]).long()
+    offsets_B = counts_B.cumsum(0) - counts_B
+    vals_Z = torch.randn(ids_Z.numel(), generator=g, dtype=torch.float64)
+    W = torch.randn(F_, D, generator=g, dtype=torch.float64)
+    b = torch.randn(D, generator=g, dtype=torch.float64)
+    grad_BD = torch.randn(len(counts), D, generator=g, dtype=torch.float64)
+    rows_Z = torch.repeat_interleave(torch.arange(len(counts)), counts_B)
+
+    def ragged(_, vals, W_, b_):
+        return sparse_decode_ragged(ids_Z, vals, offsets_B, W_, b_)
+
+    def dense(_, vals, W_, b_):
+        codes_BF = torch.zeros(len(counts), F_, dtype=vals.dtype).index_put((rows_Z, ids_Z), vals)
+        return codes_BF @ W_ + b_
+
+    ref = _grads(dense, None, vals_Z, W, b, grad_BD, dtype=torch.float64)
+    got = _grads(ragged, None, vals_Z, W, b, grad_BD, dtype=torch.float32)
+    for name, r, x in zip(["x", "grad_vals", "grad_W_dec", "grad_b_dec"], ref, got):
+        torch.testing.assert_close(x, r, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    empty = counts_B == 0
+    torch.testing.assert_close(got[0][empty], b.float().double().expand(int(empty.sum()), D))
+
+
+def test_sparse_decode_ragged_rejects_bad_input():
+    from saelib.kernels import sparse_decode_ragged
+
+    W = torch.randn(5, 3)
+    ids, vals = torch.tensor([1, 4, 2]), torch.ones(3)
+    with pytest.raises(ValueError, match="must lie"):
+        sparse_decode_ragged(ids + 1, vals, torch.tensor([0, 2]), W)
+    with pytest.raises(ValueError, match="offsets_B must rise"):
+        sparse_decode_ragged(ids, vals, torch.tensor([0, 2, 1]), W)
+    with pytest.raises(ValueError, match="offsets_B must rise"):
+        sparse_decode_ragged(ids, vals, torch.tensor([1, 2]), W)
+    with pytest.raises(ValueError, match="offsets_B must rise"):
+        sparse_decode_ragged(ids, vals, torch.tensor([0, 4]), W)
+    with pytest.raises(ValueError, match="dtype"):
+        sparse_decode_ragged(ids, vals, torch.tensor([0, 2], dtype=torch.int32), W)
+    with pytest.raises(ValueError, match="1-D"):
+        sparse_decode_ragged(ids[None], vals[None], torch.tensor([0]), W)

@@ -1,4 +1,5 @@
-"""saelib.sae.sparse: the embedding-bag decode trains exactly what sae-lens's dense decode trains.
+"""saelib.sae.sparse: the embedding-bag decode trains exactly what sae-lens's dense decode trains
+(TopK and BatchTopK; ReLU and Gated once their codes are sparse).
 
 Equality is checked against sae-lens 6.54's own classes on the same weights and inputs: losses,
 outputs and every parameter gradient to 1e-5 (float32 summation order is the only difference,
@@ -182,8 +183,7 @@ def test_rescaled_decode_gradient_is_the_same_on_every_pass_with_two_threads():
         vals_BK = torch.rand(512, 288, generator=g)
         grad_BD = torch.randn(512, 64, generator=g)
         W_dec = torch.randn(2048, 64, generator=g, requires_grad=True)
-        sae = SimpleNamespace(cfg=SimpleNamespace(rescale_acts_by_decoder_norm=True), W_dec=W_dec,
-                              b_dec=None)
+        sae = SimpleNamespace(rescales_code=True, W_dec=W_dec, b_dec=None)
         grads = []
         for _ in range(10):
             W_dec.grad = None
@@ -220,3 +220,105 @@ def test_a_training_step_checks_no_ids_against_the_decoder(arch, monkeypatch):
                                checked, rtol=0, atol=0)
     with pytest.raises(ValueError, match="idx_BK values must lie"):
         sd.sparse_decode(idx + D_SAE, vals, sparse.W_dec.detach())
+
+
+def sparse_regime(arch: str, share: float):
+    """(saelib's SAE, sae-lens's) whose codes have about ``share`` of their entries non-zero: each
+    latent's encoder bias (ReLU) or gate bias (Gated) is lowered to its (1 - share) quantile over
+    the inputs ``x`` returned with them."""
+    sparse, dense = pair(arch, rescale=False)
+    x = torch.randn(128, D_IN, generator=torch.Generator().manual_seed(7)) * 2
+    bias = sparse.b_gate if arch == "gated" else sparse.b_enc
+    with torch.no_grad():
+        pre_BF = (x - sparse.b_dec) @ sparse.W_enc
+        bias.copy_(-torch.quantile(pre_BF, 1 - share, dim=0))
+    dense.load_state_dict(sparse.state_dict())
+    return sparse, dense, x
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated"])
+@pytest.mark.parametrize("share", [0.05, 0.5])
+def test_relu_and_gated_decode_their_non_zeros_and_train_the_same(arch, share, monkeypatch):
+    """A sparse ReLU / Gated code (5 % non-zero) is decoded through its non-zeros, for the code and
+    Gated's reconstruction from its gate; a dense one (50 %, early training) by the matmul. Either
+    way the losses, outputs and every gradient are sae-lens's."""
+    import saelib.sae.sparse as sp
+
+    calls = []
+    real = sp.sparse_decode_ragged
+    monkeypatch.setattr(sp, "sparse_decode_ragged", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ours, theirs, x = sparse_regime(arch, share)
+    coeffs = {"l1": 0.3}
+    outs, grads = [], []
+    for sae in (ours, theirs):
+        sae.zero_grad()
+        out = sae.training_forward_pass(TrainStepInput(
+            sae_in=x, coefficients=coeffs, dead_neuron_mask=None, n_training_steps=0,
+            is_logging_step=False))
+        out.loss.backward()
+        outs.append(out)
+        grads.append({n: p.grad.detach().clone() for n, p in sae.named_parameters()
+                      if p.grad is not None})
+    density = float((outs[1].feature_acts != 0).float().mean())
+    assert (density < sp.DENSE_ABOVE) == (share < sp.DENSE_ABOVE), density
+    assert len(calls) == ((2 if arch == "gated" else 1) if share < sp.DENSE_ABOVE else 0)
+    torch.testing.assert_close(outs[0].feature_acts, outs[1].feature_acts, rtol=0, atol=0)
+    torch.testing.assert_close(outs[0].sae_out, outs[1].sae_out, **TOL)
+    for name in outs[1].losses:
+        torch.testing.assert_close(outs[0].losses[name], outs[1].losses[name], **TOL, msg=name)
+    assert set(grads[0]) == set(grads[1])
+    for name in grads[1]:
+        assert grads[1][name].abs().max() > 1e-4, name  # the comparison is not vacuous
+        torch.testing.assert_close(grads[0][name], grads[1][name], **TOL, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated"])
+def test_relu_and_gated_runs_reach_the_sparse_decode_and_match_sae_lens(arch, monkeypatch):
+    """60 Adam steps at an L1 strong enough to bring the code under DENSE_ABOVE: the run switches
+    from the dense decode to the decode of the non-zeros and ends with sae-lens's SAE."""
+    import saelib.sae.sparse as sp
+
+    calls = []
+    real = sp.sparse_decode_ragged
+    monkeypatch.setattr(sp, "sparse_decode_ragged", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = {}
+    for ours in (True, False):
+        cfg = TrainConfig(batch_size=64, lr=3e-3, progress=False, norm_estimate_batches=2,
+                          sparse_decode=ours)
+        results[ours] = train_sae(arch, D_IN, D_SAE, {"relu": 5.0, "gated": 10.0}[arch],
+                                  batches(), 60 * 64, cfg)
+    assert 1 < results[False].l0 < sp.DENSE_ABOVE * D_SAE
+    assert 0 < len(calls)
+    assert results[True].l0 == pytest.approx(results[False].l0, abs=1e-2)
+    theirs = results[False].sae.state_dict()
+    for name, value in results[True].sae.state_dict().items():
+        torch.testing.assert_close(value, theirs[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_ragged_decode_gradient_is_the_same_on_every_pass_with_two_threads():
+    """The grid's SAEs are reproducible byte for byte, so the unpadded decode's backward must sum
+    in a fixed order: a ReLU-like code at width 2,048, the same gradients over 10 passes."""
+    from types import SimpleNamespace
+
+    from saelib.sae.sparse import _decode_ragged
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        pre_NF = torch.randn(512, 2048, generator=g) - 1.8
+        W_dec = torch.randn(2048, 64, generator=g, requires_grad=True)
+        b_dec = torch.zeros(64, requires_grad=True)
+        grad_ND = torch.randn(512, 64, generator=g)
+        sae = SimpleNamespace(W_dec=W_dec, b_dec=b_dec)
+        grads = []
+        for _ in range(10):
+            W_dec.grad = None
+            acts_NF = torch.relu(pre_NF).requires_grad_(True)
+            out = _decode_ragged(sae, acts_NF, with_bias=True)
+            assert out is not None  # 3.6 % non-zero: decoded through the non-zeros
+            out.backward(grad_ND)
+            grads.append((W_dec.grad.clone(), acts_NF.grad.clone()))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(grads[0][0], w) and torch.equal(grads[0][1], a) for w, a in grads[1:])

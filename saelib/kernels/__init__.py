@@ -4,8 +4,10 @@ Public surface (issue "Kernels: the hot paths in Triton on CUDA, the same functi
 
 * ``sparse_decode(idx_BK, vals_BK, W_dec_FD, b_dec_D=None)`` — decode TopK/BatchTopK codes by
   gathering k decoder rows per token (embedding bag), differentiable in vals, W_dec and b_dec.
-  Use it where codes have k ≪ width non-zeros (TopK, BatchTopK); dense codes (ReLU, Gated,
-  JumpReLU) keep the dense matmul.
+  Use it where codes have k ≪ width non-zeros (TopK, BatchTopK; on a GPU, padded to the busiest
+  token); JumpReLU, and ReLU and Gated on a GPU, keep the dense matmul (saelib.sae.sparse).
+* ``sparse_decode_ragged(ids_Z, vals_Z, offsets_B, W_dec_FD, b_dec_D=None)`` — the same decode
+  for codes whose tokens hold different counts (ReLU, Gated, BatchTopK), unpadded; torch only.
 * ``topk_encode(pre_BF, k)`` / ``batch_topk_encode(pre_BF, k)`` — the TopK / BatchTopK
   activation returned as compact ``SparseCodes`` (ids, values) instead of a dense (B, F) code;
   torch only (no ``backend``): the sparse decode is the Triton side of the TopK path.
@@ -22,7 +24,7 @@ on CPU tensors under Triton's interpreter (how the tests check them without a GP
 
 from saelib.kernels.backend import Backend, triton_available
 from saelib.kernels.latent_topk import LatentTopK, LatentTopKResult
-from saelib.kernels.sparse_decode import sparse_decode
+from saelib.kernels.sparse_decode import sparse_decode, sparse_decode_ragged
 from saelib.kernels.topk_encode import SparseCodes, batch_topk_encode, topk_encode
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "SparseCodes",
     "batch_topk_encode",
     "sparse_decode",
+    "sparse_decode_ragged",
     "topk_encode",
     "triton_available",
 ]

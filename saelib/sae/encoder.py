@@ -122,6 +122,11 @@ class CentredGatedTrainingSAE(CentredEncoderMixin, GatedTrainingSAE):
         pi_gate_act = torch.relu(pi_gate)
         l1_loss = (step_input.coefficients["l1"]
                    * torch.sum(pi_gate_act * self.W_dec.norm(dim=1), dim=-1).mean())
-        via_gate_reconstruction = pi_gate_act @ self.W_dec + self.b_dec
+        via_gate_reconstruction = self.gate_reconstruction(pi_gate_act)
         aux_recon_loss = (via_gate_reconstruction - x).pow(2).sum(dim=-1).mean()
         return {"l1_loss": l1_loss, "auxiliary_reconstruction_loss": aux_recon_loss}
+
+    def gate_reconstruction(self, pi_gate_act: torch.Tensor) -> torch.Tensor:
+        """sae-lens's reconstruction from the gate, ``ReLU(π_gate) @ W_dec + b_dec`` (the decoder
+        is not detached in sae-lens 6.54)."""
+        return pi_gate_act @ self.W_dec + self.b_dec

@@ -9,9 +9,9 @@ which knob the sparsity value feeds, and which inference class the trained SAE i
 Everything else in ``saelib.sae`` looks architectures up here instead of branching on names.
 Every architecture trains with a saelib subclass of sae-lens's training class that computes the
 same numbers with less work: all five skip the encoder's input gradient
-(:mod:`saelib.sae.encoder`), and TopK and BatchTopK also decode the k-sparse code by embedding bag
-(:mod:`saelib.sae.sparse`, ~F/k less decoder work). ``sae_lens_training_sae_cls`` keeps sae-lens's
-own class (``TrainConfig.sparse_decode=False``: tests and benchmarks compare the two).
+(:mod:`saelib.sae.encoder`), and all but JumpReLU also decode their sparse code by embedding bag
+(:mod:`saelib.sae.sparse`, ~F/L0 less decoder work; ReLU and Gated on the CPU only).
+``sae_lens_training_sae_cls`` keeps sae-lens's own class (``TrainConfig.sparse_decode=False``: tests and benchmarks compare the two).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from sae_lens.saes import (
     TrainingSAEConfig,
 )
 
-from saelib.sae.encoder import (CentredGatedTrainingSAE, CentredJumpReLUTrainingSAE,
-                                CentredStandardTrainingSAE)
-from saelib.sae.sparse import SparseBatchTopKTrainingSAE, SparseTopKTrainingSAE
+from saelib.sae.encoder import CentredJumpReLUTrainingSAE
+from saelib.sae.sparse import (SparseBatchTopKTrainingSAE, SparseGatedTrainingSAE,
+                               SparseStandardTrainingSAE, SparseTopKTrainingSAE)
 
 if TYPE_CHECKING:
     from saelib.sae.train import TrainConfig
@@ -150,9 +150,9 @@ def _batchtopk(d_in: int, d_sae: int, value: float, warm: int,
 #: Paper name (lower case) -> architecture spec. The grid's architecture axis (protocol §2).
 ARCHITECTURES: dict[str, ArchSpec] = {
     "relu": ArchSpec("relu", "ReLU", "standard", StandardTrainingSAEConfig,
-                     CentredStandardTrainingSAE, "StandardSAE", "standard", "l1", _relu,
+                     SparseStandardTrainingSAE, "StandardSAE", "standard", "l1", _relu,
                      StandardTrainingSAE),
-    "gated": ArchSpec("gated", "Gated", "gated", GatedTrainingSAEConfig, CentredGatedTrainingSAE,
+    "gated": ArchSpec("gated", "Gated", "gated", GatedTrainingSAEConfig, SparseGatedTrainingSAE,
                       "GatedSAE", "gated", "l1", _gated, GatedTrainingSAE),
     "jumprelu": ArchSpec("jumprelu", "JumpReLU", "jumprelu", JumpReLUTrainingSAEConfig,
                          CentredJumpReLUTrainingSAE, "JumpReLUSAE", "jumprelu", "l0_target",
