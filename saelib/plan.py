@@ -20,8 +20,12 @@ Where the numbers come from:
 * **FLOPs**: 2 per parameter per token through the model (the unembedding only where logits are
   read); an SAE training step costs its encoder's 2·d·F twice (forward, and the weight gradient:
   activations need no gradient) and its decoder's 2·d·F three times (forward, the codes' gradient,
-  the weight gradient); Gated's auxiliary pass through the detached decoder adds the decoder twice
-  (forward, the gate's gradient); TopK / BatchTopK decode k rows (2·d·k).
+  the weight gradient); Gated encodes twice (gate and magnitude), and its auxiliary reconstruction
+  from the gate goes through the decoder again, which sae-lens 6.54 does not detach (forward, the
+  gate's gradient, the decoder's gradient): 4 encoder and 6 decoder products; TopK / BatchTopK
+  decode k rows (2·d·k), and so do ReLU and Gated where they decode their non-zeros (on the CPU,
+  :mod:`saelib.sae.sparse`; k is then the target L0). ``tests/test_plan.py`` counts these products
+  in a training step of each architecture.
 * **Rates**: a :class:`Hardware` holds effective FLOP/s per kind of work. The CPU entry is
   measured on this project's 2-core machine (``bench/RESULTS.md`` and the grid's recorded stage
   times; one thread per job, two jobs at a time, as ``make book`` runs); the GPU entries are the
@@ -172,6 +176,9 @@ class Hardware:
     #: CPUs without bfloat16 units (offline-data). Applies to ``forward``, ``encode`` and
     #: ``select`` (:meth:`at`); training's bfloat16 is autocast, its rate is ``train``'s.
     dtype_gain: Mapping[str, float] | None = None
+    #: whether ReLU and Gated SAEs decode their non-zeros here (the CPU, :mod:`saelib.sae.sparse`)
+    #: rather than by the dense matmul (GPUs)
+    sparse_relu_decode: bool = False
 
     def at(self, rate: float, dtype: str) -> float:
         """``rate`` (one of this class's FLOP/s) for arithmetic in ``dtype``."""
@@ -226,7 +233,11 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # AutoInterp with the descriptive metrics 17.9 s per SAE, 12.8 ms per scored latent beside
     # the encodes (20 ms was fitted to fresh kernels, whose overhead it partly absorbed); the
     # train stage 2,419 job seconds (median 70.7 s), i.e. 38 GFLOP/s beside the other stages,
-    # where 7dcba0d's train jobs alone gave 56 (not yet separated: contention or the machine).
+    # where 7dcba0d's train jobs alone gave 56 (not yet separated: contention or the machine),
+    # under a count that missed Gated's magnitude encode and its reconstruction's decoder
+    # gradient (3 of its 10 products); the same seconds under the corrected count are 1.142x the
+    # FLOPs (the default's 30 SAEs), so 43 GFLOP/s. ReLU and Gated have decoded their non-zeros
+    # on the CPU since 2026-12-07 (2·d·L0 counted): fewer FLOPs, each slower than a matmul's.
     # The selection stage's ΔC_k and output-score pass: 47 GFLOP/s on SmolLM2 (the ebf2d13 grid's
     # median 9.53 s per SAE) and 45 on Gemma-3-270M (35.4 s, the first cpu-pair SAEs,
     # 2026-12-07) under the count above: the float32 unembedding of a large vocabulary runs at
@@ -234,12 +245,13 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     # blocks and, since 2026-12-07, a bfloat16 unembedding whose largest logits are recomputed in
     # float32: 1.147x the float32-head pass on SmolLM2 (bench/rule_judge.py, one thread: 18.15 →
     # 15.83 s; 1.55x on Gemma-3-270M), so 1.43 x 1.147 = 1.64 over the float32 pass.
-    Hardware("cpu-2core", forward=68e9, train=38e9, encode=60e9, decode=65e9, bandwidth=10e9,
+    Hardware("cpu-2core", forward=68e9, train=43e9, encode=60e9, decode=65e9, bandwidth=10e9,
              memory=24 * 2**30, job_overhead_s=20.0, warm_job_overhead_s=2.0, workers=2,
              per_latent_s=0.0128,
              llm_call_s={"rating": 1.87, "explanation": 12.8, "detection": 10.8},
              all_cores_gain=1.70, bf16_decode_gain=1.51, score=64e9, bf16_score_gain=1.64,
              rule_item_s=0.037, select=46e9, dtype_gain={"bfloat16": 1 / 7},
+             sparse_relu_decode=True,
              source="measured on this project's 2-core machine (bench/RESULTS.md)"),
     _gpu("A800", 312e12, 19.5e12, 2.0e12, 80e9,
          "NVIDIA A800/A100 80GB: 312 TFLOP/s bf16 dense, 19.5 FP32, 2.0 TB/s"),
@@ -348,16 +360,20 @@ def sae_params(d_in: int, width: int, arch: str) -> int:
     return 2 * d_in * width + (1 + extra) * width + d_in
 
 
-def train_flops_per_token(d_in: int, width: int, arch: str, k: int) -> float:
+def train_flops_per_token(d_in: int, width: int, arch: str, k: float,
+                          sparse_relu_decode: bool = False) -> float:
     """FLOPs of one training token of one SAE (module doc): the encoder's 2·d·F forward and
-    weight gradient, the decoder's 2·d·F (2·d·k for a TopK-family sparse decode) forward, code
-    gradient and weight gradient; Gated's auxiliary reconstruction through the detached decoder
-    adds that decoder's forward and code gradient."""
+    weight gradient (twice for Gated: gate and magnitude), the decoder's 2·d·F forward, code
+    gradient and weight gradient (2·d·k for a decode of the k non-zeros: TopK, BatchTopK, and
+    ReLU and Gated with ``sparse_relu_decode``); Gated's reconstruction from the gate adds the
+    decoder's three once more."""
     name = get_arch(arch).name
+    sparse = name in ("topk", "batchtopk") or (sparse_relu_decode and name in ("relu", "gated"))
     enc = 2 * d_in * width
-    dec = 2 * d_in * (k if name in ("topk", "batchtopk") else width)
-    aux = 2.0 * dec if name == "gated" else 0.0
-    return 2.0 * enc + 3.0 * dec + aux
+    dec = 2 * d_in * (k if sparse else width)
+    if name == "gated":
+        return 4.0 * enc + 6.0 * dec
+    return 2.0 * enc + 3.0 * dec
 
 
 def _forward_flops(shape: ModelShape, tokens: float, blocks: float, logits: float = 0.0) -> float:
@@ -449,7 +465,8 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
                              and profile.calibration_start_knob(entry.name, arch, level) is None)
                 probes = PROBES_PER_SEARCH if searching else 1.0
                 rounds = max(rounds, ROUNDS_PER_SEARCH if searching else 1)
-                train_flops += probes * corpus.train_tokens * train_flops_per_token(d, width, arch, k)
+                train_flops += probes * corpus.train_tokens * train_flops_per_token(
+                    d, width, arch, k, hwd.sparse_relu_decode)
         passes = max(passes, rounds)
         per_sae_state = max(sae_bytes.values()) * 4  # weights, gradients, two Adam moments
         batch_acts = train_cfg.batch_size * width * 4 * 6

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from saelib import plan
@@ -53,10 +54,75 @@ def test_batchtopk_is_counted_as_saved_jumprelu():
 def test_training_flops_per_token():
     d, f, k = 4, 8, 2
     # encoder: forward + weight gradient; decoder: forward + code gradient + weight gradient;
-    # Gated's detached auxiliary decoder: forward + the gate's gradient
+    # Gated: two encodes, and the reconstruction from its gate through the decoder again
     assert plan.train_flops_per_token(d, f, "relu", k) == 2 * (2 * d * f) + 3 * (2 * d * f)
-    assert plan.train_flops_per_token(d, f, "gated", k) == 2 * (2 * d * f) + 5 * (2 * d * f)
+    assert plan.train_flops_per_token(d, f, "gated", k) == 4 * (2 * d * f) + 6 * (2 * d * f)
     assert plan.train_flops_per_token(d, f, "topk", k) == 2 * (2 * d * f) + 3 * (2 * d * k)
+    assert plan.train_flops_per_token(d, f, "topk", k, True) == \
+        plan.train_flops_per_token(d, f, "topk", k)
+    assert plan.train_flops_per_token(d, f, "relu", k, True) == 2 * (2 * d * f) + 3 * (2 * d * k)
+    assert plan.train_flops_per_token(d, f, "gated", k, True) == 4 * (2 * d * f) + 6 * (2 * d * k)
+    assert plan.train_flops_per_token(d, f, "jumprelu", k, True) == \
+        plan.train_flops_per_token(d, f, "jumprelu", k)
+    assert plan.HARDWARE["cpu-2core"].sparse_relu_decode
+    assert not any(plan.HARDWARE[g].sparse_relu_decode for g in ("A800", "H100", "H200"))
+
+
+class _MatmulFlops:
+    """Counts 2·M·K·N FLOPs of every matrix product an autograd step runs."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                    a, b = args[-2], args[-1]
+                    counter.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+                return func(*args, **(kwargs or {}))
+
+        self.flops, self._mode = 0, Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated", "jumprelu", "topk", "batchtopk"])
+@pytest.mark.parametrize("sparse_code", [False, True])
+def test_the_flop_count_is_the_training_steps_matrix_products(arch, sparse_code):
+    """A training step of saelib's SAE, its matrix products counted: the plan's FLOPs per token
+    less its decode of the non-zeros (no matrix product), within the per-batch vector products
+    (b_dec's encoder-side gradient, 2·d·F per batch: 1/B). A dense code (a GPU's decode, or early
+    training) runs every decoder product; a sparse one (5 % non-zero) runs none for ReLU and
+    Gated on the CPU."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    d, f, b = 24, 96, 256
+    torch.manual_seed(0)
+    spec = get_arch(arch)
+    k = 5 if arch in ("topk", "batchtopk") else 8.0
+    sae = spec.training_class()(spec.make_config(d, f, k, 0, TrainConfig()))
+    x = torch.randn(b, d) * 2
+    if sparse_code and arch in ("relu", "gated"):
+        bias = sae.b_gate if arch == "gated" else sae.b_enc
+        with torch.no_grad():
+            bias.copy_(-torch.quantile((x - sae.b_dec) @ sae.W_enc, 0.95, dim=0))
+    with _MatmulFlops() as mm:
+        out = sae.training_forward_pass(TrainStepInput(
+            sae_in=x, coefficients={"l1": 0.5, "l0": 0.5}, dead_neuron_mask=None,
+            n_training_steps=0, is_logging_step=False))
+        out.loss.backward()
+    sparse = sparse_code and arch in ("relu", "gated")
+    if sparse:
+        assert float((out.feature_acts != 0).float().mean()) < 0.125
+    counted = plan.train_flops_per_token(d, f, arch, k, sparse_relu_decode=sparse)
+    n_decoder = {"gated": 6}.get(arch, 3) if sparse or arch in ("topk", "batchtopk") else 0
+    counted -= n_decoder * 2 * d * k
+    assert counted <= mm.flops / b <= counted * 1.02, (mm.flops / b, counted)
 
 
 def test_work_counts_follow_the_profile():
@@ -223,7 +289,8 @@ def test_a_level_without_a_calibration_start_is_counted_as_a_search():
     one_null = train_flops(knobs["standard"][:5] + [None])
     all_null = train_flops([None] * 6)
     assert full < one_null < all_null
-    per_level = plan.train_flops_per_token(576, 2048, "standard", 102)
+    per_level = plan.train_flops_per_token(576, 2048, "standard", 102,
+                                           plan.HARDWARE["cpu-2core"].sparse_relu_decode)
     tokens = load_profile("default").corpus.train_tokens
     assert one_null - full == pytest.approx((plan.PROBES_PER_SEARCH - 1) * tokens * per_level)
 
