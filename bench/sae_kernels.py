@@ -4,6 +4,10 @@ CPU (always): the torch path of each kernel beside the dense path
   * sparse decode of TopK codes: ``embedding_bag`` vs ``codes_BF @ W_dec_FD`` on the same codes
     (forward, and forward + backward as in training), at the CPU profile's width 2,048,
     d_model 640 and the paper's L0 grid {50, 160, 820} / 16,384 scaled to that width;
+  * decode of ReLU-like codes (ReLU, Gated: tokens hold different counts, the busiest several
+    times the mean) through their non-zeros, as the training SAEs do (``decode_nonzeros``:
+    unpadded on the CPU, padded to the busiest token for the Triton kernels on CUDA), vs the dense
+    matmul, forward + backward, at the same L0 grid;
   * per-latent top-k over a corpus: ``LatentTopK`` fed in chunks vs materialising tokens × width
     and one ``torch.topk``, with the memory each holds.
 CUDA (when a GPU is present): Triton vs the torch path vs dense, at the paper's width 16,384 and
@@ -29,6 +33,7 @@ from typing import Callable
 import torch
 
 from saelib.kernels import LatentTopK, sparse_decode, topk_encode, triton_available
+from saelib.sae.sparse import decode_nonzeros
 
 
 def _sync(device: torch.device) -> None:
@@ -123,6 +128,46 @@ def bench_decode(device: torch.device, B: int, F: int, D: int, ks: list[int], re
     return ratios
 
 
+def _relu_code(B: int, F: int, l0: int, device: torch.device, seed: int) -> torch.Tensor:
+    """A ReLU code of mean L0 ``l0`` whose tokens differ in how many latents fire: Gaussian
+    pre-activations with a per-token shift (σ 0.3), cut at the (1 − l0/F) quantile."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    pre_BF = torch.randn(B, F, generator=g) + 0.3 * torch.randn(B, 1, generator=g)
+    sample = pre_BF.flatten()[torch.randperm(B * F, generator=g)[: 1 << 20]]
+    return torch.relu(pre_BF - torch.quantile(sample, 1 - l0 / F)).to(device)
+
+
+def bench_relu_decode(device: torch.device, B: int, F: int, D: int, l0s: list[int], repeats: int):
+    """Rows of (L0, busiest token, path, forward+backward ms, dense/path) for ReLU-like codes."""
+    from types import SimpleNamespace
+
+    print(f"\n## ReLU / Gated decode through the non-zeros, {device.type}: B={B}, F={F}, D={D}")
+    print(f"{'L0':>5} {'busiest':>8} {'path':>8} {'fwd+bwd ms':>11} {'dense/path':>11}")
+    g = torch.Generator(device="cpu").manual_seed(1)
+    W_dec_FD = (torch.randn(F, D, generator=g) / math.sqrt(D)).to(device)
+    b_dec_D = torch.zeros(D, device=device)
+    grad_BD = torch.randn(B, D, device=device)
+    forms = {"ragged": False} if device.type == "cpu" else {"ragged": False, "padded": True}
+    for l0 in l0s:
+        codes_BF = _relu_code(B, F, l0, device, seed=l0)
+        busiest = int((codes_BF > 0).sum(1).max())
+
+        def nonzeros(padded: bool) -> Callable[..., torch.Tensor]:
+            def decode(c, W, b):
+                out = decode_nonzeros(SimpleNamespace(W_dec=W, b_dec=b), c, True, padded=padded)
+                return c @ W + b if out is None else out
+            return decode
+
+        paths = {"dense": lambda c, W, b: c @ W + b}
+        paths.update({name: nonzeros(padded) for name, padded in forms.items()})
+        train = time_side_by_side(
+            {name: _train_step(f, (codes_BF, W_dec_FD, b_dec_D), grad_BD) for name, f in paths.items()},
+            repeats, device)
+        for name in paths:
+            print(f"{l0:>5} {busiest:>8} {name:>8} {train[name] * 1e3:>11.3f} "
+                  f"{train['dense'] / train[name]:>11.2f}")
+
+
 def bench_latent_topk(device: torch.device, N: int, F: int, k: int, chunk: int, repeats: int, bw: float | None):
     """Streaming LatentTopK vs materialising all N×F activations and one topk over tokens."""
     print(f"\n## per-latent top-k, {device.type}: N={N} tokens, width F={F}, k={k}, chunk={chunk}")
@@ -167,6 +212,7 @@ def main() -> None:
     # CPU profile: width 2,048, d_model 640 (Gemma-3-270M); L0 grid {50, 160, 820}/16,384 × 2,048.
     B = 256 if args.quick else 1024
     ratios = bench_decode(cpu, B=B, F=2048, D=640, ks=[6, 20, 102], repeats=repeats, bw=None)
+    bench_relu_decode(cpu, B=B // 2, F=2048, D=640, l0s=[6, 20, 102], repeats=repeats)
     bench_latent_topk(cpu, N=4096 if args.quick else 32768, F=2048, k=252, chunk=1024 if args.quick else 4096,
                       repeats=repeats, bw=None)
 
@@ -176,6 +222,7 @@ def main() -> None:
         print(f"\n# GPU: {torch.cuda.get_device_name(gpu)}, measured copy bandwidth {bw / 1e9:.0f} GB/s")
         # Paper scale: width 16,384, Gemma-2-2B d_model 2,304, SAE batch 2,048, L0 {50, 160, 820}.
         ratios = bench_decode(gpu, B=2048, F=16384, D=2304, ks=[50, 160, 820], repeats=repeats, bw=bw)
+        bench_relu_decode(gpu, B=2048, F=16384, D=2304, l0s=[50, 160, 820], repeats=repeats)
         bench_latent_topk(gpu, N=65536, F=16384, k=252, chunk=8192, repeats=repeats, bw=bw)
 
     print(f"\nRESULT kernels ratio={math.exp(statistics.mean(math.log(r) for r in ratios)):.2f}")

@@ -300,7 +300,7 @@ def test_ragged_decode_gradient_is_the_same_on_every_pass_with_two_threads():
     in a fixed order: a ReLU-like code at width 2,048, the same gradients over 10 passes."""
     from types import SimpleNamespace
 
-    from saelib.sae.sparse import _decode_ragged
+    from saelib.sae.sparse import decode_nonzeros
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -315,10 +315,48 @@ def test_ragged_decode_gradient_is_the_same_on_every_pass_with_two_threads():
         for _ in range(10):
             W_dec.grad = None
             acts_NF = torch.relu(pre_NF).requires_grad_(True)
-            out = _decode_ragged(sae, acts_NF, with_bias=True)
+            out = decode_nonzeros(sae, acts_NF, with_bias=True)
             assert out is not None  # 3.6 % non-zero: decoded through the non-zeros
             out.backward(grad_ND)
             grads.append((W_dec.grad.clone(), acts_NF.grad.clone()))
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(grads[0][0], w) and torch.equal(grads[0][1], a) for w, a in grads[1:])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_nonzeros_in_both_forms_is_the_dense_decode_until_it_is_too_dense(padded):
+    """Both forms (unpadded: the CPU's; padded to the busiest token: the Triton kernels' on CUDA)
+    decode a 4 %-dense code as the matmul does, with the decoder's gradients and the code's at
+    its non-zeros (elsewhere none: what a ReLU passes on there is zero either way); a
+    code denser than DENSE_ABOVE (by its share of non-zeros, or its busiest token when padded)
+    is left to the matmul."""
+    from types import SimpleNamespace
+
+    from saelib.sae.sparse import DENSE_ABOVE, decode_nonzeros
+
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(256, 16, generator=g, requires_grad=True)
+    b = torch.randn(16, generator=g, requires_grad=True)
+    sae = SimpleNamespace(W_dec=W, b_dec=b)
+    pre_NF = torch.randn(40, 256, generator=g) - 1.75
+    grad_ND = torch.randn(40, 16, generator=g)
+    results = []
+    for path in ("dense", "sparse"):
+        acts_NF = torch.relu(pre_NF).requires_grad_(True)
+        W.grad = b.grad = None
+        out = (acts_NF @ W + b if path == "dense"
+               else decode_nonzeros(sae, acts_NF, with_bias=True, padded=padded))
+        out.backward(grad_ND)
+        on_NF = pre_NF > 0
+        results.append((out.detach(), acts_NF.grad[on_NF], W.grad.clone(), b.grad.clone()))
+        assert path == "dense" or not acts_NF.grad[~on_NF].any()
+    for dense, sparse in zip(*results):
+        torch.testing.assert_close(sparse, dense, **TOL)
+    dense_NF = torch.relu(torch.randn(40, 256, generator=g) + 0.5)
+    assert float((dense_NF > 0).float().mean()) > DENSE_ABOVE
+    assert decode_nonzeros(sae, dense_NF, with_bias=True, padded=padded) is None
+    one_busy_NF = torch.zeros(40, 256)
+    one_busy_NF[0, : int(DENSE_ABOVE * 256) + 1] = 1.0  # 0.3 % non-zero, one busy token
+    out = decode_nonzeros(sae, one_busy_NF, with_bias=True, padded=padded)
+    assert (out is None) == padded

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 21 (item 6) in one call of a lent GPU machine. Not yet run on one: its
-# steps' timeouts add up to 8 minutes (the last one's stream is timed for SECONDS_STREAM, 90 s).
+# steps' timeouts add up to 8.5 minutes (the last one's stream is timed for SECONDS_STREAM, 90 s).
 #
 # A session is lent 15 minutes of device time, the machine's start included, so this is one
 # prepared command with room to run it twice. Here, first:
@@ -10,7 +10,9 @@
 # What it writes under $OUT comes back: paste the figures into bench/RESULTS.md, with the device.
 #
 # 1. the compiled Triton kernels against float64 references (tests/test_kernels.py, CUDA tests);
-# 2. bench/sae_kernels.py's GPU section (Triton vs torch vs dense decode at paper width);
+# 2. bench/sae_kernels.py's GPU section (Triton vs torch vs dense decode at paper width; and
+#    ReLU-like codes through their non-zeros vs the dense matmul: whether ReLU and Gated should
+#    decode sparsely on a GPU too, ActiveDecodeMixin.sparse_on_cuda in saelib/sae/sparse.py);
 # 3. the streaming trainer on CUDA at the tiny size (the whole path, seconds);
 # 4. bench/gpu_scale.py: Gemma-2-2B's shape with random weights, 30 SAEs at width 16,384, the
 #    plan's rate measured (a profiler table over 4 steps, then a timed stream of ~90 s).
@@ -42,7 +44,7 @@ timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k cud
   | tee "$OUT/test_kernels_cuda.txt" | tail -15
 
 step "2. bench/sae_kernels.py"
-timeout 90 python3 bench/sae_kernels.py --repeats 5 2>&1 | tee "$OUT/sae_kernels.txt"
+timeout 120 python3 bench/sae_kernels.py --repeats 5 2>&1 | tee "$OUT/sae_kernels.txt"
 
 step "3. the streaming trainer on CUDA, tiny size"
 timeout 60 python3 bench/gpu_scale.py --tiny --device cuda --seconds 5 --warmup-steps 2 \

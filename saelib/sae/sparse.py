@@ -119,13 +119,24 @@ def _decode_picked(sae: TrainingSAE, vals_BM: torch.Tensor, idx_BM: torch.Tensor
                          check_ids=False)
 
 
-def _decode_ragged(sae: TrainingSAE, acts_NF: torch.Tensor, with_bias: bool) -> torch.Tensor | None:
-    """The unpadded decode of a 2-D code's non-zeros, or None when more than
-    :data:`DENSE_ABOVE` of its entries are non-zero (a dense matmul is faster then).
+def decode_nonzeros(sae: TrainingSAE, acts_NF: torch.Tensor, with_bias: bool,
+                    padded: bool = False, bound: int | None = None) -> torch.Tensor | None:
+    """``acts_NF @ W_dec (+ b_dec)`` of a 2-D code through its non-zeros, rescaled as ``sae``
+    does, or None where the dense matmul should do it.
 
-    The values are read out of the code by indexing at distinct positions, so their gradient
-    lands in the code's non-zeros only, each exactly once (no order-dependent sums).
+    ``padded=False`` (the CPU's form): unpadded (:func:`saelib.kernels.sparse_decode_ragged`),
+    None when more than :data:`DENSE_ABOVE` of the entries are non-zero. ``padded=True`` (the
+    Triton kernels' form, CUDA): every token padded to the busiest one (:func:`active_latents`,
+    with ``bound`` the most non-zeros a token can hold, if known), None when that padded width
+    exceeds :data:`DENSE_ABOVE` of the code's. The values are read out of the code by indexing
+    at distinct positions, so their gradient lands in the code's non-zeros only, each exactly
+    once (no order-dependent sums).
     """
+    if padded:
+        idx_NM, vals_NM = active_latents(acts_NF, bound)
+        if idx_NM.shape[-1] > DENSE_ABOVE * acts_NF.shape[-1]:
+            return None
+        return _decode_picked(sae, vals_NM, idx_NM, with_bias)
     rows_Z, cols_Z = acts_NF.nonzero(as_tuple=True)
     if rows_Z.numel() > DENSE_ABOVE * acts_NF.numel():
         return None
@@ -157,16 +168,11 @@ class ActiveDecodeMixin:
             return None
         lead = acts_BF.shape[:-1]
         flat_NF = acts_BF.reshape(-1, acts_BF.shape[-1])
-        if flat_NF.is_cuda:
-            if not self.sparse_on_cuda:
-                return None
-            idx_NM, vals_NM = active_latents(flat_NF, self.max_active_per_token())
-            out_ND = _decode_picked(self, vals_NM, idx_NM, with_bias)
-        else:
-            out_ND = _decode_ragged(self, flat_NF, with_bias)
-            if out_ND is None:
-                return None
-        return out_ND.reshape(*lead, out_ND.shape[-1])
+        if flat_NF.is_cuda and not self.sparse_on_cuda:
+            return None
+        out_ND = decode_nonzeros(self, flat_NF, with_bias, padded=flat_NF.is_cuda,
+                                 bound=self.max_active_per_token())
+        return None if out_ND is None else out_ND.reshape(*lead, out_ND.shape[-1])
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
