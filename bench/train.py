@@ -9,7 +9,9 @@ d_sae 2048 by default: Gemma-3-270M's width and the CPU profile's SAE width), th
 
 saelib trains with its subclasses of sae-lens's training SAEs (every architecture's encoder
 without the input gradient, :mod:`saelib.sae.encoder`; TopK and BatchTopK also with
-:mod:`saelib.sae.sparse`'s embedding-bag decode); the same ``train_sae`` with
+:mod:`saelib.sae.sparse`'s embedding-bag decode, and ReLU and Gated once their codes are under
+12.5 % non-zero, which these few steps from initialisation do not reach: bench/sae_kernels.py
+times that decode on ReLU-like codes); the same ``train_sae`` with
 ``TrainConfig(sparse_decode=False)`` (sae-lens's own classes) is timed beside it, so the table
 shows what the subclasses alone buy ("classes"). Both report tokens/s. The roofline fraction compares saelib's achieved FLOP/s with this machine's
 measured float32 matmul FLOP/s (best of a few ``[B, d_in] @ [d_in, d_sae]`` products, counted as
