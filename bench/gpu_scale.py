@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     fwd_flops_tok = plan._forward_flops(shape, 1, entry.layer + 1)
     sae_flops_tok = sum(plan.train_flops_per_token(shape.d_model, profile.grid.width, j.arch,
                                                    profile.grid.targets[j.level],
-                                                   hwd.sparse_relu_decode)
+                                                   hwd.cpu_decode)
                         for j in sae_jobs(profile) if j.model == entry.name)
     train_tokens = profile.corpus.train_tokens
     measured_h = train_tokens / stream_tps / 3600

@@ -148,18 +148,18 @@ def bench_relu_decode(device: torch.device, B: int, F: int, D: int, l0s: list[in
     b_dec_D = torch.zeros(D, device=device)
     grad_BD = torch.randn(B, D, device=device)
     forms = {"ragged": False} if device.type == "cpu" else {"ragged": False, "padded": True}
+
+    def nonzeros(padded: bool) -> Callable[..., torch.Tensor]:
+        def decode(c, W, b):
+            out = decode_nonzeros(SimpleNamespace(W_dec=W, b_dec=b), c, True, padded=padded)
+            return c @ W + b if out is None else out
+        return decode
+
+    paths = {"dense": lambda c, W, b: c @ W + b}
+    paths.update({name: nonzeros(padded) for name, padded in forms.items()})
     for l0 in l0s:
         codes_BF = _relu_code(B, F, l0, device, seed=l0)
         busiest = int((codes_BF > 0).sum(1).max())
-
-        def nonzeros(padded: bool) -> Callable[..., torch.Tensor]:
-            def decode(c, W, b):
-                out = decode_nonzeros(SimpleNamespace(W_dec=W, b_dec=b), c, True, padded=padded)
-                return c @ W + b if out is None else out
-            return decode
-
-        paths = {"dense": lambda c, W, b: c @ W + b}
-        paths.update({name: nonzeros(padded) for name, padded in forms.items()})
         train = time_side_by_side(
             {name: _train_step(f, (codes_BF, W_dec_FD, b_dec_D), grad_BD) for name, f in paths.items()},
             repeats, device)

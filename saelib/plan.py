@@ -176,9 +176,10 @@ class Hardware:
     #: CPUs without bfloat16 units (offline-data). Applies to ``forward``, ``encode`` and
     #: ``select`` (:meth:`at`); training's bfloat16 is autocast, its rate is ``train``'s.
     dtype_gain: Mapping[str, float] | None = None
-    #: whether ReLU and Gated SAEs decode their non-zeros here (the CPU, :mod:`saelib.sae.sparse`)
-    #: rather than by the dense matmul (GPUs)
-    sparse_relu_decode: bool = False
+    #: whether the SAEs decode as on a CPU, where every :class:`saelib.sae.sparse.ActiveDecodeMixin`
+    #: class decodes its non-zeros (ReLU and Gated too), or as on CUDA, where only those with
+    #: ``sparse_on_cuda`` do (TopK, BatchTopK)
+    cpu_decode: bool = False
 
     def at(self, rate: float, dtype: str) -> float:
         """``rate`` (one of this class's FLOP/s) for arithmetic in ``dtype``."""
@@ -251,7 +252,7 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
              llm_call_s={"rating": 1.87, "explanation": 12.8, "detection": 10.8},
              all_cores_gain=1.70, bf16_decode_gain=1.51, score=64e9, bf16_score_gain=1.64,
              rule_item_s=0.037, select=46e9, dtype_gain={"bfloat16": 1 / 7},
-             sparse_relu_decode=True,
+             cpu_decode=True,
              source="measured on this project's 2-core machine (bench/RESULTS.md)"),
     _gpu("A800", 312e12, 19.5e12, 2.0e12, 80e9,
          "NVIDIA A800/A100 80GB: 312 TFLOP/s bf16 dense, 19.5 FP32, 2.0 TB/s"),
@@ -361,14 +362,17 @@ def sae_params(d_in: int, width: int, arch: str) -> int:
 
 
 def train_flops_per_token(d_in: int, width: int, arch: str, k: float,
-                          sparse_relu_decode: bool = False) -> float:
+                          cpu_decode: bool = False) -> float:
     """FLOPs of one training token of one SAE (module doc): the encoder's 2·d·F forward and
     weight gradient (twice for Gated: gate and magnitude), the decoder's 2·d·F forward, code
-    gradient and weight gradient (2·d·k for a decode of the k non-zeros: TopK, BatchTopK, and
-    ReLU and Gated with ``sparse_relu_decode``); Gated's reconstruction from the gate adds the
-    decoder's three once more."""
-    name = get_arch(arch).name
-    sparse = name in ("topk", "batchtopk") or (sparse_relu_decode and name in ("relu", "gated"))
+    gradient and weight gradient (2·d·k where the training class decodes the k non-zeros on this
+    device, :attr:`Hardware.cpu_decode`: TopK and BatchTopK, and ReLU and Gated on a CPU);
+    Gated's reconstruction from the gate adds the decoder's three once more."""
+    from .sae.sparse import ActiveDecodeMixin
+
+    spec = get_arch(arch)
+    name, cls = spec.name, spec.training_class()
+    sparse = issubclass(cls, ActiveDecodeMixin) and (cpu_decode or cls.sparse_on_cuda)
     enc = 2 * d_in * width
     dec = 2 * d_in * (k if sparse else width)
     if name == "gated":
@@ -466,7 +470,7 @@ def build_plan(profile: Profile | str, hw: str | Hardware | None = None,
                 probes = PROBES_PER_SEARCH if searching else 1.0
                 rounds = max(rounds, ROUNDS_PER_SEARCH if searching else 1)
                 train_flops += probes * corpus.train_tokens * train_flops_per_token(
-                    d, width, arch, k, hwd.sparse_relu_decode)
+                    d, width, arch, k, hwd.cpu_decode)
         passes = max(passes, rounds)
         per_sae_state = max(sae_bytes.values()) * 4  # weights, gradients, two Adam moments
         batch_acts = train_cfg.batch_size * width * 4 * 6

@@ -55,7 +55,7 @@ def test_tiny_stream_trains_the_profiles_30_saes(gpu_scale, tmp_path, capsys):
     # the plan's per-token FLOPs, counted here from the plan's own functions and the profile
     d, width = plan.model_shape("google/gemma-2-2b").d_model, profile.grid.width
     hwd = plan.hardware(out["plan"]["hardware"])
-    sae = sum(plan.train_flops_per_token(d, width, a, k, hwd.sparse_relu_decode)
+    sae = sum(plan.train_flops_per_token(d, width, a, k, hwd.cpu_decode)
               for a in profile.grid.architectures for k in profile.grid.targets)
     assert out["plan"]["sae_flops_per_token"] == pytest.approx(sae)
     fwd = out["plan"]["forward_flops_per_token"]

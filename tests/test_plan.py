@@ -64,8 +64,8 @@ def test_training_flops_per_token():
     assert plan.train_flops_per_token(d, f, "gated", k, True) == 4 * (2 * d * f) + 6 * (2 * d * k)
     assert plan.train_flops_per_token(d, f, "jumprelu", k, True) == \
         plan.train_flops_per_token(d, f, "jumprelu", k)
-    assert plan.HARDWARE["cpu-2core"].sparse_relu_decode
-    assert not any(plan.HARDWARE[g].sparse_relu_decode for g in ("A800", "H100", "H200"))
+    assert plan.HARDWARE["cpu-2core"].cpu_decode
+    assert not any(plan.HARDWARE[g].cpu_decode for g in ("A800", "H100", "H200"))
 
 
 class _MatmulFlops:
@@ -119,7 +119,7 @@ def test_the_flop_count_is_the_training_steps_matrix_products(arch, sparse_code)
     sparse = sparse_code and arch in ("relu", "gated")
     if sparse:
         assert float((out.feature_acts != 0).float().mean()) < 0.125
-    counted = plan.train_flops_per_token(d, f, arch, k, sparse_relu_decode=sparse)
+    counted = plan.train_flops_per_token(d, f, arch, k, cpu_decode=sparse_code)
     n_decoder = {"gated": 6}.get(arch, 3) if sparse or arch in ("topk", "batchtopk") else 0
     counted -= n_decoder * 2 * d * k
     assert counted <= mm.flops / b <= counted * 1.02, (mm.flops / b, counted)
@@ -290,7 +290,7 @@ def test_a_level_without_a_calibration_start_is_counted_as_a_search():
     all_null = train_flops([None] * 6)
     assert full < one_null < all_null
     per_level = plan.train_flops_per_token(576, 2048, "standard", 102,
-                                           plan.HARDWARE["cpu-2core"].sparse_relu_decode)
+                                           plan.HARDWARE["cpu-2core"].cpu_decode)
     tokens = load_profile("default").corpus.train_tokens
     assert one_null - full == pytest.approx((plan.PROBES_PER_SEARCH - 1) * tokens * per_level)
 

@@ -139,7 +139,8 @@ class TrainConfig:
     batchtopk_rescale_acts: bool = False
     #: train with saelib's subclasses of sae-lens's training SAEs (same numbers, less work: no
     #: encoder input gradient, saelib.sae.encoder; sparse codes decoded by embedding bag, TopK
-    #: and BatchTopK everywhere, ReLU and Gated on the CPU, saelib.sae.sparse); False trains with sae-lens's own classes (dense decode).
+    #: and BatchTopK everywhere, ReLU and Gated on the CPU, saelib.sae.sparse); False trains
+    #: with sae-lens's own classes (dense decode).
     sparse_decode: bool = True
     #: batches used to estimate the centring mean and the scale (clipped to the run).
     norm_estimate_batches: int = 8
