@@ -222,6 +222,17 @@ def test_a_training_step_checks_no_ids_against_the_decoder(arch, monkeypatch):
         sd.sparse_decode(idx + D_SAE, vals, sparse.W_dec.detach())
 
 
+@pytest.fixture
+def ragged_calls(monkeypatch) -> list:
+    """One entry per call of the unpadded decode from saelib.sae.sparse (which still runs)."""
+    import saelib.sae.sparse as sp
+
+    calls: list = []
+    real = sp.sparse_decode_ragged
+    monkeypatch.setattr(sp, "sparse_decode_ragged", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 def sparse_regime(arch: str, share: float):
     """(saelib's SAE, sae-lens's) whose codes have about ``share`` of their entries non-zero: each
     latent's encoder bias (ReLU) or gate bias (Gated) is lowered to its (1 - share) quantile over
@@ -238,15 +249,12 @@ def sparse_regime(arch: str, share: float):
 
 @pytest.mark.parametrize("arch", ["relu", "gated"])
 @pytest.mark.parametrize("share", [0.05, 0.5])
-def test_relu_and_gated_decode_their_non_zeros_and_train_the_same(arch, share, monkeypatch):
+def test_relu_and_gated_decode_their_non_zeros_and_train_the_same(arch, share, ragged_calls):
     """A sparse ReLU / Gated code (5 % non-zero) is decoded through its non-zeros, for the code and
     Gated's reconstruction from its gate; a dense one (50 %, early training) by the matmul. Either
     way the losses, outputs and every gradient are sae-lens's."""
     import saelib.sae.sparse as sp
 
-    calls = []
-    real = sp.sparse_decode_ragged
-    monkeypatch.setattr(sp, "sparse_decode_ragged", lambda *a, **k: calls.append(1) or real(*a, **k))
     ours, theirs, x = sparse_regime(arch, share)
     coeffs = {"l1": 0.3}
     outs, grads = [], []
@@ -261,7 +269,7 @@ def test_relu_and_gated_decode_their_non_zeros_and_train_the_same(arch, share, m
                       if p.grad is not None})
     density = float((outs[1].feature_acts != 0).float().mean())
     assert (density < sp.DENSE_ABOVE) == (share < sp.DENSE_ABOVE), density
-    assert len(calls) == ((2 if arch == "gated" else 1) if share < sp.DENSE_ABOVE else 0)
+    assert len(ragged_calls) == ((2 if arch == "gated" else 1) if share < sp.DENSE_ABOVE else 0)
     torch.testing.assert_close(outs[0].feature_acts, outs[1].feature_acts, rtol=0, atol=0)
     torch.testing.assert_close(outs[0].sae_out, outs[1].sae_out, **TOL)
     for name in outs[1].losses:
@@ -273,14 +281,11 @@ def test_relu_and_gated_decode_their_non_zeros_and_train_the_same(arch, share, m
 
 
 @pytest.mark.parametrize("arch", ["relu", "gated"])
-def test_relu_and_gated_runs_reach_the_sparse_decode_and_match_sae_lens(arch, monkeypatch):
+def test_relu_and_gated_runs_reach_the_sparse_decode_and_match_sae_lens(arch, ragged_calls):
     """60 Adam steps at an L1 strong enough to bring the code under DENSE_ABOVE: the run switches
     from the dense decode to the decode of the non-zeros and ends with sae-lens's SAE."""
     import saelib.sae.sparse as sp
 
-    calls = []
-    real = sp.sparse_decode_ragged
-    monkeypatch.setattr(sp, "sparse_decode_ragged", lambda *a, **k: calls.append(1) or real(*a, **k))
     results = {}
     for ours in (True, False):
         cfg = TrainConfig(batch_size=64, lr=3e-3, progress=False, norm_estimate_batches=2,
@@ -288,7 +293,7 @@ def test_relu_and_gated_runs_reach_the_sparse_decode_and_match_sae_lens(arch, mo
         results[ours] = train_sae(arch, D_IN, D_SAE, {"relu": 5.0, "gated": 10.0}[arch],
                                   batches(), 60 * 64, cfg)
     assert 1 < results[False].l0 < sp.DENSE_ABOVE * D_SAE
-    assert 0 < len(calls)
+    assert 0 < len(ragged_calls)
     assert results[True].l0 == pytest.approx(results[False].l0, abs=1e-2)
     theirs = results[False].sae.state_dict()
     for name, value in results[True].sae.state_dict().items():
